@@ -1,1 +1,26 @@
-//! placeholder
+//! hetmem-core: the safe mechanisms of heterogeneous memory management, free of OS calls.
+//!
+//! | module        | kernel concept (seeds)                          |
+//! |---------------|--------------------------------------------------|
+//! | [`addr`]      | addresses, pages, ranges                         |
+//! | [`pfn`]       | `HMM_PFN_*` entries                              |
+//! | [`page_state`]| device-private PTEs and the page lock            |
+//! | [`notifier`]  | `mmu_interval_notifier` and its sequence protocol |
+//! | [`range_fault`]| `hmm_range_fault`                               |
+//! | [`pool`]      | `ZONE_DEVICE` memory, `dev_pagemap`               |
+//! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
+//!
+//! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod migrate;
+pub mod notifier;
+pub mod page_state;
+pub mod pfn;
+pub mod pool;
+pub mod range_fault;
+
+pub use addr::{
+    AddrError, DevPfn, DeviceId, Owner, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
+};

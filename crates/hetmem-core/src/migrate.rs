@@ -1,0 +1,129 @@
+//! Migration vocabulary: `migrate_vma` (hmm.rst "Migration to and from device memory";
+//! mm/migrate_device.c). The three phases run in `hetmem` (they move real memory); this module
+//! holds what they speak: select flags, per-page source and destination entries, and the per-page
+//! report of a partial migration.
+//!
+//! ```text
+//!  setup     collect pages matching SELECT_*, lock them, invalidate other mirrors
+//!            (Migrate event, owner = the migrating device), remove CPU access
+//!  pages     the driver allocates destinations and copies; entries without one are skipped
+//!  finalize  commit page by page: installed destinations, or the original restored
+//! ```
+
+use bitflags::bitflags;
+
+use crate::addr::{DevPfn, DeviceId};
+
+bitflags! {
+    /// `MIGRATE_VMA_SELECT_*`: which source pages a migration collects.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    pub struct SelectFlags: u32 {
+        /// System pages, the zero page and holes of anonymous private memory.
+        const SYSTEM = 1 << 0;
+        /// Device-private pages of the given owner.
+        const DEVICE_PRIVATE = 1 << 1;
+        /// Device-coherent pages of the given owner.
+        const DEVICE_COHERENT = 1 << 2;
+        /// Collect 2 MiB blocks whole (one COMPOUND entry) when aligned.
+        const COMPOUND = 1 << 3;
+    }
+}
+
+bitflags! {
+    /// `MIGRATE_PFN_*` bits of a source or destination entry.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct MigrateFlags: u32 {
+        /// A page is present (a hole has MIGRATE without VALID).
+        const VALID = 1 << 0;
+        /// The entry migrates.
+        const MIGRATE = 1 << 1;
+        /// The mapping was writable.
+        const WRITE = 1 << 3;
+        /// The entry stands for a whole 2 MiB block.
+        const COMPOUND = 1 << 4;
+    }
+}
+
+/// Where a source page is, or where a destination goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PageLoc {
+    /// Nothing there yet (a hole, or the zero page): the destination is zero-filled.
+    Empty,
+    /// A system page.
+    System,
+    /// A frame of device memory.
+    Device {
+        /// The device.
+        dev: DeviceId,
+        /// The frame.
+        frame: DevPfn,
+    },
+}
+
+/// Why a page did not migrate (the per-page report of a partial migration).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SkipReason {
+    /// Not selected by the SELECT flags or owner (for example another device's page).
+    NotSelected,
+    /// Its lock is held by another migration or fault.
+    Locked,
+    /// It is pinned or otherwise referenced beyond its mapping.
+    Pinned,
+    /// It is shared (MAP_SHARED, copy-on-write shared after fork, or file-backed).
+    Shared,
+    /// A hole in memory that cannot be filled by migration (shared or file-backed mapping).
+    Hole,
+    /// The driver did not provide a destination (allocation failed).
+    NoDestination,
+    /// Installing the destination failed; the page stays where it was.
+    InstallFailed,
+}
+
+/// One page of a migration: its source, its destination once chosen, and its fate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MigrateEntry {
+    /// MIGRATE_PFN_* of the source.
+    pub flags: MigrateFlags,
+    /// Where the source is.
+    pub src: PageLoc,
+    /// Where it goes, once the driver allocated it.
+    pub dst: Option<PageLoc>,
+    /// Why it was skipped, when it was.
+    pub skipped: Option<SkipReason>,
+}
+
+impl MigrateEntry {
+    /// A page that does not take part.
+    pub fn skipped(reason: SkipReason) -> Self {
+        MigrateEntry {
+            flags: MigrateFlags::empty(),
+            src: PageLoc::Empty,
+            dst: None,
+            skipped: Some(reason),
+        }
+    }
+
+    /// Does it (still) migrate?
+    pub fn migrates(&self) -> bool {
+        self.flags.contains(MigrateFlags::MIGRATE)
+    }
+
+    /// Drops it from the migration with `reason`.
+    pub fn skip(&mut self, reason: SkipReason) {
+        self.flags.remove(MigrateFlags::MIGRATE);
+        self.skipped = Some(reason);
+    }
+}
+
+/// Counts of a finished migration.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateSummary {
+    /// Pages in the range.
+    pub npages: u64,
+    /// Pages collected in setup (`cpages` after setup).
+    pub collected: u64,
+    /// Pages that moved.
+    pub migrated: u64,
+    /// Pages that were present (VALID) and moved.
+    pub migrated_valid: u64,
+}

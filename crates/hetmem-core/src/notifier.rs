@@ -1,0 +1,452 @@
+//! Interval notifiers: the mirror-invalidation protocol of `mmu_interval_notifier` (seed 002,
+//! hmm.rst "Address space mirroring implementation and API"; mm/mmu_notifier.c).
+//!
+//! A device that mirrors part of the address space subscribes to a VA interval. Before anything
+//! changes what a virtual address maps to (unmap, discard, protection change, migration, exclusive
+//! access, teardown), the changer brackets the change with [`MmNotifiers::invalidate_start`] and the
+//! returned guard's drop (`invalidate_range_end`). Every overlapping subscription's
+//! [`IntervalNotifierOps::invalidate`] runs first; it must take the driver's update lock, call
+//! [`IntervalNotifier::set_seq`] and tear down its mappings of the range before returning.
+//!
+//! A driver that fills its page table does it with the collision-retry protocol:
+//!
+//! ```text
+//! again: seq = read_begin(sub)            // waits out an invalidation that covers sub
+//!        range_fault(...)                 // snapshot of the CPU side, may fault pages in
+//!        lock(driver.update)
+//!        if read_retry(sub, seq) { unlock; goto again }   // an invalidation collided
+//!        program the device page table from the snapshot
+//!        unlock(driver.update)
+//! ```
+//!
+//! Sequence numbers follow the kernel: one mm-wide counter, even when idle, made odd (`|= 1`) when
+//! an invalidation overlapping some subscription starts, and incremented back to even when the last
+//! active one ends, which wakes `read_begin` waiters. Invariant defended (DESIGN.md 1): no device
+//! mapping is installed from a snapshot taken before an invalidation of that range.
+//!
+//! The subscription list is a vector scanned linearly: a process has a handful of subscriptions
+//! (one per mirror, plus short-lived snapshot subscriptions); an interval tree would pay off only
+//! at hundreds.
+
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc, Weak,
+};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::addr::{Owner, VirtAddr};
+
+/// Why a range is being invalidated (the kernel's `enum mmu_notifier_event`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NotifyEvent {
+    /// The range is unmapped (munmap, mremap moving it away).
+    Unmap,
+    /// Page-table entries are cleared (madvise DONTNEED/FREE, page replacement).
+    Clear,
+    /// The protection of the range changes (mprotect).
+    Protection,
+    /// Pages are migrating; `owner` is the migrating device, which may skip its own event.
+    Migrate,
+    /// A device takes exclusive access; `owner` is that device.
+    Exclusive,
+    /// The address space is torn down.
+    Release,
+}
+
+/// An invalidation: which range, why, and who caused it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NotifierRange {
+    /// First address.
+    pub start: VirtAddr,
+    /// One past the last address.
+    pub end: VirtAddr,
+    /// Why.
+    pub event: NotifyEvent,
+    /// The device that caused it (for `Migrate` and `Exclusive`), if any.
+    pub owner: Option<Owner>,
+    /// May the callback sleep? (Always true in hetmem; kept for the protocol's shape.)
+    pub blockable: bool,
+}
+
+impl NotifierRange {
+    /// A blockable invalidation of `[start, end)`.
+    pub fn new(start: VirtAddr, end: VirtAddr, event: NotifyEvent, owner: Option<Owner>) -> Self {
+        NotifierRange {
+            start,
+            end,
+            event,
+            owner,
+            blockable: true,
+        }
+    }
+}
+
+/// What a subscriber does when its interval is invalidated.
+pub trait IntervalNotifierOps: Send + Sync {
+    /// Tear down device mappings of `range ∩ sub` and call `sub.set_seq(cur_seq)`, both under the
+    /// driver's update lock. Return false only when `!range.blockable` and the lock is contended.
+    fn invalidate(&self, sub: &IntervalNotifier, range: &NotifierRange, cur_seq: u64) -> bool;
+}
+
+/// A subscription to invalidations of `[start, end)`.
+pub struct IntervalNotifier {
+    start: VirtAddr,
+    end: VirtAddr,
+    invalidate_seq: AtomicU64,
+    ops: Weak<dyn IntervalNotifierOps>,
+    mm: Arc<MmNotifiers>,
+}
+
+impl std::fmt::Debug for IntervalNotifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntervalNotifier")
+            .field("start", &self.start)
+            .field("end", &self.end)
+            .field("seq", &self.invalidate_seq.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl IntervalNotifier {
+    /// Interval start.
+    pub fn start(&self) -> VirtAddr {
+        self.start
+    }
+    /// Interval end (exclusive).
+    pub fn end(&self) -> VirtAddr {
+        self.end
+    }
+
+    /// `mmu_interval_set_seq`: called by `invalidate`, under the driver's update lock.
+    pub fn set_seq(&self, cur_seq: u64) {
+        self.invalidate_seq.store(cur_seq, Ordering::Release);
+    }
+
+    /// `mmu_interval_read_begin`: the sequence to validate a snapshot against. Waits for an
+    /// invalidation of this interval that is in progress to finish.
+    pub fn read_begin(&self) -> u64 {
+        self.mm.read_begin(self)
+    }
+
+    /// `mmu_interval_read_retry`: must be called under the driver's update lock. True if an
+    /// invalidation collided with the critical section since `read_begin` returned `seq`.
+    pub fn read_retry(&self, seq: u64) -> bool {
+        self.invalidate_seq.load(Ordering::Acquire) != seq
+    }
+
+    /// `mmu_interval_check_retry`: a lockless hint; `true` means a retry will be needed.
+    pub fn check_retry(&self, seq: u64) -> bool {
+        self.read_retry(seq)
+    }
+
+    fn overlaps(&self, start: VirtAddr, end: VirtAddr) -> bool {
+        self.start < end && start < self.end
+    }
+}
+
+#[derive(Debug)]
+struct SeqState {
+    seq: u64,
+    active: usize,
+}
+
+/// The subscriptions of one address space and its invalidation sequence.
+pub struct MmNotifiers {
+    subs: Mutex<Vec<Arc<IntervalNotifier>>>,
+    state: Mutex<SeqState>,
+    wq: Condvar,
+    invalidations: AtomicU64,
+}
+
+impl std::fmt::Debug for MmNotifiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmNotifiers")
+            .field("subs", &self.subs.lock().len())
+            .field("state", &*self.state.lock())
+            .finish()
+    }
+}
+
+/// Ends an invalidation when dropped (`invalidate_range_end`).
+#[must_use = "the invalidation ends when this guard drops"]
+#[derive(Debug)]
+pub struct InvalidateGuard<'a> {
+    mm: &'a MmNotifiers,
+}
+
+impl Drop for InvalidateGuard<'_> {
+    fn drop(&mut self) {
+        self.mm.invalidate_end();
+    }
+}
+
+impl MmNotifiers {
+    /// An address space with no subscriptions.
+    pub fn new() -> Arc<Self> {
+        Arc::new(MmNotifiers {
+            subs: Mutex::new(Vec::new()),
+            state: Mutex::new(SeqState { seq: 2, active: 0 }),
+            wq: Condvar::new(),
+            invalidations: AtomicU64::new(0),
+        })
+    }
+
+    /// `mmu_interval_notifier_insert`: subscribes `ops` to `[start, end)`.
+    pub fn insert(
+        self: &Arc<Self>,
+        start: VirtAddr,
+        end: VirtAddr,
+        ops: Weak<dyn IntervalNotifierOps>,
+    ) -> Arc<IntervalNotifier> {
+        let st = self.state.lock();
+        // As the kernel does: while an invalidation is active the new subscription may have
+        // missed it, so it starts at the current odd sequence and read_begin waits it out; when
+        // idle it starts at seq - 1, odd and different from the current even value.
+        let seq = if st.active > 0 {
+            st.seq | 1
+        } else {
+            st.seq - 1
+        };
+        let sub = Arc::new(IntervalNotifier {
+            start,
+            end,
+            invalidate_seq: AtomicU64::new(seq),
+            ops,
+            mm: Arc::clone(self),
+        });
+        self.subs.lock().push(Arc::clone(&sub));
+        drop(st);
+        sub
+    }
+
+    /// `mmu_interval_notifier_remove`: after it returns no callback runs on `sub`.
+    pub fn remove(&self, sub: &IntervalNotifier) {
+        self.subs
+            .lock()
+            .retain(|s| !std::ptr::eq(Arc::as_ptr(s), sub));
+        let mut st = self.state.lock();
+        if st.active > 0 {
+            let seq = st.seq;
+            while st.seq == seq {
+                self.wq.wait(&mut st);
+            }
+        }
+    }
+
+    /// Number of live subscriptions.
+    pub fn len(&self) -> usize {
+        self.subs.lock().len()
+    }
+
+    /// No subscriptions?
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Invalidations started so far (a statistic).
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations.load(Ordering::Relaxed)
+    }
+
+    /// `invalidate_range_start`: runs every overlapping subscriber's callback; the invalidation
+    /// stays active until the guard drops.
+    pub fn invalidate_start(&self, range: NotifierRange) -> InvalidateGuard<'_> {
+        let hit: Vec<Arc<IntervalNotifier>> = self
+            .subs
+            .lock()
+            .iter()
+            .filter(|s| s.overlaps(range.start, range.end))
+            .cloned()
+            .collect();
+        let cur_seq = {
+            let mut st = self.state.lock();
+            st.active += 1;
+            if !hit.is_empty() {
+                st.seq |= 1;
+            }
+            st.seq
+        };
+        self.invalidations.fetch_add(1, Ordering::Relaxed);
+        for sub in &hit {
+            if let Some(ops) = sub.ops.upgrade() {
+                let ok = ops.invalidate(sub, &range, cur_seq);
+                debug_assert!(
+                    ok || !range.blockable,
+                    "a blockable invalidate returned false"
+                );
+            }
+        }
+        InvalidateGuard { mm: self }
+    }
+
+    /// `invalidate_start` and its end in one call, for changes that are already done.
+    pub fn invalidate(&self, range: NotifierRange) {
+        drop(self.invalidate_start(range));
+    }
+
+    fn invalidate_end(&self) {
+        let mut st = self.state.lock();
+        st.active -= 1;
+        if st.active == 0 && st.seq & 1 == 1 {
+            st.seq += 1;
+        }
+        drop(st);
+        self.wq.notify_all();
+    }
+
+    fn read_begin(&self, sub: &IntervalNotifier) -> u64 {
+        let mut st = self.state.lock();
+        let seq = sub.invalidate_seq.load(Ordering::Acquire);
+        if seq == st.seq && seq & 1 == 1 {
+            while st.seq == seq {
+                self.wq.wait(&mut st);
+            }
+        }
+        seq
+    }
+
+    /// Checks the sequence invariants.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let st = self.state.lock();
+        if st.active == 0 && st.seq & 1 == 1 {
+            return Err(format!("idle but sequence {} is odd", st.seq));
+        }
+        for s in self.subs.lock().iter() {
+            if s.start >= s.end {
+                return Err(format!("empty subscription {s:?}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Recorder {
+        me: Owner,
+        lock: Mutex<Vec<NotifierRange>>,
+        calls: AtomicUsize,
+    }
+
+    impl IntervalNotifierOps for Recorder {
+        fn invalidate(&self, sub: &IntervalNotifier, range: &NotifierRange, cur_seq: u64) -> bool {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if range.event == NotifyEvent::Migrate && range.owner == Some(self.me) {
+                return true;
+            }
+            let mut g = self.lock.lock();
+            sub.set_seq(cur_seq);
+            g.push(*range);
+            true
+        }
+    }
+
+    fn recorder(me: u64) -> Arc<Recorder> {
+        Arc::new(Recorder {
+            me: Owner(me),
+            lock: Mutex::new(Vec::new()),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    #[test]
+    fn invalidation_during_snapshot_forces_retry() {
+        let mm = MmNotifiers::new();
+        let r = recorder(1);
+        let weak: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&r) as _;
+        let sub = mm.insert(VirtAddr(0x1000), VirtAddr(0x9000), weak);
+        let seq = sub.read_begin();
+        assert!(!sub.read_retry(seq));
+        mm.invalidate(NotifierRange::new(
+            VirtAddr(0x2000),
+            VirtAddr(0x3000),
+            NotifyEvent::Unmap,
+            None,
+        ));
+        assert!(sub.read_retry(seq), "the snapshot must be retried");
+        let seq2 = sub.read_begin();
+        assert!(!sub.read_retry(seq2));
+        mm.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn own_migration_is_skipped_but_others_are_not() {
+        let mm = MmNotifiers::new();
+        let r = recorder(7);
+        let sub = mm.insert(VirtAddr(0), VirtAddr(0x10000), Arc::downgrade(&r) as _);
+        let seq = sub.read_begin();
+        let own = NotifierRange::new(
+            VirtAddr(0x1000),
+            VirtAddr(0x2000),
+            NotifyEvent::Migrate,
+            Some(Owner(7)),
+        );
+        mm.invalidate(own);
+        assert!(!sub.read_retry(seq), "own migration does not invalidate");
+        assert!(r.lock.lock().is_empty());
+        mm.invalidate(NotifierRange {
+            owner: Some(Owner(8)),
+            ..own
+        });
+        assert!(sub.read_retry(seq));
+        assert_eq!(r.lock.lock().len(), 1);
+    }
+
+    #[test]
+    fn disjoint_ranges_are_not_called() {
+        let mm = MmNotifiers::new();
+        let r = recorder(1);
+        let sub = mm.insert(
+            VirtAddr(0x10000),
+            VirtAddr(0x20000),
+            Arc::downgrade(&r) as _,
+        );
+        let seq = sub.read_begin();
+        mm.invalidate(NotifierRange::new(
+            VirtAddr(0),
+            VirtAddr(0x10000),
+            NotifyEvent::Clear,
+            None,
+        ));
+        assert_eq!(r.calls.load(Ordering::Relaxed), 0);
+        assert!(!sub.read_retry(seq));
+        mm.remove(&sub);
+        assert!(mm.is_empty());
+    }
+
+    #[test]
+    fn read_begin_waits_for_active_invalidation() {
+        let mm = MmNotifiers::new();
+        let r = recorder(1);
+        let sub = mm.insert(VirtAddr(0), VirtAddr(0x10000), Arc::downgrade(&r) as _);
+        let guard = mm.invalidate_start(NotifierRange::new(
+            VirtAddr(0),
+            VirtAddr(0x1000),
+            NotifyEvent::Clear,
+            None,
+        ));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let t = {
+            let sub = Arc::clone(&sub);
+            let done = Arc::clone(&done);
+            std::thread::spawn(move || {
+                let seq = sub.read_begin();
+                done.store(true, Ordering::SeqCst);
+                seq
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(
+            !done.load(Ordering::SeqCst),
+            "read_begin returned during the invalidation"
+        );
+        drop(guard);
+        let seq = t.join().unwrap();
+        assert!(!sub.read_retry(seq));
+        mm.check_invariants().unwrap();
+    }
+}
