@@ -58,7 +58,7 @@ impl VirtAddr {
     }
     /// Is it page aligned?
     pub fn is_page_aligned(self) -> bool {
-        self.0 % PAGE_SIZE == 0
+        self.0.is_multiple_of(PAGE_SIZE)
     }
     /// Rounded down to its page.
     pub fn page_down(self) -> Self {
@@ -100,10 +100,10 @@ pub struct PageRange {
 impl PageRange {
     /// Validates `[start, start + len)`.
     pub fn new(start: u64, len: u64) -> Result<Self, AddrError> {
-        if start % PAGE_SIZE != 0 {
+        if !start.is_multiple_of(PAGE_SIZE) {
             return Err(AddrError::Unaligned { addr: start });
         }
-        if len % PAGE_SIZE != 0 {
+        if !len.is_multiple_of(PAGE_SIZE) {
             return Err(AddrError::Unaligned { addr: len });
         }
         if len == 0 {

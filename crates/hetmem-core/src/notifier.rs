@@ -171,11 +171,11 @@ impl std::fmt::Debug for MmNotifiers {
 /// Ends an invalidation when dropped (`invalidate_range_end`).
 #[must_use = "the invalidation ends when this guard drops"]
 #[derive(Debug)]
-pub struct InvalidateGuard<'a> {
-    mm: &'a MmNotifiers,
+pub struct InvalidateGuard {
+    mm: Arc<MmNotifiers>,
 }
 
-impl Drop for InvalidateGuard<'_> {
+impl Drop for InvalidateGuard {
     fn drop(&mut self) {
         self.mm.invalidate_end();
     }
@@ -251,7 +251,7 @@ impl MmNotifiers {
 
     /// `invalidate_range_start`: runs every overlapping subscriber's callback; the invalidation
     /// stays active until the guard drops.
-    pub fn invalidate_start(&self, range: NotifierRange) -> InvalidateGuard<'_> {
+    pub fn invalidate_start(self: &Arc<Self>, range: NotifierRange) -> InvalidateGuard {
         let hit: Vec<Arc<IntervalNotifier>> = self
             .subs
             .lock()
@@ -277,11 +277,11 @@ impl MmNotifiers {
                 );
             }
         }
-        InvalidateGuard { mm: self }
+        InvalidateGuard { mm: Arc::clone(self) }
     }
 
     /// `invalidate_start` and its end in one call, for changes that are already done.
-    pub fn invalidate(&self, range: NotifierRange) {
+    pub fn invalidate(self: &Arc<Self>, range: NotifierRange) {
         drop(self.invalidate_start(range));
     }
 

@@ -32,6 +32,8 @@ const COHERENT: u32 = 1 << 5;
 const EXCLUSIVE: u32 = 1 << 6;
 const DIRTY: u32 = 1 << 7;
 const DEV_SHIFT: u32 = 8;
+const PROT_SHIFT: u32 = 16;
+const PROT_MASK: u32 = 0x7 << PROT_SHIFT;
 
 /// Where a page's data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -229,6 +231,33 @@ impl PageStates {
         self.slots[i].state.fetch_and(!HUGE, Ordering::AcqRel);
     }
 
+    /// Records the protection the program asked for page `i` (3 bits: read, write, exec). The
+    /// mprotect CPU-fault backend needs it to restore access when a page comes back.
+    pub fn set_prot(&self, i: usize, prot: u32) {
+        let w = &self.slots[i].state;
+        let mut cur = w.load(Ordering::Relaxed);
+        loop {
+            let new = (cur & !PROT_MASK) | ((prot & 0x7) << PROT_SHIFT);
+            match w.compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+    }
+
+    /// The protection recorded for page `i`.
+    pub fn prot(&self, i: usize) -> u32 {
+        (self.slots[i].state.load(Ordering::Acquire) & PROT_MASK) >> PROT_SHIFT
+    }
+
+    /// Copies slot `j` of `other` into slot `i` (when a region is split or moved; the caller
+    /// guarantees nobody changes either slot meanwhile).
+    pub fn copy_from(&self, i: usize, other: &PageStates, j: usize) {
+        let s = other.slots[j].state.load(Ordering::Acquire) & !(LOCKED | WAITERS);
+        self.slots[i].frame.store(other.slots[j].frame.load(Ordering::Acquire), Ordering::Relaxed);
+        self.slots[i].state.store(s, Ordering::Release);
+    }
+
     /// Marks page `i` dirty.
     pub fn set_dirty(&self, i: usize) {
         self.slots[i].state.fetch_or(DIRTY, Ordering::Relaxed);
@@ -238,7 +267,8 @@ impl PageStates {
         let w = &self.slots[i].state;
         let mut cur = w.load(Ordering::Relaxed);
         loop {
-            let new = (bits & !(LOCKED | WAITERS)) | (cur & (LOCKED | WAITERS));
+            let keep = LOCKED | WAITERS | PROT_MASK;
+            let new = (bits & !keep) | (cur & keep);
             match w.compare_exchange_weak(cur, new, Ordering::Release, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(now) => cur = now,

@@ -108,7 +108,7 @@ impl HmmPfn {
     }
     /// The device frame, if this entry is device memory.
     pub fn device_frame(self) -> Option<(DeviceId, DevPfn, bool)> {
-        (self.0 & Self::DEVICE != 0).then(|| {
+        (self.0 & Self::DEVICE != 0).then_some({
             (
                 DeviceId(((self.0 >> Self::DEV_SHIFT) & 0xff) as u8),
                 DevPfn((self.0 & Self::FRAME_MASK) as u32),

@@ -209,7 +209,7 @@ impl DevicePool {
 
     /// Frees a whole 2 MiB block allocated by [`DevicePool::alloc_huge`].
     pub fn free_huge(&mut self, base: DevPfn) -> Result<(), PoolError> {
-        if base.0 % FRAMES_PER_CHUNK != 0 {
+        if !base.0.is_multiple_of(FRAMES_PER_CHUNK) {
             return Err(PoolError::DoubleFree {
                 dev: self.dev,
                 frame: base,

@@ -402,7 +402,7 @@ mod tests {
         let mm = MmNotifiers::new();
         let ops = Arc::new(Nop);
         let weak: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&ops) as _;
-        let sub = mm.insert(VirtAddr(0), VirtAddr(u64::MAX & !4095), weak);
+        let sub = mm.insert(VirtAddr(0), VirtAddr(!4095), weak);
         let fake = FakeMm {
             base: 0x10000,
             ptes: Mutex::new(ptes),

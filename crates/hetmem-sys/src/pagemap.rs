@@ -106,6 +106,9 @@ bitflags! {
     }
 }
 
+/// The categories [`PageMap::page_flags`] asks for: all per-page ones.
+const PAGE_FLAGS_MASK: PageCategory = PageCategory::all().difference(PageCategory::WPALLOWED);
+
 /// `PAGEMAP_SCAN` = `_IOWR('f', 16, struct pm_scan_arg)`.
 const PAGEMAP_SCAN: Opcode = rustix::ioctl::opcode::read_write::<pm_scan_arg>(b'f', 16);
 
@@ -164,8 +167,14 @@ impl PageMap {
         let mut map = PageMap { fd, scan: false };
         // An empty range is validated (size, flags, masks) but walks nothing. Kernels before 6.7
         // answer ENOTTY: pagemap had no ioctl at all.
-        let mut regions = [page_region { start: 0, end: 0, categories: 0 }; 1];
-        map.scan = map.scan_raw(0, 0, PageCategory::PRESENT, &mut regions).is_ok();
+        let mut regions = [page_region {
+            start: 0,
+            end: 0,
+            categories: 0,
+        }; 1];
+        map.scan = map
+            .scan_raw(0, 0, PageCategory::PRESENT, &mut regions)
+            .is_ok();
         Ok(map)
     }
 
@@ -178,13 +187,19 @@ impl PageMap {
     /// `pread`. Pages outside any mapping read as zero entries.
     pub fn read(&self, addr: usize, out: &mut [PagemapEntry]) -> SysResult<()> {
         const OP: &str = "pread(/proc/self/pagemap)";
-        if addr % PAGE_SIZE != 0 {
-            return Err(SysError::Invalid { op: OP, why: "address not page aligned" });
+        if !page_aligned(addr) {
+            return Err(SysError::Invalid {
+                op: OP,
+                why: "address not page aligned",
+            });
         }
         if out.is_empty() {
             return Ok(());
         }
-        let len = out.len().checked_mul(8).ok_or(SysError::Invalid { op: OP, why: "too many pages" })?;
+        let len = out.len().checked_mul(8).ok_or(SysError::Invalid {
+            op: OP,
+            why: "too many pages",
+        })?;
         // SAFETY: `PagemapEntry` is `repr(transparent)` over `u64`, so `out` is `len` initialized,
         // writable bytes that every bit pattern is valid for, exclusively borrowed for the life of
         // this slice; the `&mut [PagemapEntry]` is not used while `bytes` lives.
@@ -208,6 +223,10 @@ impl PageMap {
     /// same categories are merged, so runs alternate; pages matching nothing (and holes between
     /// mappings) are left out. `addr` must be page aligned; `len` is rounded up to pages.
     ///
+    /// [`PageCategory::WRITTEN`] is the kernel's "not uffd write-protected": outside VMAs
+    /// registered for async write-protection it is also set on unpopulated pages whose page table
+    /// exists, and on every page of a shmem VMA.
+    ///
     /// Returns [`SysError::Unsupported`] on kernels without the ioctl.
     pub fn scan(
         &self,
@@ -220,20 +239,34 @@ impl PageMap {
         if !self.scan {
             return Err(SysError::Unsupported(OP));
         }
-        if addr % PAGE_SIZE != 0 {
-            return Err(SysError::Invalid { op: OP, why: "address not page aligned" });
+        if !page_aligned(addr) {
+            return Err(SysError::Invalid {
+                op: OP,
+                why: "address not page aligned",
+            });
         }
         let end = addr
             .checked_add(len)
             .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
-            .ok_or(SysError::Invalid { op: OP, why: "range overflows" })?;
+            .ok_or(SysError::Invalid {
+                op: OP,
+                why: "range overflows",
+            })?;
         let first_new = out.len();
-        let mut regions = [page_region { start: 0, end: 0, categories: 0 }; SCAN_BATCH];
+        let mut regions = [page_region {
+            start: 0,
+            end: 0,
+            categories: 0,
+        }; SCAN_BATCH];
         let mut start = addr;
         while start < end {
             let (n, walk_end) = self.scan_raw(start, end, return_mask, &mut regions)?;
             for r in &regions[..n] {
-                let run = (r.start as usize, r.end as usize, PageCategory::from_bits_retain(r.categories));
+                let run = (
+                    r.start as usize,
+                    r.end as usize,
+                    PageCategory::from_bits_retain(r.categories),
+                );
                 // The kernel merges within one call; merge across the calls of this scan.
                 let mine = out.len() > first_new;
                 match out.last_mut() {
@@ -243,31 +276,52 @@ impl PageMap {
             }
             if walk_end <= start {
                 // No progress: never loop forever on a kernel that misreports walk_end.
-                return Err(SysError::Short { op: OP, done: start - addr, len });
+                return Err(SysError::Short {
+                    op: OP,
+                    done: start - addr,
+                    len,
+                });
             }
             start = walk_end;
         }
         Ok(())
     }
 
-    /// Per-page categories of `npages` pages from `addr` (page aligned) into `out[..npages]`:
-    /// zero for pages with nothing mapped. Built from [`scan`](Self::scan); when the kernel lacks
-    /// `PAGEMAP_SCAN`, from pagemap entries (PRESENT, SWAPPED, FILE, and WRITTEN for present or
-    /// swapped pages that are not uffd-wp protected; never PFNZERO or HUGE).
-    pub fn page_flags(&self, addr: usize, npages: usize, out: &mut [PageCategory]) -> SysResult<()> {
+    /// Per-page categories of `npages` pages from `addr` (page aligned) into `out[..npages]`.
+    ///
+    /// Pages that are neither present nor swapped read as empty (or [`PageCategory::GUARD`]);
+    /// [`PageCategory::WPALLOWED`] is never reported (it describes the VMA, not the page). Built
+    /// from [`scan`](Self::scan); when the kernel lacks `PAGEMAP_SCAN`, from pagemap entries
+    /// (PRESENT, SWAPPED, FILE, SOFT_DIRTY, and WRITTEN for populated pages that are not uffd-wp
+    /// protected; never PFNZERO, HUGE or GUARD).
+    pub fn page_flags(
+        &self,
+        addr: usize,
+        npages: usize,
+        out: &mut [PageCategory],
+    ) -> SysResult<()> {
         const OP: &str = "page_flags";
-        let out = out
-            .get_mut(..npages)
-            .ok_or(SysError::Invalid { op: OP, why: "output shorter than npages" })?;
+        let out = out.get_mut(..npages).ok_or(SysError::Invalid {
+            op: OP,
+            why: "output shorter than npages",
+        })?;
         let len = npages
             .checked_mul(PAGE_SIZE)
             .filter(|l| addr.checked_add(*l).is_some())
-            .ok_or(SysError::Invalid { op: OP, why: "range overflows" })?;
+            .ok_or(SysError::Invalid {
+                op: OP,
+                why: "range overflows",
+            })?;
         out.fill(PageCategory::empty());
         if self.scan {
             let mut runs = Vec::new();
-            self.scan(addr, len, PageCategory::all(), &mut runs)?;
-            for (start, end, cat) in runs {
+            self.scan(addr, len, PAGE_FLAGS_MASK, &mut runs)?;
+            for (start, end, mut cat) in runs {
+                if !cat.intersects(PageCategory::PRESENT | PageCategory::SWAPPED) {
+                    // Unpopulated PTEs (and whole shmem VMAs) come back WRITTEN in VMAs without
+                    // async uffd-wp: "written" there only means "not write-protected".
+                    cat &= PageCategory::GUARD;
+                }
                 let first = (start.max(addr) - addr) / PAGE_SIZE;
                 let last = (end.min(addr + len) - addr) / PAGE_SIZE;
                 out[first..last].fill(cat);
@@ -280,7 +334,10 @@ impl PageMap {
                 cat.set(PageCategory::SWAPPED, e.swapped());
                 cat.set(PageCategory::FILE, e.file_or_shared_anon());
                 cat.set(PageCategory::SOFT_DIRTY, e.soft_dirty());
-                cat.set(PageCategory::WRITTEN, (e.present() || e.swapped()) && !e.uffd_wp());
+                cat.set(
+                    PageCategory::WRITTEN,
+                    (e.present() || e.swapped()) && !e.uffd_wp(),
+                );
             }
         }
         Ok(())
@@ -326,6 +383,11 @@ impl PageMap {
     }
 }
 
+/// Whether `x` is a multiple of [`PAGE_SIZE`].
+fn page_aligned(x: usize) -> bool {
+    x & (PAGE_SIZE - 1) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,7 +402,11 @@ mod tests {
 
     impl Map {
         fn anon(len: usize, shared: bool) -> Map {
-            let flags = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+            let flags = if shared {
+                MapFlags::SHARED
+            } else {
+                MapFlags::PRIVATE
+            };
             // SAFETY: a fresh mapping at an address of the kernel's choice overlaps nothing.
             let p = unsafe {
                 rustix::mm::mmap_anonymous(
@@ -351,7 +417,10 @@ mod tests {
                 )
             }
             .expect("mmap");
-            Map { addr: p as usize, len }
+            Map {
+                addr: p as usize,
+                len,
+            }
         }
 
         fn page(&self, i: usize) -> *mut u8 {
@@ -390,7 +459,10 @@ mod tests {
         // SAFETY: page 1 is inside our RW mapping.
         unsafe { m.page(1).write_volatile(7) };
         let e = entry(&pm, m.addr + PAGE_SIZE);
-        assert!(e.present() && e.exclusive() && !e.file_or_shared_anon(), "{e:x?}");
+        assert!(
+            e.present() && e.exclusive() && !e.file_or_shared_anon(),
+            "{e:x?}"
+        );
         assert!(!entry(&pm, m.addr).present());
         if rustix::process::geteuid().is_root() {
             assert_ne!(e.pfn(), 0);
@@ -398,7 +470,10 @@ mod tests {
         if pm.scan_supported() {
             let mut cats = [PageCategory::empty(); 4];
             pm.page_flags(m.addr, 4, &mut cats).unwrap();
-            assert!(cats[1].contains(PageCategory::PRESENT | PageCategory::WRITTEN), "{cats:?}");
+            assert!(
+                cats[1].contains(PageCategory::PRESENT | PageCategory::WRITTEN),
+                "{cats:?}"
+            );
             assert!(!cats[1].intersects(PageCategory::PFNZERO | PageCategory::FILE));
             assert!(!cats[0].contains(PageCategory::PRESENT));
         }
@@ -416,15 +491,28 @@ mod tests {
             return;
         }
         let mut runs = Vec::new();
-        pm.scan(m.addr, m.len, PageCategory::PRESENT | PageCategory::PFNZERO, &mut runs).unwrap();
+        pm.scan(
+            m.addr,
+            m.len,
+            PageCategory::PRESENT | PageCategory::PFNZERO,
+            &mut runs,
+        )
+        .unwrap();
         let page = m.addr + 2 * PAGE_SIZE;
         assert_eq!(
             runs,
-            vec![(page, page + PAGE_SIZE, PageCategory::PRESENT | PageCategory::PFNZERO)]
+            vec![(
+                page,
+                page + PAGE_SIZE,
+                PageCategory::PRESENT | PageCategory::PFNZERO
+            )]
         );
         let mut cats = [PageCategory::empty(); 4];
         pm.page_flags(m.addr, 4, &mut cats).unwrap();
-        assert!(cats[2].contains(PageCategory::PRESENT | PageCategory::PFNZERO), "{cats:?}");
+        assert!(
+            cats[2].contains(PageCategory::PRESENT | PageCategory::PFNZERO),
+            "{cats:?}"
+        );
     }
 
     #[test]
@@ -443,10 +531,17 @@ mod tests {
             unsafe { m.page(i).write_volatile(1) };
         }
         let mut runs = Vec::new();
-        pm.scan(m.addr, m.len, PageCategory::PRESENT, &mut runs).unwrap();
+        pm.scan(m.addr, m.len, PageCategory::PRESENT, &mut runs)
+            .unwrap();
         let want: Vec<_> = (0..pages)
             .step_by(2)
-            .map(|i| (m.addr + i * PAGE_SIZE, m.addr + (i + 1) * PAGE_SIZE, PageCategory::PRESENT))
+            .map(|i| {
+                (
+                    m.addr + i * PAGE_SIZE,
+                    m.addr + (i + 1) * PAGE_SIZE,
+                    PageCategory::PRESENT,
+                )
+            })
             .collect();
         assert_eq!(runs, want);
     }
@@ -469,17 +564,29 @@ mod tests {
             return;
         }
         let mut runs = Vec::new();
-        pm.scan(start, HUGE_PAGE_SIZE, PageCategory::PRESENT | PageCategory::HUGE, &mut runs)
-            .unwrap();
+        pm.scan(
+            start,
+            HUGE_PAGE_SIZE,
+            PageCategory::PRESENT | PageCategory::HUGE,
+            &mut runs,
+        )
+        .unwrap();
         if runs.iter().any(|r| r.2.contains(PageCategory::HUGE)) {
             assert_eq!(
                 runs,
-                vec![(start, start + HUGE_PAGE_SIZE, PageCategory::PRESENT | PageCategory::HUGE)]
+                vec![(
+                    start,
+                    start + HUGE_PAGE_SIZE,
+                    PageCategory::PRESENT | PageCategory::HUGE
+                )]
             );
         } else {
             // THP allocation may fail (fragmentation, cgroup limits): not this module's bug.
             eprintln!("no THP was allocated; HUGE not checked ({runs:x?})");
-            assert_eq!(runs, vec![(start, start + HUGE_PAGE_SIZE, PageCategory::PRESENT)]);
+            assert_eq!(
+                runs,
+                vec![(start, start + HUGE_PAGE_SIZE, PageCategory::PRESENT)]
+            );
         }
     }
 
@@ -490,50 +597,67 @@ mod tests {
         // SAFETY: page 0 is inside our RW mapping.
         unsafe { m.page(0).write_volatile(3) };
         let e = entry(&pm, m.addr);
-        assert!(e.present() && e.file_or_shared_anon() && e.exclusive(), "{e:x?}");
+        assert!(
+            e.present() && e.file_or_shared_anon() && e.exclusive(),
+            "{e:x?}"
+        );
         if pm.scan_supported() {
             let mut cats = [PageCategory::empty(); 2];
             pm.page_flags(m.addr, 2, &mut cats).unwrap();
-            assert!(cats[0].contains(PageCategory::PRESENT | PageCategory::FILE), "{cats:?}");
+            assert!(
+                cats[0].contains(PageCategory::PRESENT | PageCategory::FILE),
+                "{cats:?}"
+            );
             assert_eq!(cats[1], PageCategory::empty());
         }
     }
 
     #[test]
+    fn page_flags_fallback_uses_pagemap_bits() {
+        let pm = PageMap {
+            scan: false,
+            ..PageMap::open().unwrap()
+        };
+        let m = Map::anon(3 * PAGE_SIZE, false);
+        // SAFETY: pages 0 and 1 are inside our RW mapping.
+        unsafe {
+            m.page(0).write_volatile(1);
+            m.page(1).read_volatile();
+        }
+        let mut cats = [PageCategory::all(); 3];
+        pm.page_flags(m.addr, 3, &mut cats).unwrap();
+        let populated = PageCategory::PRESENT | PageCategory::WRITTEN;
+        assert_eq!(cats, [populated, populated, PageCategory::empty()]);
+        let mut runs = Vec::new();
+        assert!(matches!(
+            pm.scan(m.addr, m.len, PageCategory::PRESENT, &mut runs),
+            Err(SysError::Unsupported(_))
+        ));
+    }
+
+    #[test]
     fn invalid_arguments_are_rejected() {
         let pm = PageMap::open().unwrap();
-        assert!(matches!(pm.read(1, &mut [PagemapEntry(0)]), Err(SysError::Invalid { .. })));
+        assert!(matches!(
+            pm.read(1, &mut [PagemapEntry(0)]),
+            Err(SysError::Invalid { .. })
+        ));
         let mut runs = Vec::new();
         if pm.scan_supported() {
             let r = pm.scan(PAGE_SIZE + 1, PAGE_SIZE, PageCategory::PRESENT, &mut runs);
             assert!(matches!(r, Err(SysError::Invalid { .. })));
-            let r = pm.scan(usize::MAX & !(PAGE_SIZE - 1), PAGE_SIZE, PageCategory::PRESENT, &mut runs);
+            let r = pm.scan(
+                usize::MAX & !(PAGE_SIZE - 1),
+                PAGE_SIZE,
+                PageCategory::PRESENT,
+                &mut runs,
+            );
             assert!(matches!(r, Err(SysError::Invalid { .. })));
         }
         let mut cats = [PageCategory::empty(); 1];
-        assert!(matches!(pm.page_flags(0, 2, &mut cats), Err(SysError::Invalid { .. })));
-    }
-}
-#[cfg(test)]
-mod dbg_tests {
-    use super::*;
-    #[test]
-    fn dbg_pagemap_print() {
-        let pm = PageMap::open().unwrap();
-        for shared in [false, true] {
-            let flags = if shared { rustix::mm::MapFlags::SHARED } else { rustix::mm::MapFlags::PRIVATE };
-            // SAFETY: test
-            let p = unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), 4 * PAGE_SIZE, rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE, flags) }.unwrap() as usize;
-            let mut cats = [PageCategory::empty(); 4];
-            pm.page_flags(p, 4, &mut cats).unwrap();
-            eprintln!("shared={shared} fresh {cats:?}");
-            // SAFETY: test
-            unsafe { ((p + PAGE_SIZE) as *mut u8).write_volatile(1); ((p + 2 * PAGE_SIZE) as *mut u8).read_volatile(); }
-            pm.page_flags(p, 4, &mut cats).unwrap();
-            eprintln!("shared={shared} touched {cats:?}");
-            let mut runs = Vec::new();
-            pm.scan(p, 4 * PAGE_SIZE, PageCategory::all(), &mut runs).unwrap();
-            eprintln!("runs {:x?}", runs.iter().map(|r| (r.0 - p, r.1 - p, r.2)).collect::<Vec<_>>());
-        }
+        assert!(matches!(
+            pm.page_flags(0, 2, &mut cats),
+            Err(SysError::Invalid { .. })
+        ));
     }
 }

@@ -1,0 +1,772 @@
+//! The migration engine: `migrate_vma_setup` → `migrate_vma_pages` → `migrate_vma_finalize`
+//! (hmm.rst "Migration to and from device memory"), over this process's real memory.
+//!
+//! ```text
+//!   MigrateVma::setup(mm, args)   collect: lock pages, classify by SELECT_* and owner, invalidate
+//!         │                       other mirrors (Migrate event, owner = the migrating device; the
+//!         │                       invalidation stays active until finalize, so no mirror can map
+//!         │                       a page mid-flight)
+//!   driver.alloc_and_copy(...)    destinations chosen (device frames, or system)
+//!         │
+//!   .pages()                      commit: the data moves page by page (UFFDIO_MOVE, zero-copy;
+//!         │                       a copy where MOVE cannot take the page); a page that cannot move
+//!         │                       keeps its source and loses MIGRATE
+//!   driver.finalize(entries)      the device programs its page table
+//!   .finalize()                   unlock; free device frames left behind; end the invalidation
+//! ```
+//!
+//! Dropping a collected migration without committing rolls it back: every page unlocks where it
+//! was and destination frames are freed (DESIGN.md invariant 3: commit or roll back page by page).
+
+use std::sync::Arc;
+
+use hetmem_core::{
+    migrate::{MigrateEntry, MigrateFlags, MigrateSummary, PageLoc, SelectFlags, SkipReason},
+    notifier::{InvalidateGuard, NotifierRange, NotifyEvent},
+    page_state::{DevicePlacement, Location},
+    pool::MemoryKind,
+    DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
+};
+use hetmem_sys::{
+    maps,
+    pagemap::PageCategory,
+    uffd::UffdError,
+};
+
+use crate::{
+    device::{DeviceMemory, MigrateDriver},
+    error::MigrateError,
+    mm::{prot_from_bits, AddressSpace, CpuFaultBackend},
+    os,
+    region::Region,
+};
+
+/// What to migrate.
+#[derive(Clone, Copy, Debug)]
+pub struct MigrateArgs {
+    /// The pages (must lie inside one managed region).
+    pub range: PageRange,
+    /// Which source pages to collect.
+    pub select: SelectFlags,
+    /// The migrating device's owner cookie (selects its device pages; tags the invalidation).
+    pub owner: Owner,
+    /// The page a CPU fault is waiting on, if this migration serves one.
+    pub fault_page: Option<VirtAddr>,
+}
+
+/// A collected migration (after `migrate_vma_setup`).
+#[derive(Debug)]
+pub struct MigrateVma<'a> {
+    mm: &'a AddressSpace,
+    region: Arc<Region>,
+    args: MigrateArgs,
+    entries: Vec<MigrateEntry>,
+    compound: Vec<bool>,
+    locked: Vec<bool>,
+    committed: bool,
+    guard: Option<InvalidateGuard>,
+}
+
+/// A committed migration (after `migrate_vma_pages`).
+#[derive(Debug)]
+pub struct Committed<'a>(MigrateVma<'a>);
+
+fn wake_unlock(region: &Region, i: usize) {
+    if region.states.unlock(i) {
+        hetmem_sys::futex::wake(region.states.word(i), u32::MAX);
+    }
+}
+
+impl<'a> MigrateVma<'a> {
+    /// `migrate_vma_setup`: collects and locks the pages of `args.range` that `args.select`
+    /// selects. Pages that do not take part are reported with a reason; a range outside managed
+    /// memory is an error.
+    pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
+        let region = mm
+            .region_of(args.range.start())
+            .filter(|r| r.range().contains_range(&args.range))
+            .ok_or(MigrateError::NotManaged { addr: args.range.start() })?;
+        let n = args.range.npages() as usize;
+        let first = region.index(args.range.start());
+        let mut entries = vec![MigrateEntry::skipped(SkipReason::NotSelected); n];
+        let mut locked = vec![false; n];
+        let mut cats = vec![PageCategory::empty(); n];
+        let wants_system = args.select.contains(SelectFlags::SYSTEM);
+        if wants_system {
+            mm.pagemap.page_flags(args.range.start().as_usize(), n, &mut cats)?;
+        }
+        let vma_write = vma_write_map(args.range);
+        let owner_dev = owner_device(mm, args.owner);
+        for k in 0..n {
+            let i = first + k;
+            if !region.states.try_lock(i) {
+                entries[k] = MigrateEntry::skipped(SkipReason::Locked);
+                continue;
+            }
+            locked[k] = true;
+            let st = region.states.get(i);
+            let entry = match st.location {
+                Location::System if wants_system => {
+                    let c = cats[k];
+                    let w = vma_write(args.range.page(k as u64));
+                    if region.is_shared() {
+                        MigrateEntry::skipped(if c.contains(PageCategory::PRESENT) {
+                            SkipReason::Shared
+                        } else {
+                            SkipReason::Hole
+                        })
+                    } else if c.contains(PageCategory::PRESENT) && !c.contains(PageCategory::PFNZERO) {
+                        let mut f = MigrateFlags::VALID | MigrateFlags::MIGRATE;
+                        if w {
+                            f |= MigrateFlags::WRITE;
+                        }
+                        MigrateEntry { flags: f, src: PageLoc::System, dst: None, skipped: None }
+                    } else if c.contains(PageCategory::SWAPPED) {
+                        MigrateEntry::skipped(SkipReason::Pinned)
+                    } else {
+                        // A hole or the zero page: migrates as zero fill; the entry the CPU gets
+                        // back is writable when the mapping is (migrate_vma_insert_page).
+                        let mut f = MigrateFlags::MIGRATE;
+                        if w {
+                            f |= MigrateFlags::WRITE;
+                        }
+                        MigrateEntry { flags: f, src: PageLoc::Empty, dst: None, skipped: None }
+                    }
+                }
+                Location::Device { dev, frame, coherent } => {
+                    let want = if coherent {
+                        SelectFlags::DEVICE_COHERENT
+                    } else {
+                        SelectFlags::DEVICE_PRIVATE
+                    };
+                    if args.select.contains(want) && (owner_dev == Some(dev) || args.owner == EVICT_ANY)
+                    {
+                        let mut f = MigrateFlags::VALID | MigrateFlags::MIGRATE;
+                        if st.write {
+                            f |= MigrateFlags::WRITE;
+                        }
+                        MigrateEntry { flags: f, src: PageLoc::Device { dev, frame }, dst: None, skipped: None }
+                    } else {
+                        MigrateEntry::skipped(SkipReason::NotSelected)
+                    }
+                }
+                _ => MigrateEntry::skipped(SkipReason::NotSelected),
+            };
+            if !entry.migrates() {
+                wake_unlock(&region, i);
+                locked[k] = false;
+            }
+            entries[k] = entry;
+        }
+        // 2 MiB blocks collected whole (SELECT_COMPOUND): aligned, fully inside, all migrating,
+        // and huge at the source (a THP, a block that moved as one, or an empty PMD).
+        let mut compound = vec![false; n];
+        if args.select.contains(SelectFlags::COMPOUND) {
+            for block in args.range.chunks(hetmem_core::HUGE_PAGE_SIZE) {
+                if block.npages() != hetmem_core::addr::PAGES_PER_HUGE
+                    || !block.start().0.is_multiple_of(hetmem_core::HUGE_PAGE_SIZE)
+                {
+                    continue;
+                }
+                let k0 = args.range.index_of(block.start()) as usize;
+                let ks = k0..k0 + block.npages() as usize;
+                let all_migrate = ks.clone().all(|k| entries[k].migrates());
+                let huge = ks.clone().all(|k| cats[k].contains(PageCategory::HUGE))
+                    || ks.clone().all(|k| entries[k].src == PageLoc::Empty)
+                    || ks.clone().all(|k| region.states.get(first + k).huge);
+                if all_migrate && huge {
+                    compound[k0] = true;
+                    for k in ks {
+                        entries[k].flags |= MigrateFlags::COMPOUND;
+                    }
+                }
+            }
+        }
+        let any = entries.iter().any(MigrateEntry::migrates);
+        let guard = any.then(|| {
+            mm.notifiers.invalidate_start(NotifierRange::new(
+                args.range.start(),
+                args.range.end(),
+                NotifyEvent::Migrate,
+                (args.owner != EVICT_ANY).then_some(args.owner),
+            ))
+        });
+        // The mprotect backend stops writers now; userfaultfd's MOVE needs no such step.
+        if any && mm.backend == CpuFaultBackend::Mprotect {
+            for run in runs(&entries, |e| e.migrates() && e.src == PageLoc::System) {
+                let r = sub_range(args.range, run.clone());
+                let _ = os::protect(r, hetmem_sys::mman::Prot::READ);
+            }
+        }
+        Ok(MigrateVma { mm, region, args, entries, compound, locked, committed: false, guard })
+    }
+
+    /// The range.
+    pub fn range(&self) -> PageRange {
+        self.args.range
+    }
+    /// Per-page entries.
+    pub fn entries(&self) -> &[MigrateEntry] {
+        &self.entries
+    }
+    /// Per-page entries, for the driver to set destinations.
+    pub fn entries_mut(&mut self) -> &mut [MigrateEntry] {
+        &mut self.entries
+    }
+    /// Which entries start a whole 2 MiB block.
+    pub fn compound(&self) -> &[bool] {
+        &self.compound
+    }
+    /// Pages still migrating (`cpages`).
+    pub fn cpages(&self) -> u64 {
+        self.entries.iter().filter(|e| e.migrates()).count() as u64
+    }
+    /// Lets `driver` choose destinations.
+    pub fn alloc_and_copy(&mut self, driver: &dyn MigrateDriver) {
+        driver.alloc_and_copy(self.args.range, &mut self.entries, &self.compound);
+        for e in &mut self.entries {
+            if e.migrates() && e.dst.is_none() {
+                e.skip(SkipReason::NoDestination);
+            }
+        }
+    }
+
+    /// `migrate_vma_pages`: moves the data of every entry that still migrates.
+    pub fn pages(mut self) -> Committed<'a> {
+        let range = self.args.range;
+        let mm = self.mm;
+        // Device → system first (frames leave), then system → device.
+        let to_sys = runs(&self.entries, |e| {
+            e.migrates() && matches!(e.src, PageLoc::Device { .. }) && e.dst == Some(PageLoc::System)
+        });
+        for run in to_sys {
+            self.commit_to_system(range, run);
+        }
+        let to_dev = runs(&self.entries, |e| {
+            e.migrates()
+                && matches!(e.src, PageLoc::System | PageLoc::Empty)
+                && matches!(e.dst, Some(PageLoc::Device { .. }))
+        });
+        for run in to_dev {
+            self.commit_to_device(range, run);
+        }
+        // Anything else that claims to migrate (device to device) is not supported here.
+        for k in 0..self.entries.len() {
+            let e = self.entries[k];
+            if e.migrates() && e.skipped.is_none() && !Self::committed_entry(&e) {
+                self.entries[k].skip(SkipReason::InstallFailed);
+            }
+        }
+        let _ = mm;
+        self.committed = true;
+        Committed(self)
+    }
+
+    fn committed_entry(e: &MigrateEntry) -> bool {
+        matches!(
+            (e.src, e.dst),
+            (PageLoc::Device { .. }, Some(PageLoc::System))
+                | (PageLoc::System | PageLoc::Empty, Some(PageLoc::Device { .. }))
+        )
+    }
+
+    fn device_mem(&self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
+        self.mm.device(dev).map(|d| Arc::clone(d.memory()))
+    }
+
+    fn commit_to_device(&mut self, range: PageRange, run: std::ops::Range<usize>) {
+        let mm = self.mm;
+        let first = self.region.index(range.start());
+        // Sub-runs with contiguous frames of one device move with one call.
+        let mut k = run.start;
+        while k < run.end {
+            let Some(PageLoc::Device { dev, frame }) = self.entries[k].dst else { k += 1; continue };
+            let Some(mem) = self.device_mem(dev) else {
+                self.entries[k].skip(SkipReason::NoDestination);
+                k += 1;
+                continue;
+            };
+            let mut end = k + 1;
+            while end < run.end
+                && self.entries[end].dst
+                    == Some(PageLoc::Device { dev, frame: DevPfn(frame.0 + (end - k) as u32) })
+            {
+                end += 1;
+            }
+            let va = range.page(k as u64).as_usize();
+            let len = (end - k) * PAGE_SIZE as usize;
+            let coherent = mem.kind() == MemoryKind::DeviceCoherent;
+            let moved = if coherent {
+                // Device-coherent memory is memory the CPU keeps addressing directly (as CXL
+                // memory would be): the page stays where the CPU maps it and the device claims it.
+                end - k
+            } else {
+                move_out(mm, &mem, va, frame, len, &self.entries[k..end])
+            };
+            for j in k..end {
+                let e = &mut self.entries[j];
+                if j - k < moved {
+                    self.region.states.set_device(
+                        first + j,
+                        DevicePlacement {
+                            dev,
+                            frame: DevPfn(frame.0 + (j - k) as u32),
+                            write: e.flags.contains(MigrateFlags::WRITE),
+                            huge: e.flags.contains(MigrateFlags::COMPOUND),
+                            coherent,
+                            exclusive: false,
+                        },
+                    );
+                } else {
+                    e.skip(SkipReason::Pinned);
+                }
+            }
+            if moved > 0 {
+                mem.pool().lock().account_in(moved as u64);
+                mm.stats.add(&mm.stats.pages_to_device, moved as u64);
+            }
+            k = end;
+        }
+    }
+
+    fn commit_to_system(&mut self, range: PageRange, run: std::ops::Range<usize>) {
+        let mm = self.mm;
+        let first = self.region.index(range.start());
+        let mut k = run.start;
+        while k < run.end {
+            let PageLoc::Device { dev, frame } = self.entries[k].src else { k += 1; continue };
+            let Some(mem) = self.device_mem(dev) else {
+                self.entries[k].skip(SkipReason::InstallFailed);
+                k += 1;
+                continue;
+            };
+            let mut end = k + 1;
+            while end < run.end
+                && self.entries[end].src
+                    == (PageLoc::Device { dev, frame: DevPfn(frame.0 + (end - k) as u32) })
+            {
+                end += 1;
+            }
+            let va = range.page(k as u64).as_usize();
+            let coherent = mem.kind() == MemoryKind::DeviceCoherent;
+            let prot = prot_from_bits(self.region.states.prot(first + k));
+            let moved = if coherent {
+                end - k
+            } else {
+                move_in(mm, &mem, va, frame, end - k, prot)
+            };
+            for j in k..end {
+                if j - k < moved {
+                    self.region.states.set_system(first + j);
+                } else {
+                    self.entries[j].skip(SkipReason::InstallFailed);
+                }
+            }
+            if moved > 0 {
+                mem.pool().lock().account_out(moved as u64);
+                mm.stats.add(&mm.stats.pages_to_system, moved as u64);
+            }
+            k = end;
+        }
+    }
+}
+
+impl Drop for MigrateVma<'_> {
+    fn drop(&mut self) {
+        let first = self.region.index(self.args.range.start());
+        // Mprotect backend: give back access to pages that were collected but did not move.
+        if self.mm.backend == CpuFaultBackend::Mprotect {
+            let stay = runs(&self.entries, |e| e.src == PageLoc::System && !e.migrates() && e.skipped.is_some());
+            for run in stay {
+                if !self.locked[run.start] {
+                    continue;
+                }
+                let r = sub_range(self.args.range, run.clone());
+                let _ = os::protect(r, prot_from_bits(self.region.states.prot(first + run.start)));
+            }
+        }
+        for (k, e) in self.entries.iter().enumerate() {
+            // Frames freed: sources that left the device, destinations that were not used.
+            let free = match (e.migrates() && self.committed, e.src, e.dst) {
+                (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => Some((dev, frame)),
+                (false, _, Some(PageLoc::Device { dev, frame })) => Some((dev, frame)),
+                _ => None,
+            };
+            if let Some((dev, frame)) = free {
+                if let Some(mem) = self.device_mem(dev) {
+                    let _ = mem.arena().discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+                    let _ = mem.pool().lock().free_page(frame);
+                }
+            }
+            if self.locked[k] {
+                wake_unlock(&self.region, first + k);
+            }
+        }
+        drop(self.guard.take());
+    }
+}
+
+impl<'a> Committed<'a> {
+    /// Final per-page entries: MIGRATE still set means the page moved.
+    pub fn entries(&self) -> &[MigrateEntry] {
+        &self.0.entries
+    }
+    /// The range.
+    pub fn range(&self) -> PageRange {
+        self.0.args.range
+    }
+    /// `migrate_vma_finalize`: unlocks the pages, frees frames left behind, ends the
+    /// invalidation.
+    pub fn finalize(self) -> MigrateSummary {
+        let e = &self.0.entries;
+        let summary = MigrateSummary {
+            npages: e.len() as u64,
+            collected: e.iter().filter(|x| x.skipped.is_none() || x.migrates()).count() as u64,
+            migrated: e.iter().filter(|x| x.migrates()).count() as u64,
+            migrated_valid: e
+                .iter()
+                .filter(|x| x.migrates() && x.flags.contains(MigrateFlags::VALID))
+                .count() as u64,
+        };
+        drop(self);
+        summary
+    }
+}
+
+/// Owner cookie meaning "any device" (device-wide eviction).
+pub const EVICT_ANY: Owner = Owner(u64::MAX);
+
+fn owner_device(mm: &AddressSpace, owner: Owner) -> Option<DeviceId> {
+    mm.devices.read().iter().flatten().find(|d| d.memory().owner() == owner).map(|d| d.memory().id())
+}
+
+fn vma_write_map(range: PageRange) -> impl Fn(VirtAddr) -> bool {
+    let vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())
+        .unwrap_or_default();
+    move |a: VirtAddr| {
+        vmas.iter().any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
+    }
+}
+
+/// Maximal runs of consecutive entries satisfying `f`.
+fn runs(entries: &[MigrateEntry], f: impl Fn(&MigrateEntry) -> bool) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut k = 0;
+    while k < entries.len() {
+        if f(&entries[k]) {
+            let s = k;
+            while k < entries.len() && f(&entries[k]) {
+                k += 1;
+            }
+            out.push(s..k);
+        } else {
+            k += 1;
+        }
+    }
+    out
+}
+
+fn sub_range(range: PageRange, run: std::ops::Range<usize>) -> PageRange {
+    PageRange::from_pages(range.page(run.start as u64).0, (run.end - run.start) as u64)
+        .expect("sub-range of a valid range")
+}
+
+/// Moves `len` bytes of managed memory at `va` into frames starting at `frame`. Returns how many
+/// pages (from the start) moved.
+fn move_out(
+    mm: &AddressSpace,
+    mem: &DeviceMemory,
+    va: usize,
+    frame: DevPfn,
+    len: usize,
+    entries: &[MigrateEntry],
+) -> usize {
+    let dst = mem.frame_addr(frame);
+    let npages = len / PAGE_SIZE as usize;
+    if mm.backend == CpuFaultBackend::Userfaultfd {
+        if let Some(uffd) = &mm.uffd {
+            let mut done = 0usize;
+            while done < len {
+                match os::uffd_move(uffd, dst + done, va + done, len - done, true) {
+                    Ok(n) if n > 0 => done += n,
+                    Ok(_) => break,
+                    Err(UffdError::Again { done: n }) if n > 0 => done += n,
+                    Err(UffdError::Again { .. }) => std::thread::yield_now(),
+                    Err(_) => break,
+                }
+            }
+            let moved_pages = done / PAGE_SIZE as usize;
+            if moved_pages == npages {
+                return npages;
+            }
+            // The rest: copy (pages MOVE refuses: shared after fork, pinned, read-only mapping).
+            for p in moved_pages..npages {
+                if !copy_out_one(mm, mem, va + p * PAGE_SIZE as usize, DevPfn(frame.0 + p as u32), entries[p].src) {
+                    return p;
+                }
+                mm.stats.add(&mm.stats.move_fallbacks, 1);
+            }
+            return npages;
+        }
+    }
+    for p in 0..npages {
+        if !copy_out_one(mm, mem, va + p * PAGE_SIZE as usize, DevPfn(frame.0 + p as u32), entries[p].src) {
+            return p;
+        }
+    }
+    npages
+}
+
+/// Copies one page out to a frame and takes it away from the CPU.
+fn copy_out_one(mm: &AddressSpace, mem: &DeviceMemory, va: usize, frame: DevPfn, src: PageLoc) -> bool {
+    let page = PageRange::new(va as u64, PAGE_SIZE).expect("page");
+    let uffd = if mm.backend == CpuFaultBackend::Userfaultfd { mm.uffd.as_ref() } else { None };
+    if src == PageLoc::System {
+        if let Some(u) = uffd {
+            // Stop writers while copying (they wait on the page lock in the fault handler).
+            let _ = u.write_protect(va, PAGE_SIZE as usize, true);
+        }
+        let mut buf = [0u8; PAGE_SIZE as usize];
+        if hetmem_sys::dma::read_user(va, &mut buf).is_err() {
+            if let Some(u) = uffd {
+                let _ = u.write_protect(va, PAGE_SIZE as usize, false);
+            }
+            return false;
+        }
+        if mem.arena().write(DeviceMemory::frame_offset(frame), &buf).is_err() {
+            return false;
+        }
+    }
+    match uffd {
+        Some(u) => {
+            let _ = mm.with_self_zap(page, || os::advise(page, hetmem_sys::mman::Advice::DontNeed));
+            let _ = u.write_protect(va, PAGE_SIZE as usize, false);
+        }
+        None => {
+            let _ = os::protect(page, hetmem_sys::mman::Prot::empty());
+            let _ = mm.with_self_zap(page, || os::advise(page, hetmem_sys::mman::Advice::DontNeed));
+        }
+    }
+    true
+}
+
+/// Moves `npages` frames starting at `frame` back to managed memory at `va`. Returns how many
+/// pages (from the start) moved.
+fn move_in(
+    mm: &AddressSpace,
+    mem: &DeviceMemory,
+    va: usize,
+    frame: DevPfn,
+    npages: usize,
+    prot: hetmem_sys::mman::Prot,
+) -> usize {
+    let src = mem.frame_addr(frame);
+    let len = npages * PAGE_SIZE as usize;
+    let mut done = 0usize;
+    if mm.backend == CpuFaultBackend::Userfaultfd {
+        if let Some(uffd) = &mm.uffd {
+            while done < len {
+                match os::uffd_move(uffd, va + done, src + done, len - done, true) {
+                    Ok(n) if n > 0 => done += n,
+                    Ok(_) => break,
+                    Err(UffdError::Again { done: n }) if n > 0 => done += n,
+                    Err(UffdError::Again { .. }) => std::thread::yield_now(),
+                    Err(_) => break,
+                }
+            }
+            while done < len {
+                let off = DeviceMemory::frame_offset(frame) + done;
+                match os::uffd_copy(uffd, va + done, src + done, PAGE_SIZE as usize) {
+                    Ok(_) => {}
+                    Err(UffdError::Exists) => {
+                        // Populated behind our back (a kernel access): overwrite with the device
+                        // copy, which is the current data.
+                        let mut buf = [0u8; PAGE_SIZE as usize];
+                        if mem.arena().read(off, &mut buf).is_err()
+                            || os::procmem_write(&mm.procmem, va + done, &buf).is_err()
+                        {
+                            return done / PAGE_SIZE as usize;
+                        }
+                    }
+                    Err(UffdError::Again { .. }) => {
+                        std::thread::yield_now();
+                        continue;
+                    }
+                    Err(_) => return done / PAGE_SIZE as usize,
+                }
+                mm.stats.add(&mm.stats.move_fallbacks, 1);
+                done += PAGE_SIZE as usize;
+            }
+            return npages;
+        }
+    }
+    // Mprotect backend: fill the page while it is still PROT_NONE, then open it.
+    let mut buf = vec![0u8; len];
+    if mem.arena().read(DeviceMemory::frame_offset(frame), &mut buf).is_err() {
+        return 0;
+    }
+    if os::procmem_write(&mm.procmem, va, &buf).is_err() {
+        return 0;
+    }
+    let range = PageRange::new(va as u64, len as u64).expect("range");
+    if os::protect(range, prot).is_err() {
+        return 0;
+    }
+    npages
+}
+
+/// A driver that sends every collected device page to system memory (eviction, release).
+#[derive(Debug)]
+pub struct ToSystem;
+
+impl MigrateDriver for ToSystem {
+    fn alloc_and_copy(&self, _: PageRange, entries: &mut [MigrateEntry], _: &[bool]) {
+        for e in entries.iter_mut().filter(|e| e.migrates()) {
+            e.dst = Some(PageLoc::System);
+        }
+    }
+    fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+}
+
+/// Runs a whole migration of `args` with `driver`.
+pub fn migrate(
+    mm: &AddressSpace,
+    args: MigrateArgs,
+    driver: &dyn MigrateDriver,
+) -> Result<(MigrateSummary, Vec<MigrateEntry>), MigrateError> {
+    let mut m = MigrateVma::setup(mm, args)?;
+    if m.cpages() == 0 {
+        let entries = m.entries().to_vec();
+        return Ok((m.pages().finalize(), entries));
+    }
+    m.alloc_and_copy(driver);
+    let c = m.pages();
+    driver.finalize(args.range, c.entries());
+    let entries = c.entries().to_vec();
+    Ok((c.finalize(), entries))
+}
+
+/// Brings back every page of `region` held by `dev` (any device when `None`). Exclusive
+/// (atomic) grants are revoked too.
+pub(crate) fn evict_region_device(
+    mm: &AddressSpace,
+    region: &Arc<Region>,
+    dev: Option<DeviceId>,
+) -> Result<u64, MigrateError> {
+    let r = region.range();
+    let held = |i: usize| match region.states.get(i).location {
+        Location::Device { dev: d, .. } | Location::Exclusive { dev: d, .. } => {
+            dev.is_none_or(|x| x == d)
+        }
+        Location::System => false,
+    };
+    let mut moved = 0;
+    let mut i = 0;
+    let n = r.npages() as usize;
+    while i < n {
+        if !held(i) {
+            i += 1;
+            continue;
+        }
+        let s = i;
+        while i < n && held(i) && (i - s) < 512 {
+            i += 1;
+        }
+        let sub = PageRange::from_pages(r.page(s as u64).0, (i - s) as u64).expect("run");
+        for a in sub.pages() {
+            if matches!(region.states.get(region.index(a)).location, Location::Exclusive { .. }) {
+                crate::fault::restore_exclusive(mm, region, a)?;
+            }
+        }
+        let (summary, _) = migrate(
+            mm,
+            MigrateArgs {
+                range: sub,
+                select: SelectFlags::DEVICE_PRIVATE | SelectFlags::DEVICE_COHERENT,
+                owner: EVICT_ANY,
+                fault_page: None,
+            },
+            &ToSystem,
+        )?;
+        moved += summary.migrated;
+        // Pages locked by someone else are retried until they settle.
+        let mut tries = 0;
+        while (s..i).any(&held) && tries < 1000 {
+            tries += 1;
+            std::thread::sleep(std::time::Duration::from_micros(100));
+            let (again, _) = migrate(
+                mm,
+                MigrateArgs {
+                    range: sub,
+                    select: SelectFlags::DEVICE_PRIVATE | SelectFlags::DEVICE_COHERENT,
+                    owner: EVICT_ANY,
+                    fault_page: None,
+                },
+                &ToSystem,
+            )?;
+            moved += again.migrated;
+        }
+        if (s..i).any(&held) {
+            return Err(MigrateError::Stuck { addr: sub.start() });
+        }
+    }
+    Ok(moved)
+}
+
+/// Brings back every device page of `region`.
+pub(crate) fn migrate_all_to_system(mm: &AddressSpace, region: &Arc<Region>) -> Result<u64, MigrateError> {
+    evict_region_device(mm, region, None)
+}
+
+/// Drops the device copies of pages in `sub` (their memory was unmapped or discarded): frames
+/// are freed and the pages become plain system pages.
+pub(crate) fn discard_device_pages(mm: &AddressSpace, region: &Arc<Region>, sub: PageRange) {
+    for a in sub.pages() {
+        let i = region.index(a);
+        let st = region.states.get(i);
+        let (dev, frame) = match st.location {
+            Location::Device { dev, frame, .. } | Location::Exclusive { dev, frame } => (dev, frame),
+            Location::System => continue,
+        };
+        crate::fault::lock_page(region, i);
+        // Re-check under the lock.
+        let st2 = region.states.get(i);
+        if matches!(st2.location, Location::Device { frame: f, .. } | Location::Exclusive { frame: f, .. } if f == frame)
+        {
+            if let Some(d) = mm.device(dev) {
+                let mem = d.memory();
+                let _ = mem.arena().discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+                let _ = mem.pool().lock().free_page(frame);
+            }
+            region.states.set_system(i);
+            mm.stats.add(&mm.stats.pages_discarded, 1);
+            if mm.backend == CpuFaultBackend::Mprotect {
+                let page = PageRange::new(a.0, PAGE_SIZE).expect("page");
+                let _ = os::protect(page, prot_from_bits(region.states.prot(i)));
+            }
+        }
+        wake_unlock(region, i);
+    }
+}
+
+/// Moves one locked system page out to `frame` (exclusive access).
+pub(crate) fn move_out_pub(
+    mm: &AddressSpace,
+    mem: &DeviceMemory,
+    va: usize,
+    frame: DevPfn,
+    entries: &[MigrateEntry],
+) -> bool {
+    move_out(mm, mem, va, frame, PAGE_SIZE as usize, entries) == 1
+}
+
+/// Moves one frame back to the locked page at `va`.
+pub(crate) fn move_in_pub(
+    mm: &AddressSpace,
+    mem: &DeviceMemory,
+    va: usize,
+    frame: DevPfn,
+    prot: hetmem_sys::mman::Prot,
+) -> bool {
+    move_in(mm, mem, va, frame, 1, prot) == 1
+}

@@ -1,0 +1,635 @@
+//! The address space: this process's memory as hetmem manages it (the kernel's `mm_struct` with its
+//! VMAs, MMU notifiers and device-private entries).
+//!
+//! There is one per process ([`AddressSpace::current`]), as there is one `mm` per process: one
+//! userfaultfd (a VMA can belong to one only), one SIGSEGV/SIGBUS handler.
+//!
+//! ## Lock order (written once, here)
+//!
+//! 1. page locks (the LOCKED bit of each page's state; taken with try-lock in migration setup, in
+//!    ascending address order; the CPU-fault path waits on one page's lock holding nothing else);
+//! 2. the notifier sequence lock, then a driver's update lock (inside its `invalidate`);
+//! 3. a device pool's lock;
+//! 4. the region table and the device table (held only to look up or insert, never across 1-3).
+//!
+//! hetmem never dereferences managed memory while it holds any lock: the data moves by
+//! UFFDIO_MOVE/COPY, `process_vm_readv/writev` or `/proc/self/mem`, which fail with an error where
+//! a plain access would fault. So a thread that takes a CPU fault on managed memory holds no hetmem
+//! lock, and the fault handler, which runs in that thread, may take them (DESIGN.md invariant 4).
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        Arc, OnceLock,
+    },
+    thread::JoinHandle,
+};
+
+use hetmem_core::{
+    notifier::{MmNotifiers, NotifierRange, NotifyEvent},
+    page_state::Location,
+    PageRange, VirtAddr,
+};
+use hetmem_sys::{
+    dma::ProcMem,
+    maps,
+    mman::{self, Prot},
+    pagemap::PageMap,
+    uffd::{RegisterMode, ShutdownEvent, Uffd, UffdFeatures},
+};
+use parking_lot::{Mutex, RwLock};
+
+use crate::{
+    device::Device,
+    error::MmError,
+    region::{Region, RegionKind},
+    stats::Stats,
+};
+
+/// How CPU accesses to device-resident pages are caught.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuFaultBackend {
+    /// userfaultfd in MISSING + WRITE-PROTECT mode with `UFFD_FEATURE_SIGBUS`: a device-resident
+    /// page is a hole in the CPU page table; a touch raises SIGBUS in the faulting thread, which
+    /// moves the page back (UFFDIO_MOVE) and resumes. The default: it never splits VMAs.
+    Userfaultfd,
+    /// `mprotect(PROT_NONE)` + SIGSEGV: a device-resident page is mapped PROT_NONE; a touch raises
+    /// SIGSEGV in the faulting thread, which refills it through `/proc/self/mem` and restores the
+    /// protection. Works where userfaultfd is not allowed; splits VMAs.
+    Mprotect,
+}
+
+impl CpuFaultBackend {
+    /// The backend named by `HETMEM_CPU_FAULT_BACKEND` (`uffd` or `mprotect`), if set.
+    pub fn from_env() -> Option<Self> {
+        match std::env::var("HETMEM_CPU_FAULT_BACKEND").ok()?.as_str() {
+            "uffd" | "userfaultfd" => Some(CpuFaultBackend::Userfaultfd),
+            "mprotect" | "sigsegv" => Some(CpuFaultBackend::Mprotect),
+            _ => None,
+        }
+    }
+}
+
+/// Settings fixed when the address space starts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Config {
+    /// CPU fault backend; `None`: `HETMEM_CPU_FAULT_BACKEND`, else userfaultfd when available.
+    pub backend: Option<CpuFaultBackend>,
+}
+
+static MM: OnceLock<Arc<AddressSpace>> = OnceLock::new();
+
+/// The process's address space as hetmem manages it.
+pub struct AddressSpace {
+    pub(crate) backend: CpuFaultBackend,
+    pub(crate) uffd: Option<Uffd>,
+    pub(crate) procmem: ProcMem,
+    pub(crate) pagemap: PageMap,
+    pub(crate) notifiers: Arc<MmNotifiers>,
+    pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
+    pub(crate) devices: RwLock<Vec<Option<Arc<dyn Device>>>>,
+    /// Ranges hetmem itself is discarding with MADV_DONTNEED: their REMOVE events are its own.
+    pub(crate) self_zaps: Mutex<Vec<(u64, u64)>>,
+    /// userfaultfd events read / fully handled (a fault on an address not yet in the region
+    /// table waits for `handled` to catch up, in case a REMAP is in flight).
+    pub(crate) events_read: AtomicU64,
+    pub(crate) events_handled: AtomicU32,
+    pub(crate) stats: Stats,
+    pid: u32,
+    shutdown: ShutdownEvent,
+    stopping: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("backend", &self.backend)
+            .field("regions", &self.regions.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn prot_bits(p: Prot) -> u32 {
+    let mut b = 0;
+    if p.contains(Prot::READ) {
+        b |= 1;
+    }
+    if p.contains(Prot::WRITE) {
+        b |= 2;
+    }
+    if p.contains(Prot::EXEC) {
+        b |= 4;
+    }
+    b
+}
+
+pub(crate) fn prot_from_bits(b: u32) -> Prot {
+    let mut p = Prot::empty();
+    if b & 1 != 0 {
+        p |= Prot::READ;
+    }
+    if b & 2 != 0 {
+        p |= Prot::WRITE;
+    }
+    if b & 4 != 0 {
+        p |= Prot::EXEC;
+    }
+    p
+}
+
+impl AddressSpace {
+    /// The process's address space, started with [`Config::default`] on first use.
+    pub fn current() -> Result<&'static Arc<AddressSpace>, MmError> {
+        Self::init(Config::default())
+    }
+
+    /// Starts the address space with `config`, or returns it if already started (the config is
+    /// then ignored: compare [`AddressSpace::backend`]).
+    pub fn init(config: Config) -> Result<&'static Arc<AddressSpace>, MmError> {
+        if let Some(mm) = MM.get() {
+            return Ok(mm);
+        }
+        let mm = Arc::new(Self::start(config)?);
+        let _ = MM.set(mm);
+        let mm = MM.get().expect("just set");
+        mm.spawn_event_thread();
+        crate::fault::install(mm)?;
+        Ok(mm)
+    }
+
+    fn start(config: Config) -> Result<Self, MmError> {
+        let available = Uffd::available().unwrap_or(UffdFeatures::empty());
+        let events = UffdFeatures::EVENT_REMAP | UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_UNMAP;
+        let fault_features = UffdFeatures::SIGBUS
+            | UffdFeatures::PAGEFAULT_FLAG_WP
+            | UffdFeatures::WP_UNPOPULATED
+            | UffdFeatures::MOVE
+            | UffdFeatures::MISSING_SHMEM
+            | UffdFeatures::WP_HUGETLBFS_SHMEM;
+        let backend = config.backend.or_else(CpuFaultBackend::from_env).unwrap_or(
+            if available.contains(fault_features) {
+                CpuFaultBackend::Userfaultfd
+            } else {
+                CpuFaultBackend::Mprotect
+            },
+        );
+        let uffd = match backend {
+            CpuFaultBackend::Userfaultfd => Some(
+                Uffd::open(fault_features | events)
+                    .map_err(|e| MmError::Backend(format!("userfaultfd: {e}")))?,
+            ),
+            // The mprotect backend still wants the kernel's reports of munmap / mremap / madvise:
+            // it registers in write-protect mode only and never protects anything.
+            CpuFaultBackend::Mprotect => {
+                let want = events | UffdFeatures::PAGEFAULT_FLAG_WP | UffdFeatures::WP_HUGETLBFS_SHMEM;
+                if available.contains(want) {
+                    Uffd::open(want).ok()
+                } else {
+                    None
+                }
+            }
+        };
+        Ok(AddressSpace {
+            backend,
+            uffd,
+            procmem: ProcMem::open()?,
+            pagemap: PageMap::open()?,
+            notifiers: MmNotifiers::new(),
+            regions: RwLock::new(BTreeMap::new()),
+            devices: RwLock::new(Vec::new()),
+            self_zaps: Mutex::new(Vec::new()),
+            events_read: AtomicU64::new(0),
+            events_handled: AtomicU32::new(0),
+            stats: Stats::default(),
+            pid: std::process::id(),
+            shutdown: ShutdownEvent::new()?,
+            stopping: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        })
+    }
+
+    /// The CPU fault backend in use.
+    pub fn backend(&self) -> CpuFaultBackend {
+        self.backend
+    }
+
+    /// The interval notifiers of this address space.
+    pub fn notifiers(&self) -> &Arc<MmNotifiers> {
+        &self.notifiers
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> crate::stats::StatsSnapshot {
+        self.stats.snapshot()
+    }
+
+    /// True in a child process created by `fork()` after hetmem started: the child has no
+    /// userfaultfd of its own, so it cannot migrate; range faults and reads still work.
+    pub fn is_forked_child(&self) -> bool {
+        std::process::id() != self.pid
+    }
+
+    // ----- regions -------------------------------------------------------------------------
+
+    /// The region holding `addr`.
+    pub fn region_of(&self, addr: VirtAddr) -> Option<Arc<Region>> {
+        let regions = self.regions.read();
+        let (_, r) = regions.range(..=addr.0).next_back()?;
+        r.range().contains(addr).then(|| Arc::clone(r))
+    }
+
+    /// Regions overlapping `range`, in address order.
+    pub fn regions_in(&self, range: PageRange) -> Vec<Arc<Region>> {
+        let regions = self.regions.read();
+        let first = regions.range(..=range.start().0).next_back().map(|(k, _)| *k).unwrap_or(0);
+        regions
+            .range(first..range.end().0)
+            .filter(|(_, r)| r.range().overlaps(range.start(), range.end()))
+            .map(|(_, r)| Arc::clone(r))
+            .collect()
+    }
+
+    fn insert_region(&self, region: Region) -> Result<Arc<Region>, MmError> {
+        let range = region.range();
+        let mut regions = self.regions.write();
+        let first = regions.range(..=range.start().0).next_back().map(|(k, _)| *k).unwrap_or(0);
+        if regions
+            .range(first..range.end().0)
+            .any(|(_, r)| r.range().overlaps(range.start(), range.end()))
+        {
+            return Err(MmError::AlreadyManaged { addr: range.start() });
+        }
+        let r = Arc::new(region);
+        regions.insert(range.start().0, Arc::clone(&r));
+        Ok(r)
+    }
+
+    fn uffd_register(&self, range: PageRange, shared: bool) {
+        let Some(uffd) = &self.uffd else { return };
+        let mode = match (self.backend, shared) {
+            (CpuFaultBackend::Userfaultfd, false) => RegisterMode::MISSING | RegisterMode::WP,
+            _ => RegisterMode::WP,
+        };
+        if let Err(e) =
+            uffd.register(range.start().as_usize(), range.len_bytes() as usize, mode)
+        {
+            tracing::warn!(?range, error = %e, "userfaultfd registration failed");
+        }
+    }
+
+    /// Maps `len` bytes of anonymous memory managed by hetmem (private, or shared with
+    /// `shared`), readable and writable as `prot` says.
+    pub fn map_anonymous(&self, len: u64, prot: Prot, shared: bool) -> Result<PageRange, MmError> {
+        PageRange::new(0, len)?;
+        let addr = mman::map_anonymous(len as usize, prot, shared)?;
+        let range = PageRange::new(addr as u64, len)?;
+        self.uffd_register(range, shared);
+        self.insert_region(Region::new(range, RegionKind::Mapped, shared, prot_bits(prot)))?;
+        Ok(range)
+    }
+
+    /// Maps `len` bytes of private anonymous memory aligned to `align` (a power of two).
+    pub fn map_anonymous_aligned(&self, len: u64, align: u64, prot: Prot) -> Result<PageRange, MmError> {
+        PageRange::new(0, len)?;
+        let addr = mman::map_anonymous_aligned(len as usize, align as usize, prot)?;
+        let range = PageRange::new(addr as u64, len)?;
+        self.uffd_register(range, false);
+        self.insert_region(Region::new(range, RegionKind::Mapped, false, prot_bits(prot)))?;
+        Ok(range)
+    }
+
+    /// Registers existing anonymous memory of the program (a `Vec`'s pages, say): from now on it
+    /// can migrate to devices. The range must be page aligned and entirely anonymous.
+    pub fn register(&self, addr: u64, len: u64) -> Result<PageRange, MmError> {
+        let range = PageRange::new(addr, len)?;
+        let vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())?;
+        let mut at = range.start().0;
+        let mut shared = None;
+        let mut prot = 0;
+        for v in &vmas {
+            if v.start as u64 > at || !v.is_anonymous() || shared.is_some_and(|s| s != v.shared) {
+                return Err(MmError::NotAnonymous { addr: range.start() });
+            }
+            shared = Some(v.shared);
+            prot = (v.read as u32) | ((v.write as u32) << 1) | ((v.exec as u32) << 2);
+            at = v.end as u64;
+        }
+        if at < range.end().0 {
+            return Err(MmError::NotAnonymous { addr: range.start() });
+        }
+        let shared = shared.unwrap_or(false);
+        self.insert_region(Region::new(range, RegionKind::Registered, shared, prot))?;
+        self.uffd_register(range, shared);
+        Ok(range)
+    }
+
+    /// Releases memory registered with [`AddressSpace::register`]: its device pages come back to
+    /// system memory first. Releasing what is not registered (twice, say) is an error.
+    pub fn unregister(&self, range: PageRange) -> Result<(), MmError> {
+        let region = self
+            .regions
+            .read()
+            .get(&range.start().0)
+            .filter(|r| r.range() == range && r.kind() == RegionKind::Registered)
+            .cloned()
+            .ok_or(MmError::NotRegistered { addr: range.start() })?;
+        crate::migrate::migrate_all_to_system(self, &region)?;
+        self.regions.write().remove(&range.start().0);
+        if let Some(uffd) = &self.uffd {
+            let _ = uffd.unregister(range.start().as_usize(), range.len_bytes() as usize);
+        }
+        self.notifiers.invalidate(NotifierRange::new(
+            range.start(),
+            range.end(),
+            NotifyEvent::Release,
+            None,
+        ));
+        Ok(())
+    }
+
+    /// `munmap` of managed (or any) memory through hetmem: device mappings are invalidated, the
+    /// device frames released, then the memory unmapped.
+    ///
+    /// # Safety
+    ///
+    /// As for `munmap(2)`: no Rust reference may point into `range`.
+    #[allow(unsafe_code)]
+    pub unsafe fn unmap(&self, range: PageRange) -> Result<(), MmError> {
+        self.forget(range, NotifyEvent::Unmap);
+        crate::os::unmap(range)?;
+        Ok(())
+    }
+
+    /// Invalidates `range` for `event`, frees device frames of pages in it and drops its regions
+    /// (the memory is gone, or its contents are discarded).
+    pub(crate) fn forget(&self, range: PageRange, event: NotifyEvent) {
+        self.notifiers.invalidate(NotifierRange::new(range.start(), range.end(), event, None));
+        let drop_regions = event == NotifyEvent::Unmap;
+        for region in self.regions_in(range) {
+            let Some(sub) = region.range().intersect(&range) else { continue };
+            crate::migrate::discard_device_pages(self, &region, sub);
+            if drop_regions {
+                self.trim_region(&region, sub);
+            }
+        }
+    }
+
+    /// Removes `sub` from `region`, keeping what lies on either side.
+    pub(crate) fn trim_region(&self, region: &Arc<Region>, sub: PageRange) {
+        let r = region.range();
+        let mut regions = self.regions.write();
+        if !regions.get(&r.start().0).is_some_and(|x| Arc::ptr_eq(x, region)) {
+            return;
+        }
+        regions.remove(&r.start().0);
+        if r.start() < sub.start() {
+            let left = PageRange::from_bounds(r.start().0, sub.start().0).expect("left part");
+            regions.insert(left.start().0, Arc::new(region.carve(left, left.start())));
+        }
+        if sub.end() < r.end() {
+            let right = PageRange::from_bounds(sub.end().0, r.end().0).expect("right part");
+            regions.insert(right.start().0, Arc::new(region.carve(right, right.start())));
+        }
+    }
+
+    /// Moves the page states of `[from, from+len)` to `to` (after the kernel moved the memory).
+    pub(crate) fn move_region_states(&self, from: u64, to: u64, len: u64, keep_old: bool) {
+        let Ok(old) = PageRange::new(from, len) else { return };
+        let mut moved = Vec::new();
+        for region in self.regions_in(old) {
+            let Some(sub) = region.range().intersect(&old) else { continue };
+            let at = VirtAddr(to + (sub.start().0 - from));
+            moved.push(region.carve(sub, at));
+            if !keep_old {
+                self.trim_region(&region, sub);
+            } else {
+                // MREMAP_DONTUNMAP: the old range stays mapped and empty.
+                for i in 0..sub.npages() as usize {
+                    let idx = region.index(sub.page(i as u64));
+                    if region.states.try_lock(idx) {
+                        region.states.set_system(idx);
+                        if region.states.unlock(idx) {
+                            hetmem_sys::futex::wake(region.states.word(idx), u32::MAX);
+                        }
+                    }
+                }
+            }
+        }
+        for region in moved {
+            let r = region.range();
+            if self.insert_region(region).is_err() {
+                tracing::warn!(?r, "remap target overlaps a managed region");
+            }
+        }
+    }
+
+    /// `mprotect` through hetmem: device mappings are invalidated first (the kernel's
+    /// MMU_NOTIFY_PROTECTION_VMA), then the protection changes. With the mprotect backend,
+    /// device-resident pages stay PROT_NONE and get `prot` back when they return.
+    ///
+    /// # Safety
+    ///
+    /// As for `mprotect(2)`: no Rust reference into `range` may be used in a way the new
+    /// protection forbids.
+    #[allow(unsafe_code)]
+    pub unsafe fn protect(&self, range: PageRange, prot: Prot) -> Result<(), MmError> {
+        self.notifiers.invalidate(NotifierRange::new(
+            range.start(),
+            range.end(),
+            NotifyEvent::Protection,
+            None,
+        ));
+        let bits = prot_bits(prot);
+        let regions = self.regions_in(range);
+        for region in &regions {
+            let Some(sub) = region.range().intersect(&range) else { continue };
+            for a in sub.pages() {
+                region.states.set_prot(region.index(a), bits);
+            }
+        }
+        if self.backend == CpuFaultBackend::Mprotect {
+            // Apply only to runs of pages that are not held away from the CPU.
+            let mut at = range.start().0;
+            while at < range.end().0 {
+                let held = |a: u64| {
+                    self.region_of(VirtAddr(a)).is_some_and(|r| {
+                        !matches!(
+                            r.states.get(r.index(VirtAddr(a))).location,
+                            Location::System | Location::Device { coherent: true, .. }
+                        )
+                    })
+                };
+                let start = at;
+                let h = held(at);
+                while at < range.end().0 && held(at) == h {
+                    at += hetmem_core::PAGE_SIZE;
+                }
+                if !h {
+                    crate::os::protect(PageRange::from_bounds(start, at)?, prot)?;
+                }
+            }
+            Ok(())
+        } else {
+            Ok(crate::os::protect(range, prot)?)
+        }
+    }
+
+    /// `madvise(MADV_DONTNEED)` through hetmem: contents are discarded, device pages included.
+    ///
+    /// # Safety
+    ///
+    /// No Rust reference may point into `range` (its contents change to zeros).
+    #[allow(unsafe_code)]
+    pub unsafe fn discard(&self, range: PageRange) -> Result<(), MmError> {
+        self.forget(range, NotifyEvent::Clear);
+        Ok(self.with_self_zap(range, || crate::os::advise(range, mman::Advice::DontNeed))?)
+    }
+
+    /// `mremap` through hetmem: moves `[old, old + len)` to `new_addr` (or anywhere when `None`),
+    /// keeping the old range mapped and empty when `dont_unmap`. Device-resident pages move with
+    /// it. Returns the new range.
+    ///
+    /// # Safety
+    ///
+    /// As for `mremap(2)`: no Rust reference may point into the old range (or into the new one,
+    /// which is replaced).
+    #[allow(unsafe_code)]
+    pub unsafe fn remap(
+        &self,
+        old: PageRange,
+        new_addr: Option<u64>,
+        dont_unmap: bool,
+    ) -> Result<PageRange, MmError> {
+        if let Some(a) = new_addr {
+            let target = PageRange::new(a, old.len_bytes())?;
+            if self.regions_in(target).iter().any(|r| r.range().overlaps(target.start(), target.end())) {
+                self.forget(target, NotifyEvent::Unmap);
+            }
+        }
+        self.notifiers.invalidate(NotifierRange::new(old.start(), old.end(), NotifyEvent::Unmap, None));
+        let to = crate::os::remap(old, old.len_bytes(), new_addr, dont_unmap)? as u64;
+        let new = PageRange::new(to, old.len_bytes())?;
+        // With userfaultfd the kernel reports REMAP too; the event thread then finds the states
+        // already moved and does nothing more.
+        self.move_region_states(old.start().0, to, old.len_bytes(), dont_unmap);
+        Ok(new)
+    }
+
+    /// Runs `f` (which discards `range` itself) so that the REMOVE event it causes is not taken
+    /// for the program's own madvise.
+    pub(crate) fn with_self_zap<T>(&self, range: PageRange, f: impl FnOnce() -> T) -> T {
+        let key = (range.start().0, range.end().0);
+        self.self_zaps.lock().push(key);
+        let r = f();
+        let mut z = self.self_zaps.lock();
+        if let Some(i) = z.iter().position(|k| *k == key) {
+            z.swap_remove(i);
+        }
+        r
+    }
+
+    // ----- devices -------------------------------------------------------------------------
+
+    /// Attaches a device; returns the id its memory must use. `make` receives the id.
+    pub fn attach_device<D: Device + 'static>(
+        &self,
+        make: impl FnOnce(hetmem_core::DeviceId) -> Result<Arc<D>, MmError>,
+    ) -> Result<Arc<D>, MmError> {
+        let mut devices = self.devices.write();
+        let slot = devices.iter().position(Option::is_none).unwrap_or(devices.len());
+        if slot >= 255 {
+            return Err(MmError::TooManyDevices);
+        }
+        let dev = make(hetmem_core::DeviceId(slot as u8))?;
+        let as_dyn: Arc<dyn Device> = dev.clone();
+        if slot == devices.len() {
+            devices.push(Some(as_dyn));
+        } else {
+            devices[slot] = Some(as_dyn);
+        }
+        Ok(dev)
+    }
+
+    /// Detaches a device after evicting everything it holds.
+    pub fn detach_device(&self, id: hetmem_core::DeviceId) -> Result<(), MmError> {
+        self.evict_device(id)?;
+        let mut devices = self.devices.write();
+        match devices.get_mut(id.0 as usize) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(MmError::NoDevice(id)),
+        }
+    }
+
+    /// The device with this id.
+    pub fn device(&self, id: hetmem_core::DeviceId) -> Option<Arc<dyn Device>> {
+        self.devices.read().get(id.0 as usize).and_then(Clone::clone)
+    }
+
+    /// Moves every page held by device `id` back to system memory (device-wide eviction, the
+    /// test device's RELEASE). Returns the pages moved.
+    pub fn evict_device(&self, id: hetmem_core::DeviceId) -> Result<u64, crate::error::MigrateError> {
+        let regions: Vec<_> = self.regions.read().values().cloned().collect();
+        let mut moved = 0;
+        for region in regions {
+            moved += crate::migrate::evict_region_device(self, &region, Some(id))?;
+        }
+        Ok(moved)
+    }
+
+    /// Moves every device-held page back to system memory (seed 003's suspend; used before
+    /// `fork()` so that the child sees every byte).
+    pub fn evict_all(&self) -> Result<u64, crate::error::MigrateError> {
+        let regions: Vec<_> = self.regions.read().values().cloned().collect();
+        let mut moved = 0;
+        for region in regions {
+            moved += crate::migrate::evict_region_device(self, &region, None)?;
+        }
+        Ok(moved)
+    }
+
+    // ----- events --------------------------------------------------------------------------
+
+    fn spawn_event_thread(self: &'static Arc<Self>) {
+        if self.uffd.is_none() {
+            return;
+        }
+        let mm: &'static AddressSpace = self;
+        let h = std::thread::Builder::new()
+            .name("hetmem-uffd-events".into())
+            .spawn(move || crate::events::run(mm))
+            .expect("spawn the userfaultfd event thread");
+        *self.thread.lock() = Some(h);
+    }
+
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn shutdown_event(&self) -> &ShutdownEvent {
+        &self.shutdown
+    }
+
+    /// Checks the invariants of every region's page states against the device pools, and of the
+    /// notifiers.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.notifiers.check_invariants()?;
+        let devices = self.devices.read().clone();
+        for region in self.regions.read().values() {
+            region.states.check_invariants(|dev, frame| {
+                devices
+                    .get(dev.0 as usize)
+                    .and_then(|d| d.as_ref())
+                    .is_some_and(|d| d.memory().pool().lock().is_allocated(frame))
+            })?;
+        }
+        for d in devices.iter().flatten() {
+            d.memory().pool().lock().check_invariants()?;
+        }
+        Ok(())
+    }
+}
