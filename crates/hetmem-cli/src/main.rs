@@ -11,7 +11,10 @@ use hetmem_core::{pfn::HmmPfn, pool::MemoryKind, range_fault::HmmRange, PageRang
 use hetmem_sim::{DmirrorDevice, Mirror};
 
 #[derive(Parser)]
-#[command(name = "hetmem", about = "Heterogeneous memory management in user space")]
+#[command(
+    name = "hetmem",
+    about = "Heterogeneous memory management in user space"
+)]
 struct Cli {
     /// CPU fault backend (default: userfaultfd when the kernel offers it).
     #[arg(long, value_enum, global = true)]
@@ -61,7 +64,11 @@ fn main() -> Result<()> {
     let mm = AddressSpace::init(Config { backend }).context("starting the address space")?;
     match cli.cmd.unwrap_or(Cmd::Demo { pages: 64 }) {
         Cmd::Demo { pages } => demo(mm, pages),
-        Cmd::Bench { mib, fault_pages, reps } => bench(mm, mib, fault_pages, reps),
+        Cmd::Bench {
+            mib,
+            fault_pages,
+            reps,
+        } => bench(mm, mib, fault_pages, reps),
     }
 }
 
@@ -98,14 +105,24 @@ fn cpu_read(range: PageRange, buf: &mut [u8]) -> Result<()> {
 fn demo(mm: &AddressSpace, pages: u64) -> Result<()> {
     println!("hetmem demo: backend {:?}", mm.backend());
     let range = mm.map_anonymous(pages * PAGE_SIZE, Prot::READ | Prot::WRITE, false)?;
-    println!("  mapped {} pages of managed memory at {}", pages, range.start());
+    println!(
+        "  mapped {} pages of managed memory at {}",
+        pages,
+        range.start()
+    );
     fill(range, 0x5eed)?;
     println!("  the CPU wrote a pattern into every page");
     let dev = DmirrorDevice::new(MemoryKind::DevicePrivate, 64 << 20)?;
     let mirror = dev.open()?;
-    println!("  attached device {:?} (device-private memory, owner {:?})", dev.id(), dev.owner());
+    println!(
+        "  attached device {:?} (device-private memory, owner {:?})",
+        dev.id(),
+        dev.owner()
+    );
     let mut buf = vec![0u8; range.len_bytes() as usize];
-    let r = mirror.migrate_to_dev(range.start().0, pages, &mut buf).map_err(|e| anyhow::anyhow!(e))?;
+    let r = mirror
+        .migrate_to_dev(range.start().0, pages, &mut buf)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let s = dev.pool_stats();
     println!(
         "  migrate to device: {} pages now in device memory ({} frames in use, page_in {})",
@@ -125,14 +142,22 @@ fn demo(mm: &AddressSpace, pages: u64) -> Result<()> {
         dt.as_secs_f64() * 1e6 / (pages / 2) as f64
     );
     snapshot_line(&mirror, range, pages)?;
-    let r = mirror.read(range.start().0, pages, &mut buf).map_err(|e| anyhow::anyhow!(e))?;
-    println!("  the device read all {} pages in {} fault round(s)", r.cpages, r.faults);
+    let r = mirror
+        .read(range.start().0, pages, &mut buf)
+        .map_err(|e| anyhow::anyhow!(e))?;
+    println!(
+        "  the device read all {} pages in {} fault round(s)",
+        r.cpages, r.faults
+    );
     check(range, 0x5eed)?;
     println!("  every word checked: nothing lost");
     let s = mm.stats();
     println!(
         "  totals: {} pages to device, {} to system, {} CPU faults, {} zero fills",
-        s.pages_to_device, s.pages_to_system, s.cpu_faults + s.cpu_fault_migrations, s.zero_fills
+        s.pages_to_device,
+        s.pages_to_system,
+        s.cpu_faults + s.cpu_fault_migrations,
+        s.zero_fills
     );
     drop(mirror);
     // SAFETY-free by construction: nothing references the demo buffer any more.
@@ -146,7 +171,9 @@ fn demo(mm: &AddressSpace, pages: u64) -> Result<()> {
 
 fn snapshot_line(mirror: &Mirror, range: PageRange, pages: u64) -> Result<()> {
     let mut snap = vec![0u8; pages as usize];
-    mirror.snapshot(range.start().0, pages, &mut snap).map_err(|e| anyhow::anyhow!(e))?;
+    mirror
+        .snapshot(range.start().0, pages, &mut snap)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let line: String = snap
         .iter()
         .map(|b| match b & 0xf0 {
@@ -167,7 +194,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<()> {
-    println!("hetmem bench: backend {:?}, median of {reps} runs", mm.backend());
+    println!(
+        "hetmem bench: backend {:?}, median of {reps} runs",
+        mm.backend()
+    );
     let dev = DmirrorDevice::new(MemoryKind::DevicePrivate, (mib + 64) << 20)?;
     let mirror = dev.open()?;
 
@@ -178,13 +208,17 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
     let mut fault = Vec::new();
     let mut base = Vec::new();
     for _ in 0..reps {
-        mirror.migrate_to_dev(range.start().0, fault_pages, &mut buf).map_err(|e| anyhow::anyhow!(e))?;
+        mirror
+            .migrate_to_dev(range.start().0, fault_pages, &mut buf)
+            .map_err(|e| anyhow::anyhow!(e))?;
         let t = Instant::now();
         for a in range.pages() {
             hetmem::cpu_touch(a)?;
         }
         fault.push(t.elapsed() / fault_pages as u32);
-        base.push(hetmem_sys::signal::segv_mprotect_roundtrip(fault_pages as usize)? / fault_pages as u32);
+        base.push(
+            hetmem_sys::signal::segv_mprotect_roundtrip(fault_pages as usize)? / fault_pages as u32,
+        );
     }
     let (f, b) = (median(fault), median(base));
     println!(
@@ -206,8 +240,12 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
     let mut dst = vec![0u8; bytes as usize];
     for _ in 0..reps {
         let t = Instant::now();
-        mirror.migrate_to_dev_no_readback(big.start().0, npages).map_err(|e| anyhow::anyhow!(e))?;
-        mirror.migrate_to_sys(big.start().0, npages).map_err(|e| anyhow::anyhow!(e))?;
+        mirror
+            .migrate_to_dev_no_readback(big.start().0, npages)
+            .map_err(|e| anyhow::anyhow!(e))?;
+        mirror
+            .migrate_to_sys(big.start().0, npages)
+            .map_err(|e| anyhow::anyhow!(e))?;
         mig.push(t.elapsed());
         let t = Instant::now();
         dst.copy_from_slice(&src);
@@ -239,7 +277,10 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
         per_page.push(t.elapsed() / npages as u32);
     }
     let rf = median(per_page);
-    println!("range fault, populated range    {:>8.1} ns per page", rf.as_secs_f64() * 1e9);
+    println!(
+        "range fault, populated range    {:>8.1} ns per page",
+        rf.as_secs_f64() * 1e9
+    );
 
     // 4. Metadata per managed page.
     println!(

@@ -277,7 +277,9 @@ impl MmNotifiers {
                 );
             }
         }
-        InvalidateGuard { mm: Arc::clone(self) }
+        InvalidateGuard {
+            mm: Arc::clone(self),
+        }
     }
 
     /// `invalidate_start` and its end in one call, for changes that are already done.

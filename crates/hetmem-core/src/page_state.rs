@@ -254,7 +254,10 @@ impl PageStates {
     /// guarantees nobody changes either slot meanwhile).
     pub fn copy_from(&self, i: usize, other: &PageStates, j: usize) {
         let s = other.slots[j].state.load(Ordering::Acquire) & !(LOCKED | WAITERS);
-        self.slots[i].frame.store(other.slots[j].frame.load(Ordering::Acquire), Ordering::Relaxed);
+        self.slots[i].frame.store(
+            other.slots[j].frame.load(Ordering::Acquire),
+            Ordering::Relaxed,
+        );
         self.slots[i].state.store(s, Ordering::Release);
     }
 

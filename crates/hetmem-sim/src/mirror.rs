@@ -27,7 +27,6 @@ use hetmem_core::{
     range_fault::{HmmRange, RangeFaultError},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
 };
-use hetmem_sys::maps;
 use parking_lot::Mutex;
 
 /// Pages per fault window (the driver's 32-page `hmm_range` windows).
@@ -168,7 +167,9 @@ pub struct DmirrorDevice {
 
 impl std::fmt::Debug for DmirrorDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DmirrorDevice").field("mem", &self.mem).finish_non_exhaustive()
+        f.debug_struct("DmirrorDevice")
+            .field("mem", &self.mem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -210,7 +211,9 @@ impl DmirrorDevice {
         let mm = AddressSpace::current()?;
         let inner = Arc::new_cyclic(|weak: &Weak<MirrorInner>| {
             let ops: Weak<dyn IntervalNotifierOps> = weak.clone();
-            let sub = mm.notifiers().insert(VirtAddr(0), VirtAddr(u64::MAX & !(PAGE_SIZE - 1)), ops);
+            let sub =
+                mm.notifiers()
+                    .insert(VirtAddr(0), VirtAddr(u64::MAX & !(PAGE_SIZE - 1)), ops);
             MirrorInner {
                 dev: Arc::clone(self),
                 pt: Mutex::new(BTreeMap::new()),
@@ -225,10 +228,18 @@ impl DmirrorDevice {
     /// Erases this device's page-table entries for `range` in every open mirror (the driver
     /// tearing down its own mappings during its own migration, whose invalidation it skips).
     fn erase_own(&self, range: PageRange) {
-        let mirrors: Vec<_> = self.mirrors.lock().iter().filter_map(Weak::upgrade).collect();
+        let mirrors: Vec<_> = self
+            .mirrors
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
         for m in mirrors {
             let mut pt = m.pt.lock();
-            let keys: Vec<u64> = pt.range(range.start().vpn()..range.end().vpn()).map(|(k, _)| *k).collect();
+            let keys: Vec<u64> = pt
+                .range(range.start().vpn()..range.end().vpn())
+                .map(|(k, _)| *k)
+                .collect();
             for k in keys {
                 pt.remove(&k);
             }
@@ -244,7 +255,9 @@ impl Device for DmirrorDevice {
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
         // The one-shot FAIL_ALLOC of a mirror makes the large system allocation fail: fall back
         // to the faulting base page only.
-        let split = self.fail_alloc_once.swap(false, std::sync::atomic::Ordering::AcqRel);
+        let split = self
+            .fail_alloc_once
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, split, &ToSystemDriver { dev: self })
     }
 }
@@ -272,7 +285,10 @@ impl IntervalNotifierOps for MirrorInner {
             }
         };
         sub.set_seq(cur_seq);
-        let keys: Vec<u64> = pt.range(range.start.vpn()..range.end.0.div_ceil(PAGE_SIZE)).map(|(k, _)| *k).collect();
+        let keys: Vec<u64> = pt
+            .range(range.start.vpn()..range.end.0.div_ceil(PAGE_SIZE))
+            .map(|(k, _)| *k)
+            .collect();
         for k in keys {
             pt.remove(&k);
         }
@@ -288,7 +304,9 @@ pub struct Mirror {
 
 impl std::fmt::Debug for Mirror {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mirror").field("dev", &self.inner.dev.id()).finish_non_exhaustive()
+        f.debug_struct("Mirror")
+            .field("dev", &self.inner.dev.id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -327,7 +345,10 @@ impl MigrateDriver for ToDeviceDriver<'_> {
                         None => pool.alloc_page().ok(),
                     };
                     if let Some(frame) = f {
-                        entries[k + j].dst = Some(PageLoc::Device { dev: self.dev.id(), frame });
+                        entries[k + j].dst = Some(PageLoc::Device {
+                            dev: self.dev.id(),
+                            frame,
+                        });
                     }
                 }
                 k += n;
@@ -337,7 +358,10 @@ impl MigrateDriver for ToDeviceDriver<'_> {
                 if fail {
                     fail = false;
                 } else if let Ok(frame) = pool.alloc_page() {
-                    entries[k].dst = Some(PageLoc::Device { dev: self.dev.id(), frame });
+                    entries[k].dst = Some(PageLoc::Device {
+                        dev: self.dev.id(),
+                        frame,
+                    });
                 }
             }
             k += 1;
@@ -373,7 +397,13 @@ impl Mirror {
 
     /// Copies present entries from the device page table into `buf`, from page `from`; returns
     /// the index of the first page without a usable entry.
-    fn copy_from_pt(&self, range: PageRange, from: u64, buf: &mut [u8], write: Option<&[u8]>) -> Result<u64, MirrorError> {
+    fn copy_from_pt(
+        &self,
+        range: PageRange,
+        from: u64,
+        buf: &mut [u8],
+        write: Option<&[u8]>,
+    ) -> Result<u64, MirrorError> {
         let pt = self.inner.pt.lock();
         let mem = &self.inner.dev.mem;
         let mut i = from;
@@ -383,8 +413,10 @@ impl Mirror {
             let page = off..off + PAGE_SIZE as usize;
             let Some(pte) = pt.get(&a.vpn()) else { break };
             match (write, *pte) {
-                (None, Pte::System { .. }) => hetmem_sys::dma::read_user(a.as_usize(), &mut buf[page])
-                    .map_err(|_| MirrorError::Fault)?,
+                (None, Pte::System { .. }) => {
+                    hetmem_sys::dma::read_user(a.as_usize(), &mut buf[page])
+                        .map_err(|_| MirrorError::Fault)?
+                }
                 (None, Pte::Device { frame, .. } | Pte::Atomic { frame }) => mem
                     .arena()
                     .read(DeviceMemory::frame_offset(frame), &mut buf[page])
@@ -433,8 +465,13 @@ impl Mirror {
                         return Err(MirrorError::Fault);
                     }
                     let pte = match pfn.device_frame() {
-                        Some((_, frame, false)) => Pte::Device { frame, write: pfn.is_write() },
-                        _ => Pte::System { write: pfn.is_write() },
+                        Some((_, frame, false)) => Pte::Device {
+                            frame,
+                            write: pfn.is_write(),
+                        },
+                        _ => Pte::System {
+                            write: pfn.is_write(),
+                        },
                     };
                     pt.insert(a.vpn(), pte);
                 }
@@ -444,7 +481,13 @@ impl Mirror {
         Ok(())
     }
 
-    fn rw(&self, addr: u64, npages: u64, buf: &mut [u8], data: Option<&[u8]>) -> Result<CmdResult, MirrorError> {
+    fn rw(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+        data: Option<&[u8]>,
+    ) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         let len = range.len_bytes() as usize;
         if buf.len() < len && data.is_none() || data.is_some_and(|d| d.len() < len) {
@@ -458,14 +501,18 @@ impl Mirror {
             if done == range.npages() {
                 break;
             }
-            let rest = PageRange::from_bounds(range.page(done).0, range.end().0).map_err(|_| MirrorError::Invalid)?;
+            let rest = PageRange::from_bounds(range.page(done).0, range.end().0)
+                .map_err(|_| MirrorError::Invalid)?;
             self.fault_round(rest, data.is_some())?;
             faults += 1;
         }
         if data.is_none() {
             buf[..len].copy_from_slice(&bounce);
         }
-        Ok(CmdResult { cpages: npages, faults })
+        Ok(CmdResult {
+            cpages: npages,
+            faults,
+        })
     }
 
     /// `HMM_DMIRROR_READ`: the device reads `npages` pages at `addr` into `buf`.
@@ -480,9 +527,8 @@ impl Mirror {
 
     /// VMA chunks of `[addr, end)` as the driver walks them: no VMA or no read permission is
     /// `EINVAL`; chunks stop at 512 pages and at VMA ends.
-    fn vma_chunks(range: PageRange) -> Result<Vec<PageRange>, MirrorError> {
-        let vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())
-            .map_err(|_| MirrorError::Invalid)?;
+    fn vma_chunks(&self, range: PageRange) -> Result<Vec<PageRange>, MirrorError> {
+        let vmas = self.mm.vmas(range).map_err(|_| MirrorError::Invalid)?;
         let mut out = Vec::new();
         let mut at = range.start().0;
         for v in &vmas {
@@ -508,17 +554,28 @@ impl Mirror {
 
     /// `HMM_DMIRROR_MIGRATE_TO_DEV`: migrates the range into this device's memory, then reads it
     /// back from the device page table into `buf` (`ENOENT` when a page is not there).
-    pub fn migrate_to_dev(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdResult, MirrorError> {
+    pub fn migrate_to_dev(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+    ) -> Result<CmdResult, MirrorError> {
         self.migrate_inner(addr, npages, buf, true)
     }
 
-    fn migrate_inner(&self, addr: u64, npages: u64, buf: &mut [u8], readback: bool) -> Result<CmdResult, MirrorError> {
+    fn migrate_inner(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+        readback: bool,
+    ) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         if readback && buf.len() < range.len_bytes() as usize {
             return Err(MirrorError::Fault);
         }
         let kind = self.inner.dev.kind();
-        for chunk in Self::vma_chunks(range)? {
+        for chunk in self.vma_chunks(range)? {
             let fail_alloc = self.take_fail_alloc();
             let args = hetmem::migrate::MigrateArgs {
                 range: chunk,
@@ -533,13 +590,18 @@ impl Mirror {
                 Err(e) => return Err(e.into()),
             };
             if m.cpages() > 0 {
-                m.alloc_and_copy(&ToDeviceDriver { dev: &self.inner.dev, fail_alloc });
+                m.alloc_and_copy(&ToDeviceDriver {
+                    dev: &self.inner.dev,
+                    fail_alloc,
+                });
             }
             let c = m.pages();
             {
                 let mut pt = self.inner.pt.lock();
                 for (k, e) in c.entries().iter().enumerate() {
-                    let Some(PageLoc::Device { frame, .. }) = e.dst else { continue };
+                    let Some(PageLoc::Device { frame, .. }) = e.dst else {
+                        continue;
+                    };
                     if !e.migrates() {
                         continue;
                     }
@@ -558,19 +620,32 @@ impl Mirror {
             let mut pt = self.inner.pt.lock();
             for a in range.pages() {
                 if let Some(r) = self.mm.region_of(a) {
-                    if let hetmem_core::page_state::Location::Device { dev, frame, coherent } =
-                        r.states.get(r.index(a)).location
+                    if let hetmem_core::page_state::Location::Device {
+                        dev,
+                        frame,
+                        coherent,
+                    } = r.states.get(r.index(a)).location
                     {
                         if dev == self.inner.dev.id() && !pt.contains_key(&a.vpn()) {
                             let write = r.states.get(r.index(a)).write;
-                            pt.insert(a.vpn(), if coherent { Pte::System { write } } else { Pte::Device { frame, write } });
+                            pt.insert(
+                                a.vpn(),
+                                if coherent {
+                                    Pte::System { write }
+                                } else {
+                                    Pte::Device { frame, write }
+                                },
+                            );
                         }
                     }
                 }
             }
         }
         if !readback {
-            return Ok(CmdResult { cpages: npages, faults: 0 });
+            return Ok(CmdResult {
+                cpages: npages,
+                faults: 0,
+            });
         }
         let mut tmp = vec![0u8; range.len_bytes() as usize];
         let got = self.copy_from_pt(range, 0, &mut tmp, None)?;
@@ -578,7 +653,10 @@ impl Mirror {
             return Err(MirrorError::NoEnt);
         }
         buf[..tmp.len()].copy_from_slice(&tmp);
-        Ok(CmdResult { cpages: npages, faults: 0 })
+        Ok(CmdResult {
+            cpages: npages,
+            faults: 0,
+        })
     }
 
     /// `HMM_DMIRROR_MIGRATE_TO_SYS`: brings this device's pages in the range back to system
@@ -590,14 +668,28 @@ impl Mirror {
             MemoryKind::DeviceCoherent => SelectFlags::DEVICE_COHERENT,
         } | SelectFlags::COMPOUND;
         let mut cpages = 0;
-        for chunk in Self::vma_chunks(range)? {
+        for chunk in self.vma_chunks(range)? {
             if self.take_fail_alloc() {
                 // The large system allocation fails: the driver moves base pages instead, which
                 // for hetmem means the blocks lose their 2 MiB shape.
-                self.inner.dev.fail_alloc_once.store(false, std::sync::atomic::Ordering::Release);
+                self.inner
+                    .dev
+                    .fail_alloc_once
+                    .store(false, std::sync::atomic::Ordering::Release);
             }
-            let args = hetmem::migrate::MigrateArgs { range: chunk, select, owner: self.owner(), fault_page: None };
-            match hetmem::migrate::migrate(self.mm, args, &ToSystemDriver { dev: &self.inner.dev }) {
+            let args = hetmem::migrate::MigrateArgs {
+                range: chunk,
+                select,
+                owner: self.owner(),
+                fault_page: None,
+            };
+            match hetmem::migrate::migrate(
+                self.mm,
+                args,
+                &ToSystemDriver {
+                    dev: &self.inner.dev,
+                },
+            ) {
                 Ok((summary, _)) => cpages += summary.migrated_valid,
                 Err(MigrateError::NotManaged { .. }) => continue,
                 Err(e) => return Err(e.into()),
@@ -607,7 +699,12 @@ impl Mirror {
     }
 
     /// `HMM_DMIRROR_SNAPSHOT`: one protection byte per page, never faulting.
-    pub fn snapshot(&self, addr: u64, npages: u64, out: &mut [u8]) -> Result<CmdResult, MirrorError> {
+    pub fn snapshot(
+        &self,
+        addr: u64,
+        npages: u64,
+        out: &mut [u8],
+    ) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         if out.len() < npages as usize {
             return Err(MirrorError::Fault);
@@ -639,19 +736,29 @@ impl Mirror {
             }
             k0 += pfns.len();
         }
-        Ok(CmdResult { cpages: npages, faults: 0 })
+        Ok(CmdResult {
+            cpages: npages,
+            faults: 0,
+        })
     }
 
     /// `HMM_DMIRROR_EXCLUSIVE`: takes exclusive (atomic) access to the range and reads it.
-    pub fn exclusive(&self, addr: u64, npages: u64, buf: &mut [u8]) -> Result<CmdResult, MirrorError> {
+    pub fn exclusive(
+        &self,
+        addr: u64,
+        npages: u64,
+        buf: &mut [u8],
+    ) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         let dev = self.inner.dev.id();
         for a in range.pages() {
             let page = PageRange::new(a.0, PAGE_SIZE).map_err(|_| MirrorError::Invalid)?;
-            self.mm.make_device_exclusive(page, dev, None).map_err(|e| match e {
-                MmError::NotManaged { .. } => MirrorError::NotSupported,
-                _ => MirrorError::Fault,
-            })?;
+            self.mm
+                .make_device_exclusive(page, dev, None)
+                .map_err(|e| match e {
+                    MmError::NotManaged { .. } => MirrorError::NotSupported,
+                    _ => MirrorError::Fault,
+                })?;
             let mut pt = self.inner.pt.lock();
             // Install only if the grant still stands (a CPU touch may have revoked it already).
             if let Some(frame) = self.mm.exclusive_frame(a, dev) {
@@ -664,19 +771,26 @@ impl Mirror {
             done = self.copy_from_pt(range, done, &mut tmp, None)?;
             if done < range.npages() {
                 // Revoked meanwhile: read through a normal fault round.
-                let rest = PageRange::from_bounds(range.page(done).0, range.end().0).map_err(|_| MirrorError::Invalid)?;
+                let rest = PageRange::from_bounds(range.page(done).0, range.end().0)
+                    .map_err(|_| MirrorError::Invalid)?;
                 self.fault_round(rest, false)?;
             }
         }
         buf[..tmp.len()].copy_from_slice(&tmp);
-        Ok(CmdResult { cpages: npages, faults: 0 })
+        Ok(CmdResult {
+            cpages: npages,
+            faults: 0,
+        })
     }
 
     /// `HMM_DMIRROR_CHECK_EXCLUSIVE`: `EPERM` if any atomic entry remains in the range.
     pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         let pt = self.inner.pt.lock();
-        if pt.range(range.start().vpn()..range.end().vpn()).any(|(_, p)| matches!(p, Pte::Atomic { .. })) {
+        if pt
+            .range(range.start().vpn()..range.end().vpn())
+            .any(|(_, p)| matches!(p, Pte::Atomic { .. }))
+        {
             return Err(MirrorError::Perm);
         }
         Ok(CmdResult::default())
@@ -694,10 +808,10 @@ impl Mirror {
         check(addr, flags.max(1))?;
         let f = MirrorFlags::from_bits_truncate(flags);
         *self.inner.flags.lock() = f;
-        self.inner
-            .dev
-            .fail_alloc_once
-            .store(f.contains(MirrorFlags::FAIL_ALLOC), std::sync::atomic::Ordering::Release);
+        self.inner.dev.fail_alloc_once.store(
+            f.contains(MirrorFlags::FAIL_ALLOC),
+            std::sync::atomic::Ordering::Release,
+        );
         Ok(CmdResult::default())
     }
 
@@ -714,7 +828,11 @@ impl Mirror {
     }
 
     /// MIGRATE_TO_DEV without the verification read (benchmarks).
-    pub fn migrate_to_dev_no_readback(&self, addr: u64, npages: u64) -> Result<CmdResult, MirrorError> {
+    pub fn migrate_to_dev_no_readback(
+        &self,
+        addr: u64,
+        npages: u64,
+    ) -> Result<CmdResult, MirrorError> {
         let mut buf = Vec::new();
         self.migrate_inner(addr, npages, &mut buf, false)
     }
@@ -744,15 +862,27 @@ fn prot_byte(p: HmmPfn, me: DeviceId) -> u8 {
     }
     let mut b = match p.device_frame() {
         Some((dev, _, false)) => {
-            if dev == me { SnapshotProt::DEV_PRIVATE_LOCAL } else { SnapshotProt::DEV_PRIVATE_REMOTE }
+            if dev == me {
+                SnapshotProt::DEV_PRIVATE_LOCAL
+            } else {
+                SnapshotProt::DEV_PRIVATE_REMOTE
+            }
         }
         Some((dev, _, true)) => {
-            if dev == me { SnapshotProt::DEV_COHERENT_LOCAL } else { SnapshotProt::DEV_COHERENT_REMOTE }
+            if dev == me {
+                SnapshotProt::DEV_COHERENT_LOCAL
+            } else {
+                SnapshotProt::DEV_COHERENT_REMOTE
+            }
         }
         None if p.is_zero() => SnapshotProt::ZERO,
         None => 0,
     };
-    b |= if p.is_write() { SnapshotProt::WRITE } else { SnapshotProt::READ };
+    b |= if p.is_write() {
+        SnapshotProt::WRITE
+    } else {
+        SnapshotProt::READ
+    };
     match p.map_order() {
         9 => b |= SnapshotProt::PMD,
         18 => b |= SnapshotProt::PUD,

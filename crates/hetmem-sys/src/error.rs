@@ -40,12 +40,18 @@ pub enum SysError {
 impl SysError {
     /// Builds an [`SysError::Os`] from a rustix errno.
     pub fn os(op: &'static str, errno: rustix::io::Errno) -> Self {
-        SysError::Os { op, source: io::Error::from_raw_os_error(errno.raw_os_error()) }
+        SysError::Os {
+            op,
+            source: io::Error::from_raw_os_error(errno.raw_os_error()),
+        }
     }
 
     /// Builds an [`SysError::Os`] from the thread's last OS error.
     pub fn last(op: &'static str) -> Self {
-        SysError::Os { op, source: io::Error::last_os_error() }
+        SysError::Os {
+            op,
+            source: io::Error::last_os_error(),
+        }
     }
 
     /// The errno, when the kernel gave one.

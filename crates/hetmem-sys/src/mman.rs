@@ -78,7 +78,7 @@ impl Advice {
             Advice::NoHugePage => g::MADV_NOHUGEPAGE,
             Advice::DontFork => g::MADV_DONTFORK,
             Advice::DoFork => g::MADV_DOFORK,
-            Advice::Collapse => g::MADV_COLLAPSE, // 25
+            Advice::Collapse => g::MADV_COLLAPSE,          // 25
             Advice::PopulateRead => g::MADV_POPULATE_READ, // 22
             Advice::PopulateWrite => g::MADV_POPULATE_WRITE, // 23
         }
@@ -101,10 +101,16 @@ impl Advice {
 
 fn check_len(op: &'static str, len: usize) -> SysResult<()> {
     if len == 0 {
-        return Err(SysError::Invalid { op, why: "length is zero" });
+        return Err(SysError::Invalid {
+            op,
+            why: "length is zero",
+        });
     }
     if len % PAGE_SIZE != 0 {
-        return Err(SysError::Invalid { op, why: "length is not a multiple of the page size" });
+        return Err(SysError::Invalid {
+            op,
+            why: "length is not a multiple of the page size",
+        });
     }
     Ok(())
 }
@@ -113,11 +119,20 @@ fn check_len(op: &'static str, len: usize) -> SysResult<()> {
 /// shared) and returns its address. `len` must be a non-zero multiple of [`PAGE_SIZE`].
 pub fn map_anonymous(len: usize, prot: Prot, shared: bool) -> SysResult<usize> {
     check_len("mmap", len)?;
-    let kind = if shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+    let kind = if shared {
+        MapFlags::SHARED
+    } else {
+        MapFlags::PRIVATE
+    };
     // SAFETY: a null hint without MAP_FIXED lets the kernel choose a range that is not mapped,
     // so no memory that Rust code can already reach changes.
     let addr = unsafe {
-        mm::mmap_anonymous(ptr::null_mut(), len, prot.to_rustix(), kind | MapFlags::NORESERVE)
+        mm::mmap_anonymous(
+            ptr::null_mut(),
+            len,
+            prot.to_rustix(),
+            kind | MapFlags::NORESERVE,
+        )
     }
     .map_err(|e| SysError::os("mmap", e))?;
     Ok(addr as usize)
@@ -132,11 +147,17 @@ pub fn map_anonymous_aligned(len: usize, align: usize, prot: Prot) -> SysResult<
     const OP: &str = "mmap (aligned)";
     check_len(OP, len)?;
     if !align.is_power_of_two() || align < PAGE_SIZE {
-        return Err(SysError::Invalid { op: OP, why: "alignment is not a power of two >= PAGE_SIZE" });
+        return Err(SysError::Invalid {
+            op: OP,
+            why: "alignment is not a power of two >= PAGE_SIZE",
+        });
     }
     let over = len
         .checked_add(align - PAGE_SIZE)
-        .ok_or(SysError::Invalid { op: OP, why: "length plus alignment overflows" })?;
+        .ok_or(SysError::Invalid {
+            op: OP,
+            why: "length plus alignment overflows",
+        })?;
     let raw = map_anonymous(over, prot, false)?;
     let start = (raw + align - 1) & !(align - 1);
     let head = start - raw;
@@ -204,7 +225,11 @@ pub unsafe fn advise(addr: usize, len: usize, advice: Advice) -> SysResult<()> {
 /// `ENOMEM` on unmapped addresses; on a userfaultfd range served by a handler thread it waits
 /// for that handler like a touch would.
 pub fn populate(addr: usize, len: usize, write: bool) -> SysResult<()> {
-    let advice = if write { Advice::PopulateWrite } else { Advice::PopulateRead };
+    let advice = if write {
+        Advice::PopulateWrite
+    } else {
+        Advice::PopulateRead
+    };
     // SAFETY: MADV_POPULATE_* only faults pages in; it never discards or alters contents.
     unsafe { advise(addr, len, advice) }
 }
@@ -233,11 +258,14 @@ pub unsafe fn remap(
     }
     let res = match new_addr {
         // SAFETY: the caller owns both ranges.
-        Some(new) => unsafe { mm::mremap_fixed(old as *mut _, old_len, new_len, flags, new as *mut _) },
+        Some(new) => unsafe {
+            mm::mremap_fixed(old as *mut _, old_len, new_len, flags, new as *mut _)
+        },
         // SAFETY: the caller owns the old range; the kernel picks a free new one.
         None => unsafe { mm::mremap(old as *mut _, old_len, new_len, flags) },
     };
-    res.map(|p| p as usize).map_err(|e| SysError::os("mremap", e))
+    res.map(|p| p as usize)
+        .map_err(|e| SysError::os("mremap", e))
 }
 
 /// Copies `len` bytes from `src` to `dst` (a plain `memcpy`).
@@ -267,7 +295,9 @@ mod tests {
         for line in smaps.lines() {
             if let Some((range, _)) = line.split_once(' ') {
                 if let Some((a, b)) = range.split_once('-') {
-                    if let (Ok(a), Ok(b)) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16)) {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
                         inside = a <= addr && addr < b;
                         continue;
                     }
@@ -284,13 +314,22 @@ mod tests {
 
     #[test]
     fn map_rejects_bad_lengths() {
-        assert!(matches!(map_anonymous(0, Prot::RW, false), Err(SysError::Invalid { .. })));
-        assert!(matches!(map_anonymous(100, Prot::RW, false), Err(SysError::Invalid { .. })));
+        assert!(matches!(
+            map_anonymous(0, Prot::RW, false),
+            Err(SysError::Invalid { .. })
+        ));
+        assert!(matches!(
+            map_anonymous(100, Prot::RW, false),
+            Err(SysError::Invalid { .. })
+        ));
         assert!(matches!(
             map_anonymous_aligned(PAGE_SIZE, 3 * PAGE_SIZE, Prot::RW),
             Err(SysError::Invalid { .. })
         ));
-        assert!(matches!(map_anonymous_aligned(PAGE_SIZE, 512, Prot::RW), Err(SysError::Invalid { .. })));
+        assert!(matches!(
+            map_anonymous_aligned(PAGE_SIZE, 512, Prot::RW),
+            Err(SysError::Invalid { .. })
+        ));
     }
 
     #[test]
@@ -323,7 +362,8 @@ mod tests {
         let found = maps.lines().any(|l| {
             let range = l.split(' ').next().unwrap();
             let (s, e) = range.split_once('-').unwrap();
-            usize::from_str_radix(s, 16).unwrap() <= a && usize::from_str_radix(e, 16).unwrap() >= a + len
+            usize::from_str_radix(s, 16).unwrap() <= a
+                && usize::from_str_radix(e, 16).unwrap() >= a + len
         });
         assert!(found);
         // SAFETY: ours.
@@ -364,7 +404,13 @@ mod tests {
             (a as *mut u32).write_volatile(0xdead_beef);
             advise(a, len, Advice::DontNeed).unwrap();
             assert_eq!((a as *const u32).read_volatile(), 0);
-            for adv in [Advice::NoHugePage, Advice::HugePage, Advice::DontFork, Advice::DoFork, Advice::Free] {
+            for adv in [
+                Advice::NoHugePage,
+                Advice::HugePage,
+                Advice::DontFork,
+                Advice::DoFork,
+                Advice::Free,
+            ] {
                 advise(a, len, adv).unwrap();
             }
             unmap(a, len).unwrap();

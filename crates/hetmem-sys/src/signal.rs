@@ -66,7 +66,8 @@ fn write_from_context(ctx: *mut libc::c_void) -> Option<bool> {
     }
     // SAFETY: for an SA_SIGINFO handler the third argument is the interrupted thread's
     // `ucontext_t`, valid for the duration of the handler; we only read one register slot.
-    let err = unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] };
+    let err =
+        unsafe { (*(ctx as *const libc::ucontext_t)).uc_mcontext.gregs[libc::REG_ERR as usize] };
     Some(err & 2 != 0)
 }
 
@@ -79,13 +80,20 @@ extern "C" fn trampoline(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     // SAFETY: the kernel passes a valid siginfo for SA_SIGINFO handlers.
     let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
     let fi = FaultInfo {
-        signal: if sig == libc::SIGBUS { FaultSignal::Bus } else { FaultSignal::Segv },
+        signal: if sig == libc::SIGBUS {
+            FaultSignal::Bus
+        } else {
+            FaultSignal::Segv
+        },
         addr,
         code,
         write: write_from_context(ctx),
     };
     // The baseline benchmark's pages: a bare mprotect round trip.
-    let (bs, be) = (BASELINE_START.load(Ordering::Acquire), BASELINE_END.load(Ordering::Acquire));
+    let (bs, be) = (
+        BASELINE_START.load(Ordering::Acquire),
+        BASELINE_END.load(Ordering::Acquire),
+    );
     if sig == libc::SIGSEGV && bs <= addr && addr < be {
         let page = addr & !(PAGE_SIZE - 1);
         // SAFETY: the page belongs to the benchmark's private mapping, which no Rust reference
@@ -108,7 +116,11 @@ extern "C" fn trampoline(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
 }
 
 fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
-    let prev = if sig == libc::SIGBUS { &PREV_BUS } else { &PREV_SEGV };
+    let prev = if sig == libc::SIGBUS {
+        &PREV_BUS
+    } else {
+        &PREV_SEGV
+    };
     let p = prev.load(Ordering::Acquire);
     if p.is_null() {
         restore_default(sig);
@@ -147,11 +159,19 @@ fn restore_default(sig: libc::c_int) {
 /// again is a no-op, a different one is refused).
 pub fn install_fault_handler(handler: FaultHandler) -> SysResult<()> {
     let new = handler as *mut ();
-    match HANDLER.compare_exchange(std::ptr::null_mut(), new, Ordering::AcqRel, Ordering::Acquire) {
+    match HANDLER.compare_exchange(
+        std::ptr::null_mut(),
+        new,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
         Ok(_) => {}
         Err(cur) if cur == new => return Ok(()),
         Err(_) => {
-            return Err(SysError::Invalid { op: "install_fault_handler", why: "another handler is installed" })
+            return Err(SysError::Invalid {
+                op: "install_fault_handler",
+                why: "another handler is installed",
+            })
         }
     }
     install_trampoline()
@@ -175,7 +195,10 @@ fn install_trampoline() -> SysResult<()> {
                     result = Err(SysError::last("sigaction"));
                     return;
                 }
-                slot.store(Box::into_raw(Box::new(prev.assume_init())), Ordering::Release);
+                slot.store(
+                    Box::into_raw(Box::new(prev.assume_init())),
+                    Ordering::Release,
+                );
             }
         }
     });

@@ -162,7 +162,10 @@ unsafe impl Ioctl for IocNew {
         self.0 as *mut core::ffi::c_void
     }
 
-    unsafe fn output_from_ptr(out: IoctlOutput, _: *mut core::ffi::c_void) -> rustix::io::Result<RawFd> {
+    unsafe fn output_from_ptr(
+        out: IoctlOutput,
+        _: *mut core::ffi::c_void,
+    ) -> rustix::io::Result<RawFd> {
         Ok(out)
     }
 }
@@ -198,11 +201,18 @@ pub enum UffdError {
 /// errno; when it completed only part of the range the ioctl fails with EAGAIN and the field
 /// holds the partial count. A negative field must not be cast to usize (the `userfaultfd`
 /// crate's bug, which turned -EAGAIN into ~2^64).
-fn decode(op: &'static str, res: Result<(), Errno>, progress: i64, len: usize) -> Result<usize, UffdError> {
+fn decode(
+    op: &'static str,
+    res: Result<(), Errno>,
+    progress: i64,
+    len: usize,
+) -> Result<usize, UffdError> {
     match res {
         Ok(()) => Ok(if progress > 0 { progress as usize } else { len }),
         Err(Errno::EXIST) => Err(UffdError::Exists),
-        Err(Errno::AGAIN) => Err(UffdError::Again { done: progress.max(0) as usize }),
+        Err(Errno::AGAIN) => Err(UffdError::Again {
+            done: progress.max(0) as usize,
+        }),
         Err(Errno::BUSY) => Err(UffdError::Busy),
         Err(Errno::NOENT) => Err(UffdError::Missing),
         Err(e) => Err(UffdError::Os(SysError::os(op, e))),
@@ -210,12 +220,18 @@ fn decode(op: &'static str, res: Result<(), Errno>, progress: i64, len: usize) -
 }
 
 fn range(addr: usize, len: usize) -> g::uffdio_range {
-    g::uffdio_range { start: addr as u64, len: len as u64 }
+    g::uffdio_range {
+        start: addr as u64,
+        len: len as u64,
+    }
 }
 
 fn check_range(op: &'static str, addr: usize, len: usize) -> SysResult<()> {
     if len == 0 || addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(SysError::Invalid { op, why: "range is empty or not page-aligned" });
+        return Err(SysError::Invalid {
+            op,
+            why: "range is empty or not page-aligned",
+        });
     }
     Ok(())
 }
@@ -304,8 +320,12 @@ fn new_raw_fd() -> SysResult<OwnedFd> {
 /// non-blocking.
 fn open_dev_node() -> SysResult<OwnedFd> {
     use rustix::fs::{open, Mode, OFlags};
-    let dev = open("/dev/userfaultfd", OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| SysError::os("open(/dev/userfaultfd)", e))?;
+    let dev = open(
+        "/dev/userfaultfd",
+        OFlags::RDWR | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| SysError::os("open(/dev/userfaultfd)", e))?;
     let flags = (g::O_CLOEXEC | g::O_NONBLOCK) as usize;
     // SAFETY: IOC_NEW takes the flags as an integer and returns a new fd (see `IocNew`).
     let raw = unsafe { ioctl::ioctl(&dev, IocNew(flags)) }
@@ -316,7 +336,11 @@ fn open_dev_node() -> SysResult<OwnedFd> {
 
 /// `UFFDIO_API` asking for `features`; returns everything the kernel offers.
 fn api(fd: BorrowedFd<'_>, features: u64) -> Result<u64, Errno> {
-    let mut a = g::uffdio_api { api: g::UFFD_API as u64, features, ioctls: 0 };
+    let mut a = g::uffdio_api {
+        api: g::UFFD_API as u64,
+        features,
+        ioctls: 0,
+    };
     // SAFETY: UFFDIO_API takes a uffdio_api and touches no other memory.
     unsafe { uffd_ioctl::<{ op::API }, _>(fd, &mut a) }?;
     Ok(a.features)
@@ -398,7 +422,11 @@ impl Uffd {
     /// holes in the range or unsupported memory types.
     pub fn register(&self, addr: usize, len: usize, mode: RegisterMode) -> SysResult<u64> {
         check_range("UFFDIO_REGISTER", addr, len)?;
-        let mut r = g::uffdio_register { range: range(addr, len), mode: mode.bits(), ioctls: 0 };
+        let mut r = g::uffdio_register {
+            range: range(addr, len),
+            mode: mode.bits(),
+            ioctls: 0,
+        };
         // SAFETY: REGISTER takes a uffdio_register; it changes how future faults in the range are
         // delivered, not what the memory contains.
         unsafe { uffd_ioctl::<{ op::REGISTER }, _>(self.fd.as_fd(), &mut r) }
@@ -427,9 +455,25 @@ impl Uffd {
     /// `[dst, dst + len)` is registered with this uffd and owned by the caller, who decides what
     /// its missing pages contain; no Rust reference to it may be live. `src` is only read (the
     /// kernel returns EFAULT for unreadable source), but it must not be concurrently written.
-    pub unsafe fn copy(&self, dst: usize, src: usize, len: usize, write_protect: bool) -> Result<usize, UffdError> {
-        let mode = if write_protect { g::UFFDIO_COPY_MODE_WP as u64 } else { 0 };
-        let mut c = g::uffdio_copy { dst: dst as u64, src: src as u64, len: len as u64, mode, copy: 0 };
+    pub unsafe fn copy(
+        &self,
+        dst: usize,
+        src: usize,
+        len: usize,
+        write_protect: bool,
+    ) -> Result<usize, UffdError> {
+        let mode = if write_protect {
+            g::UFFDIO_COPY_MODE_WP as u64
+        } else {
+            0
+        };
+        let mut c = g::uffdio_copy {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            copy: 0,
+        };
         // SAFETY: COPY takes a uffdio_copy; it only fills holes of a range registered with this
         // uffd, which the caller owns.
         let res = unsafe { uffd_ioctl::<{ op::COPY }, _>(self.fd.as_fd(), &mut c) };
@@ -442,7 +486,11 @@ impl Uffd {
     /// Safe: a hole of anonymous memory already reads as zero to the kernel's definition; this
     /// only makes it so without a fault, and populated pages are never touched (`Exists`).
     pub fn zeropage(&self, dst: usize, len: usize) -> Result<usize, UffdError> {
-        let mut z = g::uffdio_zeropage { range: range(dst, len), mode: 0, zeropage: 0 };
+        let mut z = g::uffdio_zeropage {
+            range: range(dst, len),
+            mode: 0,
+            zeropage: 0,
+        };
         // SAFETY: ZEROPAGE takes a uffdio_zeropage and only fills holes with zeros.
         let res = unsafe { uffd_ioctl::<{ op::ZEROPAGE }, _>(self.fd.as_fd(), &mut z) };
         decode("UFFDIO_ZEROPAGE", res, z.zeropage, len)
@@ -458,9 +506,25 @@ impl Uffd {
     /// Both ranges are owned by the caller, with no live Rust references: the source's contents
     /// disappear (it reads as zero or faults afterwards) and the destination's appear. `dst` must
     /// be registered with this uffd; `src` need not be.
-    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize, allow_src_holes: bool) -> Result<usize, UffdError> {
-        let mode = if allow_src_holes { UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES } else { 0 };
-        let mut m = g::uffdio_move { dst: dst as u64, src: src as u64, len: len as u64, mode, move_: 0 };
+    pub unsafe fn move_pages(
+        &self,
+        dst: usize,
+        src: usize,
+        len: usize,
+        allow_src_holes: bool,
+    ) -> Result<usize, UffdError> {
+        let mode = if allow_src_holes {
+            UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES
+        } else {
+            0
+        };
+        let mut m = g::uffdio_move {
+            dst: dst as u64,
+            src: src as u64,
+            len: len as u64,
+            mode,
+            move_: 0,
+        };
         // SAFETY: MOVE takes a uffdio_move; the caller owns both ranges.
         let res = unsafe { uffd_ioctl::<{ op::MOVE }, _>(self.fd.as_fd(), &mut m) };
         decode("UFFDIO_MOVE", res, m.move_, len)
@@ -470,8 +534,15 @@ impl Uffd {
     /// (registered with [`RegisterMode::WP`]); clearing also wakes threads waiting on it.
     /// Unpopulated pages are protected only with [`UffdFeatures::WP_UNPOPULATED`].
     pub fn write_protect(&self, addr: usize, len: usize, protect: bool) -> SysResult<()> {
-        let mode = if protect { UFFDIO_WRITEPROTECT_MODE_WP } else { 0 };
-        let mut w = g::uffdio_writeprotect { range: range(addr, len), mode };
+        let mode = if protect {
+            UFFDIO_WRITEPROTECT_MODE_WP
+        } else {
+            0
+        };
+        let mut w = g::uffdio_writeprotect {
+            range: range(addr, len),
+            mode,
+        };
         // SAFETY: WRITEPROTECT takes a uffdio_writeprotect and changes protection only.
         unsafe { uffd_ioctl::<{ op::WRITEPROTECT }, _>(self.fd.as_fd(), &mut w) }
             .map_err(|e| SysError::os("UFFDIO_WRITEPROTECT", e))
@@ -488,9 +559,22 @@ impl Uffd {
     /// `UFFDIO_CONTINUE` (MINOR mode on shmem / hugetlbfs): maps the page-cache pages that
     /// already back `[addr, addr + len)` and wakes waiters; with `write_protect` they are mapped
     /// write-protected. Returns the bytes mapped.
-    pub fn continue_range(&self, addr: usize, len: usize, write_protect: bool) -> Result<usize, UffdError> {
-        let mode = if write_protect { UFFDIO_CONTINUE_MODE_WP } else { 0 };
-        let mut c = g::uffdio_continue { range: range(addr, len), mode, mapped: 0 };
+    pub fn continue_range(
+        &self,
+        addr: usize,
+        len: usize,
+        write_protect: bool,
+    ) -> Result<usize, UffdError> {
+        let mode = if write_protect {
+            UFFDIO_CONTINUE_MODE_WP
+        } else {
+            0
+        };
+        let mut c = g::uffdio_continue {
+            range: range(addr, len),
+            mode,
+            mapped: 0,
+        };
         // SAFETY: CONTINUE takes a uffdio_continue; it maps the file's existing pages, which are
         // by definition the range's contents.
         let res = unsafe { uffd_ioctl::<{ op::CONTINUE }, _>(self.fd.as_fd(), &mut c) };
@@ -500,7 +584,11 @@ impl Uffd {
     /// `UFFDIO_POISON` (6.6, needs [`UffdFeatures::POISON`]): marks the holes `[addr, addr + len)`
     /// so that any access raises SIGBUS (`BUS_MCEERR_AR`), like hardware-poisoned memory.
     pub fn poison(&self, addr: usize, len: usize) -> Result<usize, UffdError> {
-        let mut p = g::uffdio_poison { range: range(addr, len), mode: 0, updated: 0 };
+        let mut p = g::uffdio_poison {
+            range: range(addr, len),
+            mode: 0,
+            updated: 0,
+        };
         // SAFETY: POISON takes a uffdio_poison and only installs markers in holes.
         let res = unsafe { uffd_ioctl::<{ op::POISON }, _>(self.fd.as_fd(), &mut p) };
         decode("UFFDIO_POISON", res, p.updated, len)
@@ -537,10 +625,15 @@ impl Uffd {
 
     /// Waits until events are queued, `shutdown` becomes readable (checked first), or `timeout`
     /// passes (`None`: forever). Signals (`EINTR`) do not end the wait early.
-    pub fn poll(&self, shutdown: Option<BorrowedFd<'_>>, timeout: Option<Duration>) -> SysResult<PollResult> {
+    pub fn poll(
+        &self,
+        shutdown: Option<BorrowedFd<'_>>,
+        timeout: Option<Duration>,
+    ) -> SysResult<PollResult> {
         let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
         loop {
-            let ts = deadline.map(|d| duration_to_timespec(d.saturating_duration_since(Instant::now())));
+            let ts =
+                deadline.map(|d| duration_to_timespec(d.saturating_duration_since(Instant::now())));
             let mut fds = [
                 PollFd::new(&self.fd, PollFlags::IN),
                 PollFd::from_borrowed_fd(shutdown.unwrap_or(self.fd.as_fd()), PollFlags::IN),
@@ -571,7 +664,10 @@ impl AsFd for Uffd {
 }
 
 fn duration_to_timespec(d: Duration) -> Timespec {
-    Timespec { tv_sec: d.as_secs().min(i64::MAX as u64) as i64, tv_nsec: d.subsec_nanos().into() }
+    Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as i64,
+        tv_nsec: d.subsec_nanos().into(),
+    }
 }
 
 fn decode_msg(msg: &g::uffd_msg) -> Option<UffdEvent> {
@@ -599,22 +695,34 @@ fn decode_msg(msg: &g::uffd_msg) -> Option<UffdEvent> {
             let ufd = unsafe { arg.fork }.ufd as RawFd;
             // SAFETY: the kernel installed this descriptor in our table while producing the
             // message; nobody else knows it, so we take ownership.
-            Some(UffdEvent::Fork { uffd: unsafe { OwnedFd::from_raw_fd(ufd) } })
+            Some(UffdEvent::Fork {
+                uffd: unsafe { OwnedFd::from_raw_fd(ufd) },
+            })
         }
         g::UFFD_EVENT_REMAP => {
             // SAFETY: a REMAP message carries the remap member.
             let r = unsafe { arg.remap };
-            Some(UffdEvent::Remap { from: r.from as usize, to: r.to as usize, len: r.len as usize })
+            Some(UffdEvent::Remap {
+                from: r.from as usize,
+                to: r.to as usize,
+                len: r.len as usize,
+            })
         }
         g::UFFD_EVENT_REMOVE => {
             // SAFETY: a REMOVE message carries the remove member.
             let r = unsafe { arg.remove };
-            Some(UffdEvent::Remove { start: r.start as usize, end: r.end as usize })
+            Some(UffdEvent::Remove {
+                start: r.start as usize,
+                end: r.end as usize,
+            })
         }
         g::UFFD_EVENT_UNMAP => {
             // SAFETY: an UNMAP message uses the remove member too (uapi comment).
             let r = unsafe { arg.remove };
-            Some(UffdEvent::Unmap { start: r.start as usize, end: r.end as usize })
+            Some(UffdEvent::Unmap {
+                start: r.start as usize,
+                end: r.end as usize,
+            })
         }
         _ => None,
     }
@@ -715,9 +823,18 @@ mod tests {
     #[test]
     fn opcodes_match_kernel_headers() {
         use linux_raw_sys::ioctl as k;
-        assert_eq!(opcode::read_write::<g::uffdio_copy>(0xAA, 3), k::UFFDIO_COPY as Opcode);
-        assert_eq!(opcode::read_write::<g::uffdio_api>(0xAA, 0x3F), k::UFFDIO_API as Opcode);
-        assert_eq!(opcode::read::<g::uffdio_range>(0xAA, 1), k::UFFDIO_UNREGISTER as Opcode);
+        assert_eq!(
+            opcode::read_write::<g::uffdio_copy>(0xAA, 3),
+            k::UFFDIO_COPY as Opcode
+        );
+        assert_eq!(
+            opcode::read_write::<g::uffdio_api>(0xAA, 0x3F),
+            k::UFFDIO_API as Opcode
+        );
+        assert_eq!(
+            opcode::read::<g::uffdio_range>(0xAA, 1),
+            k::UFFDIO_UNREGISTER as Opcode
+        );
         assert_eq!(op::CONTINUE, k::UFFDIO_CONTINUE as Opcode);
         // _IOWR(0xAA, 0x05, struct uffdio_move /* 40 bytes */) and _IOWR(0xAA, 0x08, 32 bytes)
         assert_eq!(op::MOVE as u64, 0xC028_AA05);
@@ -737,7 +854,10 @@ mod tests {
         assert!(offered.contains(needed), "{offered:?}");
         let u = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::MOVE).unwrap();
         assert_eq!(u.features(), UffdFeatures::SIGBUS | UffdFeatures::MOVE);
-        assert!(Uffd::open(UffdFeatures::WP_ASYNC).unwrap().features().contains(UffdFeatures::WP_UNPOPULATED));
+        assert!(Uffd::open(UffdFeatures::WP_ASYNC)
+            .unwrap()
+            .features()
+            .contains(UffdFeatures::WP_UNPOPULATED));
         let bogus = UffdFeatures::from_bits_retain(1 << 62);
         match Uffd::open(UffdFeatures::SIGBUS | bogus) {
             Err(SysError::Unsupported(what)) => assert!(what.contains("unknown"), "{what}"),
@@ -777,10 +897,16 @@ mod tests {
         assert_eq!(unsafe { uffd.copy(a + P, src, P, false) }.unwrap(), P);
         assert_eq!(peek(a + P), 0x1122_3344_5566_7788);
         // SAFETY: as above; the page is populated now so nothing changes.
-        assert!(matches!(unsafe { uffd.copy(a + P, src, P, false) }, Err(UffdError::Exists)));
+        assert!(matches!(
+            unsafe { uffd.copy(a + P, src, P, false) },
+            Err(UffdError::Exists)
+        ));
         // Populated first page: nothing is done, the error is EEXIST itself.
         // SAFETY: our registered mapping.
-        assert!(matches!(unsafe { uffd.copy(a + P, src, 2 * P, false) }, Err(UffdError::Exists)));
+        assert!(matches!(
+            unsafe { uffd.copy(a + P, src, 2 * P, false) },
+            Err(UffdError::Exists)
+        ));
         // Hole then populated page: partial progress reported as EAGAIN with the bytes done.
         // SAFETY: our registered mapping.
         unsafe { uffd.copy(a + 3 * P, src, P, false) }.unwrap();
@@ -795,7 +921,10 @@ mod tests {
         let e = mman::populate(a + 5 * P, P, false).unwrap_err();
         assert_eq!(e.errno(), Some(libc::EFAULT), "{e}");
         // Unaligned ranges are refused before the call.
-        assert!(matches!(uffd.register(a + 1, P, RegisterMode::MISSING), Err(SysError::Invalid { .. })));
+        assert!(matches!(
+            uffd.register(a + 1, P, RegisterMode::MISSING),
+            Err(SysError::Invalid { .. })
+        ));
 
         uffd.unregister(a, 6 * P).unwrap();
         unmap(a, 6);
@@ -807,7 +936,10 @@ mod tests {
         let uffd = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::MOVE).unwrap();
         let a = map(2);
         let b = map(2);
-        assert_ne!(uffd.register(a, 2 * P, RegisterMode::MISSING).unwrap() & range_ioctl::MOVE, 0);
+        assert_ne!(
+            uffd.register(a, 2 * P, RegisterMode::MISSING).unwrap() & range_ioctl::MOVE,
+            0
+        );
         uffd.register(b, 2 * P, RegisterMode::MISSING).unwrap();
         let src = map(1);
         poke(src, 0xabcd);
@@ -823,11 +955,20 @@ mod tests {
         unsafe {
             assert_eq!(uffd.copy(a, src, P, false).unwrap(), P);
             // dst populated -> EEXIST; src hole -> ENOENT unless holes are allowed.
-            assert!(matches!(uffd.move_pages(b, a, P, false), Err(UffdError::Exists)));
-            assert!(matches!(uffd.move_pages(b + P, a + P, P, false), Err(UffdError::Missing)));
+            assert!(matches!(
+                uffd.move_pages(b, a, P, false),
+                Err(UffdError::Exists)
+            ));
+            assert!(matches!(
+                uffd.move_pages(b + P, a + P, P, false),
+                Err(UffdError::Missing)
+            ));
             assert_eq!(uffd.move_pages(b + P, a + P, P, true).unwrap(), P);
         }
-        assert!(pagemap(b + P) & PM_PRESENT == 0, "a skipped hole stays a hole");
+        assert!(
+            pagemap(b + P) & PM_PRESENT == 0,
+            "a skipped hole stays a hole"
+        );
 
         // The source need not be registered (only the destination must be).
         let c = map(1);
@@ -852,7 +993,10 @@ mod tests {
         uffd.zeropage(a + P, P).unwrap();
         // SAFETY: ours.
         let r = unsafe { uffd.move_pages(b + P, c, P, false) };
-        assert!(matches!(r, Err(UffdError::Exists) | Err(UffdError::Os(_))), "{r:?}");
+        assert!(
+            matches!(r, Err(UffdError::Exists) | Err(UffdError::Os(_))),
+            "{r:?}"
+        );
         let e = Uffd::open(UffdFeatures::MOVE).unwrap();
         let f = map(1);
         e.register(f, P, RegisterMode::MISSING).unwrap();
@@ -871,58 +1015,109 @@ mod tests {
         let u = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::MOVE).unwrap();
         let mk = |prot: Prot, reg: bool, fill: bool| {
             let x = mman::map_anonymous(P, Prot::RW, false).unwrap();
-            if fill { poke(x, 9); }
-            if reg { u.register(x, P, RegisterMode::MISSING).unwrap(); }
+            if fill {
+                poke(x, 9);
+            }
+            if reg {
+                u.register(x, P, RegisterMode::MISSING).unwrap();
+            }
             // SAFETY: ours
             unsafe { mman::protect(x, P, prot).unwrap() };
             x
         };
         // SAFETY: scratch
         unsafe {
-            let s = mk(Prot::READ, false, true); let d = mk(Prot::RW, true, false);
+            let s = mk(Prot::READ, false, true);
+            let d = mk(Prot::RW, true, false);
             eprintln!("a src RO -> dst RW: {:?}", u.move_pages(d, s, P, false));
-            let s = mk(Prot::READ, false, true); let d = mk(Prot::READ, true, false);
+            let s = mk(Prot::READ, false, true);
+            let d = mk(Prot::READ, true, false);
             eprintln!("b src RO -> dst RO: {:?}", u.move_pages(d, s, P, false));
-            let s = mk(Prot::RW, false, true); let d = mk(Prot::READ, true, false);
+            let s = mk(Prot::RW, false, true);
+            let d = mk(Prot::READ, true, false);
             eprintln!("c src RW -> dst RO: {:?}", u.move_pages(d, s, P, false));
-            let s = mk(Prot::RW, false, true); let d = mk(Prot::empty(), true, false);
+            let s = mk(Prot::RW, false, true);
+            let d = mk(Prot::empty(), true, false);
             eprintln!("c2 src RW -> dst NONE: {:?}", u.move_pages(d, s, P, false));
-            let s = mk(Prot::RW | Prot::EXEC, false, true); let d = mk(Prot::RW, true, false);
+            let s = mk(Prot::RW | Prot::EXEC, false, true);
+            let d = mk(Prot::RW, true, false);
             eprintln!("c3 src RWX -> dst RW: {:?}", u.move_pages(d, s, P, false));
             let u2 = Uffd::open(UffdFeatures::MOVE).unwrap();
-            let s = mk(Prot::RW, true, true); let d = mk(Prot::RW, false, false); u2.register(d, P, RegisterMode::MISSING).unwrap();
-            eprintln!("e src reg other uffd -> dst reg u2 via u2: {:?}", u2.move_pages(d, s, P, false));
-            let s = mk(Prot::RW, true, true); let d = mk(Prot::RW, true, false);
-            eprintln!("e2 src reg WP mode? same uffd: {:?}", u.move_pages(d, s, P, false));
-            let sh = mman::map_anonymous(P, Prot::RW, true).unwrap(); poke(sh, 1);
+            let s = mk(Prot::RW, true, true);
+            let d = mk(Prot::RW, false, false);
+            u2.register(d, P, RegisterMode::MISSING).unwrap();
+            eprintln!(
+                "e src reg other uffd -> dst reg u2 via u2: {:?}",
+                u2.move_pages(d, s, P, false)
+            );
+            let s = mk(Prot::RW, true, true);
+            let d = mk(Prot::RW, true, false);
+            eprintln!(
+                "e2 src reg WP mode? same uffd: {:?}",
+                u.move_pages(d, s, P, false)
+            );
+            let sh = mman::map_anonymous(P, Prot::RW, true).unwrap();
+            poke(sh, 1);
             let d = mk(Prot::RW, true, false);
             eprintln!("f src shared anon: {:?}", u.move_pages(d, sh, P, false));
-            let s = mk(Prot::RW, true, false); u.zeropage(s, P).unwrap(); let d = mk(Prot::RW, true, false);
-            eprintln!("g src zeropage: {:?} dst present {}", u.move_pages(d, s, P, false), pagemap(d) & PM_PRESENT != 0);
-            let s = mk(Prot::RW, false, false); 
+            let s = mk(Prot::RW, true, false);
+            u.zeropage(s, P).unwrap();
             let d = mk(Prot::RW, true, false);
-            eprintln!("g2 src never touched no holes: {:?}", u.move_pages(d, s, P, false));
+            eprintln!(
+                "g src zeropage: {:?} dst present {}",
+                u.move_pages(d, s, P, false),
+                pagemap(d) & PM_PRESENT != 0
+            );
+            let s = mk(Prot::RW, false, false);
+            let d = mk(Prot::RW, true, false);
+            eprintln!(
+                "g2 src never touched no holes: {:?}",
+                u.move_pages(d, s, P, false)
+            );
             // range spanning two dst VMAs
-            let s2 = mman::map_anonymous(2 * P, Prot::RW, false).unwrap(); poke(s2, 1); poke(s2 + P, 2);
+            let s2 = mman::map_anonymous(2 * P, Prot::RW, false).unwrap();
+            poke(s2, 1);
+            poke(s2 + P, 2);
             let d2 = mman::map_anonymous(2 * P, Prot::RW, false).unwrap();
             u.register(d2, 2 * P, RegisterMode::MISSING).unwrap();
             mman::protect(d2 + P, P, Prot::READ).unwrap();
-            eprintln!("i spanning dst vmas: {:?}", u.move_pages(d2, s2, 2 * P, false));
+            eprintln!(
+                "i spanning dst vmas: {:?}",
+                u.move_pages(d2, s2, 2 * P, false)
+            );
             // src wp-registered page
             let w = Uffd::open(UffdFeatures::MOVE | UffdFeatures::SIGBUS).unwrap();
-            let s = mman::map_anonymous(P, Prot::RW, false).unwrap(); poke(s, 3);
-            w.register(s, P, RegisterMode::WP).unwrap(); w.write_protect(s, P, true).unwrap();
-            let d = mman::map_anonymous(P, Prot::RW, false).unwrap(); w.register(d, P, RegisterMode::MISSING | RegisterMode::WP).unwrap();
-            eprintln!("j src wp-protected: {:?} dst wp bit {}", w.move_pages(d, s, P, false), pagemap(d) & PM_UFFD_WP != 0);
+            let s = mman::map_anonymous(P, Prot::RW, false).unwrap();
+            poke(s, 3);
+            w.register(s, P, RegisterMode::WP).unwrap();
+            w.write_protect(s, P, true).unwrap();
+            let d = mman::map_anonymous(P, Prot::RW, false).unwrap();
+            w.register(d, P, RegisterMode::MISSING | RegisterMode::WP)
+                .unwrap();
+            eprintln!(
+                "j src wp-protected: {:?} dst wp bit {}",
+                w.move_pages(d, s, P, false),
+                pagemap(d) & PM_UFFD_WP != 0
+            );
             // huge
-            let h = mman::map_anonymous_aligned(crate::HUGE_PAGE_SIZE, crate::HUGE_PAGE_SIZE, Prot::RW).unwrap();
+            let h =
+                mman::map_anonymous_aligned(crate::HUGE_PAGE_SIZE, crate::HUGE_PAGE_SIZE, Prot::RW)
+                    .unwrap();
             mman::advise(h, crate::HUGE_PAGE_SIZE, Advice::HugePage).unwrap();
             poke(h, 4);
-            let hd = mman::map_anonymous_aligned(crate::HUGE_PAGE_SIZE, crate::HUGE_PAGE_SIZE, Prot::RW).unwrap();
+            let hd =
+                mman::map_anonymous_aligned(crate::HUGE_PAGE_SIZE, crate::HUGE_PAGE_SIZE, Prot::RW)
+                    .unwrap();
             mman::advise(hd, crate::HUGE_PAGE_SIZE, Advice::HugePage).unwrap();
-            u.register(hd, crate::HUGE_PAGE_SIZE, RegisterMode::MISSING).unwrap();
+            u.register(hd, crate::HUGE_PAGE_SIZE, RegisterMode::MISSING)
+                .unwrap();
             let t = Instant::now();
-            eprintln!("h huge: {:?} in {:?} val {}", u.move_pages(hd, h, crate::HUGE_PAGE_SIZE, false), t.elapsed(), peek(hd));
+            eprintln!(
+                "h huge: {:?} in {:?} val {}",
+                u.move_pages(hd, h, crate::HUGE_PAGE_SIZE, false),
+                t.elapsed(),
+                peek(hd)
+            );
             // EAGAIN with pending event? copy while REMOVE queued
         }
     }
@@ -966,7 +1161,10 @@ mod tests {
                 return (t.join().unwrap(), evs);
             }
             // Panicking drops the uffd, which releases the blocked thread.
-            assert!(Instant::now() < deadline, "operation still blocked; events so far: {evs:?}");
+            assert!(
+                Instant::now() < deadline,
+                "operation still blocked; events so far: {evs:?}"
+            );
             if uffd.poll(None, Some(Duration::from_millis(10))).unwrap() == PollResult::Readable {
                 uffd.read_events(&mut evs).unwrap();
             }
@@ -976,7 +1174,10 @@ mod tests {
     #[test]
     fn events_unmap_remove_remap_are_delivered() {
         let uffd = Uffd::open(
-            UffdFeatures::SIGBUS | UffdFeatures::EVENT_UNMAP | UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_REMAP,
+            UffdFeatures::SIGBUS
+                | UffdFeatures::EVENT_UNMAP
+                | UffdFeatures::EVENT_REMOVE
+                | UffdFeatures::EVENT_REMAP,
         )
         .unwrap();
         let a = map(4);
@@ -989,7 +1190,10 @@ mod tests {
             unsafe { mman::advise(a, P, Advice::DontNeed) }.unwrap()
         });
         let ((), evs) = drain_until_done(&uffd, t);
-        assert!(matches!(evs[..], [UffdEvent::Remove { start, end }] if start == a && end == a + P), "{evs:?}");
+        assert!(
+            matches!(evs[..], [UffdEvent::Remove { start, end }] if start == a && end == a + P),
+            "{evs:?}"
+        );
 
         // mremap moves the registration along and reports REMAP. (A same-size mremap without
         // MREMAP_FIXED is a no-op and reports nothing, so move onto a placeholder.)
@@ -1000,7 +1204,10 @@ mod tests {
         });
         let (moved, evs) = drain_until_done(&uffd, t);
         assert_eq!(moved, placeholder);
-        eprintln!("mremap events: {evs:?} (from {:#x} to {moved:#x})", a + 3 * P);
+        eprintln!(
+            "mremap events: {evs:?} (from {:#x} to {moved:#x})",
+            a + 3 * P
+        );
         assert!(
             evs.iter().any(|e| matches!(*e, UffdEvent::Remap { from, to, len } if from == a + 3 * P && to == moved && len == P)),
             "{evs:?}"
@@ -1009,12 +1216,18 @@ mod tests {
         // munmap blocks until the UNMAP is read.
         let t = std::thread::spawn(move || unmap(a, 3));
         let ((), evs) = drain_until_done(&uffd, t);
-        assert!(matches!(evs[..], [UffdEvent::Unmap { start, end }] if start == a && end == a + 3 * P), "{evs:?}");
+        assert!(
+            matches!(evs[..], [UffdEvent::Unmap { start, end }] if start == a && end == a + 3 * P),
+            "{evs:?}"
+        );
 
         // The moved page is still registered: unmapping it reports too.
         let t = std::thread::spawn(move || unmap(moved, 1));
         let ((), evs) = drain_until_done(&uffd, t);
-        assert!(matches!(evs[..], [UffdEvent::Unmap { start, .. }] if start == moved), "{evs:?}");
+        assert!(
+            matches!(evs[..], [UffdEvent::Unmap { start, .. }] if start == moved),
+            "{evs:?}"
+        );
         let mut v = Vec::new();
         assert_eq!(uffd.read_events(&mut v).unwrap(), 0);
     }
@@ -1026,7 +1239,8 @@ mod tests {
         uffd.register(a, P, RegisterMode::MISSING).unwrap();
         let (tx, rx) = mpsc::channel();
         let t = std::thread::spawn(move || {
-            tx.send(rustix::thread::gettid().as_raw_nonzero().get() as u32).unwrap();
+            tx.send(rustix::thread::gettid().as_raw_nonzero().get() as u32)
+                .unwrap();
             poke(a + 8, 3); // blocks until the test resolves the fault
             peek(a + 8)
         });
@@ -1077,11 +1291,15 @@ mod tests {
 
     #[test]
     fn write_protect_populated_and_unpopulated() {
-        let uffd = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::PAGEFAULT_FLAG_WP | UffdFeatures::WP_UNPOPULATED)
-            .unwrap();
+        let uffd = Uffd::open(
+            UffdFeatures::SIGBUS | UffdFeatures::PAGEFAULT_FLAG_WP | UffdFeatures::WP_UNPOPULATED,
+        )
+        .unwrap();
         let a = map(3);
         poke(a, 1);
-        let ioctls = uffd.register(a, 3 * P, RegisterMode::MISSING | RegisterMode::WP).unwrap();
+        let ioctls = uffd
+            .register(a, 3 * P, RegisterMode::MISSING | RegisterMode::WP)
+            .unwrap();
         assert_ne!(ioctls & range_ioctl::WRITEPROTECT, 0);
         uffd.write_protect(a, P, true).unwrap();
         assert_ne!(pagemap(a) & PM_UFFD_WP, 0);
@@ -1109,12 +1327,22 @@ mod tests {
         let uffd = Uffd::open(UffdFeatures::SIGBUS).unwrap();
         let stop = ShutdownEvent::new().unwrap();
         let t = Instant::now();
-        assert_eq!(uffd.poll(Some(stop.as_fd()), Some(Duration::from_millis(10))).unwrap(), PollResult::Timeout);
+        assert_eq!(
+            uffd.poll(Some(stop.as_fd()), Some(Duration::from_millis(10)))
+                .unwrap(),
+            PollResult::Timeout
+        );
         assert!(t.elapsed() >= Duration::from_millis(10));
-        assert_eq!(uffd.poll(None, Some(Duration::ZERO)).unwrap(), PollResult::Timeout);
+        assert_eq!(
+            uffd.poll(None, Some(Duration::ZERO)).unwrap(),
+            PollResult::Timeout
+        );
         stop.signal().unwrap();
         stop.signal().unwrap();
-        assert_eq!(uffd.poll(Some(stop.as_fd()), None).unwrap(), PollResult::Shutdown);
+        assert_eq!(
+            uffd.poll(Some(stop.as_fd()), None).unwrap(),
+            PollResult::Shutdown
+        );
         let mut v = Vec::new();
         assert_eq!(uffd.read_events(&mut v).unwrap(), 0);
     }
@@ -1123,7 +1351,10 @@ mod tests {
     fn poison_fills_a_hole() {
         let uffd = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::POISON).unwrap();
         let a = map(1);
-        assert_ne!(uffd.register(a, P, RegisterMode::MISSING).unwrap() & range_ioctl::POISON, 0);
+        assert_ne!(
+            uffd.register(a, P, RegisterMode::MISSING).unwrap() & range_ioctl::POISON,
+            0
+        );
         assert_eq!(uffd.poison(a, P).unwrap(), P);
         assert!(matches!(uffd.zeropage(a, P), Err(UffdError::Exists)));
         unmap(a, 1);
@@ -1144,11 +1375,17 @@ mod tests {
                 mmap(std::ptr::null_mut(), P, rw, MapFlags::SHARED, &fd, 0).unwrap() as usize,
             )
         };
-        assert_ne!(uffd.register(view, P, RegisterMode::MINOR).unwrap() & range_ioctl::CONTINUE, 0);
+        assert_ne!(
+            uffd.register(view, P, RegisterMode::MINOR).unwrap() & range_ioctl::CONTINUE,
+            0
+        );
         poke(alias, 0x5151); // creates the page-cache page through the unregistered alias
         assert_eq!(uffd.continue_range(view, P, false).unwrap(), P);
         assert_eq!(peek(view), 0x5151);
-        assert!(matches!(uffd.continue_range(view, P, false), Err(UffdError::Exists)));
+        assert!(matches!(
+            uffd.continue_range(view, P, false),
+            Err(UffdError::Exists)
+        ));
         unmap(view, 1);
         unmap(alias, 1);
     }

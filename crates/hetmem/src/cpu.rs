@@ -24,7 +24,8 @@ use crate::{
 };
 
 fn inaccessible(v: &Vma) -> bool {
-    !v.read || matches!(&v.name, VmaName::Special(s) if s == "[vvar]" || s == "[vsyscall]" || s == "[vvar_vclock]")
+    !v.read
+        || matches!(&v.name, VmaName::Special(s) if s == "[vvar]" || s == "[vsyscall]" || s == "[vvar_vclock]")
 }
 
 impl CpuMm for AddressSpace {
@@ -32,7 +33,9 @@ impl CpuMm for AddressSpace {
         out.clear();
         let n = range.npages() as usize;
         let vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())
-            .map_err(|_| RangeFaultError::Fault { addr: range.start() })?;
+            .map_err(|_| RangeFaultError::Fault {
+                addr: range.start(),
+            })?;
         let mut cats = vec![PageCategory::empty(); n];
         let mut entries = vec![hetmem_sys::pagemap::PagemapEntry(0); n];
         // Only where a VMA exists: the kernel refuses to scan holes in one go.
@@ -44,7 +47,9 @@ impl CpuMm for AddressSpace {
             }
             let k = range.index_of(VirtAddr(s)) as usize;
             let cnt = ((e - s) / PAGE_SIZE) as usize;
-            let _ = self.pagemap.page_flags(s as usize, cnt, &mut cats[k..k + cnt]);
+            let _ = self
+                .pagemap
+                .page_flags(s as usize, cnt, &mut cats[k..k + cnt]);
             let _ = self.pagemap.read(s as usize, &mut entries[k..k + cnt]);
         }
         let mut vi = 0;
@@ -56,10 +61,30 @@ impl CpuMm for AddressSpace {
                 out.push(CpuPte::NoVma);
                 continue;
             };
-            if let Some(region) = self.region_of(a) {
+            let region = self.region_of(a);
+            let patched;
+            let v = match &region {
+                Some(r) if self.backend == CpuFaultBackend::Mprotect => {
+                    // Device-resident pages are PROT_NONE in the kernel's eyes; the protection
+                    // the program asked for is the recorded one.
+                    let p = r.states.prot(r.index(a));
+                    patched = Vma {
+                        read: p & 1 != 0,
+                        write: p & 2 != 0,
+                        ..v.clone()
+                    };
+                    &patched
+                }
+                _ => v,
+            };
+            if let Some(region) = region {
                 let st = region.states.get(region.index(a));
                 match st.location {
-                    Location::Device { dev, frame, coherent } => {
+                    Location::Device {
+                        dev,
+                        frame,
+                        coherent,
+                    } => {
                         if inaccessible(v) {
                             out.push(CpuPte::Inaccessible);
                             continue;
@@ -72,7 +97,11 @@ impl CpuMm for AddressSpace {
                                 frame,
                                 write: st.write && v.write,
                                 coherent,
-                                order: if st.huge { hetmem_core::addr::HUGE_ORDER } else { 0 },
+                                order: if st.huge {
+                                    hetmem_core::addr::HUGE_ORDER
+                                } else {
+                                    0
+                                },
                                 vma_write: v.write,
                             }),
                             None => out.push(CpuPte::None { vma_write: v.write }),
@@ -102,8 +131,17 @@ impl CpuMm for AddressSpace {
                 // A private page is writable when it is ours alone (no copy-on-write pending);
                 // a shared one when the mapping is.
                 let write = v.write && !zero && (v.shared || (!file && pm.exclusive()));
-                let order = if c.contains(PageCategory::HUGE) { hetmem_core::addr::HUGE_ORDER } else { 0 };
-                out.push(CpuPte::Present { write, zero, order, vma_write: v.write });
+                let order = if c.contains(PageCategory::HUGE) {
+                    hetmem_core::addr::HUGE_ORDER
+                } else {
+                    0
+                };
+                out.push(CpuPte::Present {
+                    write,
+                    zero,
+                    order,
+                    vma_write: v.write,
+                });
             } else {
                 out.push(CpuPte::None { vma_write: v.write });
             }
@@ -119,13 +157,23 @@ impl CpuMm for AddressSpace {
 /// Makes every page of `range` present in system memory (writable if `write`): device pages come
 /// back, exclusive grants end, holes of managed memory are zero-filled, the rest goes through
 /// MADV_POPULATE_READ/WRITE (the kernel's own fault path, COW breaks included).
-pub(crate) fn fault_range(mm: &AddressSpace, range: PageRange, write: bool) -> Result<(), RangeFaultError> {
+pub(crate) fn fault_range(
+    mm: &AddressSpace,
+    range: PageRange,
+    write: bool,
+) -> Result<(), RangeFaultError> {
     for a in range.pages() {
-        let Some(region) = mm.region_of(a) else { continue };
+        let Some(region) = mm.region_of(a) else {
+            continue;
+        };
         let i = region.index(a);
         loop {
             match region.states.get(i).location {
-                Location::Device { dev, coherent: false, .. } => {
+                Location::Device {
+                    dev,
+                    coherent: false,
+                    ..
+                } => {
                     let d = mm.device(dev).ok_or(RangeFaultError::Fault { addr: a })?;
                     d.migrate_to_ram(mm, a)?;
                 }
@@ -140,7 +188,12 @@ pub(crate) fn fault_range(mm: &AddressSpace, range: PageRange, write: bool) -> R
                 lock_page(&region, i);
                 if region.states.get(i).location == Location::System {
                     let r = if write {
-                        os::uffd_copy(uffd, a.as_usize(), os::ZERO_PAGE.as_ptr() as usize, PAGE_SIZE as usize)
+                        os::uffd_copy(
+                            uffd,
+                            a.as_usize(),
+                            os::ZERO_PAGE.as_ptr() as usize,
+                            PAGE_SIZE as usize,
+                        )
                     } else {
                         uffd.zeropage(a.as_usize(), PAGE_SIZE as usize)
                     };
@@ -158,20 +211,44 @@ pub(crate) fn fault_range(mm: &AddressSpace, range: PageRange, write: bool) -> R
     }
     hetmem_sys::mman::populate(range.start().as_usize(), range.len_bytes() as usize, write).map_err(
         |e| match e.errno() {
-            Some(12) => RangeFaultError::NoMemory { addr: range.start() },
-            _ => RangeFaultError::Fault { addr: range.start() },
+            Some(12) => RangeFaultError::NoMemory {
+                addr: range.start(),
+            },
+            _ => RangeFaultError::Fault {
+                addr: range.start(),
+            },
         },
     )
 }
 
 impl AddressSpace {
     /// `hmm_range_fault` over this process's memory.
-    pub fn range_fault(&self, range: &mut HmmRange<'_>) -> Result<RangeFaultStats, RangeFaultError> {
+    pub fn range_fault(
+        &self,
+        range: &mut HmmRange<'_>,
+    ) -> Result<RangeFaultStats, RangeFaultError> {
         range_fault(self, range)
     }
 }
 
 impl AddressSpace {
+    /// The VMAs overlapping `range` (from `/proc/self/maps`), with the protection the program
+    /// asked for where hetmem changed it (device-resident pages under the mprotect backend).
+    pub fn vmas(&self, range: PageRange) -> Result<Vec<Vma>, hetmem_sys::SysError> {
+        let mut vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())?;
+        if self.backend == CpuFaultBackend::Mprotect {
+            for v in &mut vmas {
+                let a = VirtAddr((v.start as u64).max(range.start().0));
+                if let Some(r) = self.region_of(a) {
+                    let p = r.states.prot(r.index(a));
+                    v.read = p & 1 != 0;
+                    v.write = p & 2 != 0;
+                }
+            }
+        }
+        Ok(vmas)
+    }
+
     /// Brings every page of `range` into system memory, writable if `write` (the explicit "make
     /// resident" a program calls before a system call or a DMA touches managed memory: kernel-mode
     /// accesses to device-resident pages fail with EFAULT instead of faulting).
@@ -205,7 +282,8 @@ impl AddressSpace {
             let a = addr.0 + off as u64;
             let page = VirtAddr(a).page_down();
             let n = ((page.0 + PAGE_SIZE - a) as usize).min(len - off);
-            let pr = PageRange::new(page.0, PAGE_SIZE).map_err(|_| RangeFaultError::Invalid("addr"))?;
+            let pr =
+                PageRange::new(page.0, PAGE_SIZE).map_err(|_| RangeFaultError::Invalid("addr"))?;
             let mut tries = 0;
             loop {
                 fault_range(self, pr, write)?;

@@ -37,8 +37,17 @@ impl DeviceMemory {
     ) -> Result<Self, hetmem_sys::SysError> {
         let frames = (capacity_bytes / hetmem_core::PAGE_SIZE).max(512);
         let pool = DevicePool::new(id, owner, kind, frames);
-        let arena = Arena::new((pool.capacity_frames() * hetmem_core::PAGE_SIZE) as usize, hetmem_sys::HUGE_PAGE_SIZE)?;
-        Ok(DeviceMemory { id, owner, kind, pool: Mutex::new(pool), arena })
+        let arena = Arena::new(
+            (pool.capacity_frames() * hetmem_core::PAGE_SIZE) as usize,
+            hetmem_sys::HUGE_PAGE_SIZE,
+        )?;
+        Ok(DeviceMemory {
+            id,
+            owner,
+            kind,
+            pool: Mutex::new(pool),
+            arena,
+        })
     }
 
     /// The device id.

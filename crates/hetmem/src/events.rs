@@ -33,7 +33,8 @@ pub(crate) fn run(mm: &'static AddressSpace) {
         if uffd.read_events(&mut events).is_err() {
             continue;
         }
-        mm.events_read.fetch_add(events.len() as u64, Ordering::AcqRel);
+        mm.events_read
+            .fetch_add(events.len() as u64, Ordering::AcqRel);
         for ev in events.drain(..) {
             handle(mm, ev);
             mm.events_handled.fetch_add(1, Ordering::AcqRel);
@@ -67,12 +68,13 @@ fn handle(mm: &AddressSpace, ev: UffdEvent) {
         UffdEvent::Remap { from, to, len } => {
             tracing::debug!(from, to, len, "mremap of managed memory");
             if let Ok(r) = PageRange::new(from as u64, len as u64) {
-                mm.notifiers.invalidate(hetmem_core::notifier::NotifierRange::new(
-                    r.start(),
-                    r.end(),
-                    NotifyEvent::Unmap,
-                    None,
-                ));
+                mm.notifiers
+                    .invalidate(hetmem_core::notifier::NotifierRange::new(
+                        r.start(),
+                        r.end(),
+                        NotifyEvent::Unmap,
+                        None,
+                    ));
             }
             // hetmem's own `remap` has moved the states already.
             if mm.region_of(hetmem_core::VirtAddr(to as u64)).is_none() {

@@ -44,7 +44,11 @@ fn on_fault(info: &FaultInfo) -> bool {
 pub(crate) fn lock_page(region: &Region, i: usize) {
     while !region.states.try_lock(i) {
         if let Some(v) = region.states.prepare_wait(i) {
-            hetmem_sys::futex::wait(region.states.word(i), v, Some(std::time::Duration::from_millis(5)));
+            hetmem_sys::futex::wait(
+                region.states.word(i),
+                v,
+                Some(std::time::Duration::from_millis(5)),
+            );
         }
     }
 }
@@ -58,7 +62,12 @@ fn unlock_page(region: &Region, i: usize) {
 impl AddressSpace {
     /// Handles a CPU fault at `addr`. Returns false when the fault is not hetmem's (outside
     /// managed memory, or a genuine protection violation): the previous handler then runs.
-    pub(crate) fn handle_cpu_fault(&self, addr: VirtAddr, write: Option<bool>, sig: FaultSignal) -> bool {
+    pub(crate) fn handle_cpu_fault(
+        &self,
+        addr: VirtAddr,
+        write: Option<bool>,
+        sig: FaultSignal,
+    ) -> bool {
         let page = addr.page_down();
         let mut misses = 0u32;
         loop {
@@ -84,8 +93,14 @@ impl AddressSpace {
                 continue;
             }
             match st.location {
-                Location::Device { dev, coherent: false, .. } => {
-                    let Some(d) = self.device(dev) else { return false };
+                Location::Device {
+                    dev,
+                    coherent: false,
+                    ..
+                } => {
+                    let Some(d) = self.device(dev) else {
+                        return false;
+                    };
                     self.stats.add(&self.stats.cpu_fault_migrations, 1);
                     if d.migrate_to_ram(self, page).is_err() {
                         return false;
@@ -121,13 +136,21 @@ impl AddressSpace {
                 if !region.states.try_lock(i) {
                     return true; // someone is working on it: retry the access
                 }
-                if !matches!(region.states.get(i).location, Location::System | Location::Device { coherent: true, .. }) {
+                if !matches!(
+                    region.states.get(i).location,
+                    Location::System | Location::Device { coherent: true, .. }
+                ) {
                     unlock_page(region, i);
                     return true;
                 }
                 let va = page.as_usize();
                 let r = if write.unwrap_or(true) && prot & 2 != 0 {
-                    os::uffd_copy(uffd, va, os::ZERO_PAGE.as_ptr() as usize, PAGE_SIZE as usize)
+                    os::uffd_copy(
+                        uffd,
+                        va,
+                        os::ZERO_PAGE.as_ptr() as usize,
+                        PAGE_SIZE as usize,
+                    )
                 } else {
                     uffd.zeropage(va, PAGE_SIZE as usize)
                 };
@@ -137,7 +160,9 @@ impl AddressSpace {
                         true
                     }
                     // Present already: a write-protect left behind; open it.
-                    Err(UffdError::Exists) => uffd.write_protect(va, PAGE_SIZE as usize, false).is_ok(),
+                    Err(UffdError::Exists) => {
+                        uffd.write_protect(va, PAGE_SIZE as usize, false).is_ok()
+                    }
                     Err(UffdError::Again { .. }) => true,
                     Err(_) => false,
                 };
@@ -171,7 +196,9 @@ impl AddressSpace {
         let region = self
             .region_of(range.start())
             .filter(|r| r.range().contains_range(&range) && !r.is_shared())
-            .ok_or(MmError::NotManaged { addr: range.start() })?;
+            .ok_or(MmError::NotManaged {
+                addr: range.start(),
+            })?;
         let d = self.device(dev).ok_or(MmError::NoDevice(dev))?;
         let mem = Arc::clone(d.memory());
         let mut frames = Vec::with_capacity(range.npages() as usize);
@@ -192,7 +219,12 @@ impl AddressSpace {
                     return Err(MigrateError::from(e).into());
                 }
             };
-            self.notifiers.invalidate(NotifierRange::new(a, VirtAddr(a.0 + PAGE_SIZE), NotifyEvent::Exclusive, owner));
+            self.notifiers.invalidate(NotifierRange::new(
+                a,
+                VirtAddr(a.0 + PAGE_SIZE),
+                NotifyEvent::Exclusive,
+                owner,
+            ));
             let entries = [hetmem_core::migrate::MigrateEntry {
                 flags: hetmem_core::migrate::MigrateFlags::VALID,
                 src: hetmem_core::migrate::PageLoc::System,
@@ -207,7 +239,14 @@ impl AddressSpace {
             }
             region.states.set_device(
                 i,
-                DevicePlacement { dev, frame, write: true, huge: false, coherent: false, exclusive: true },
+                DevicePlacement {
+                    dev,
+                    frame,
+                    write: true,
+                    huge: false,
+                    coherent: false,
+                    exclusive: true,
+                },
             );
             unlock_page(&region, i);
             frames.push(frame);
@@ -226,7 +265,11 @@ impl AddressSpace {
 }
 
 /// Revokes a device's exclusive access to `page` and gives it back to the CPU.
-pub(crate) fn restore_exclusive(mm: &AddressSpace, region: &Arc<Region>, page: VirtAddr) -> Result<(), MigrateError> {
+pub(crate) fn restore_exclusive(
+    mm: &AddressSpace,
+    region: &Arc<Region>,
+    page: VirtAddr,
+) -> Result<(), MigrateError> {
     let i = region.index(page);
     lock_page(region, i);
     let Location::Exclusive { dev, frame } = region.states.get(i).location else {
@@ -235,7 +278,12 @@ pub(crate) fn restore_exclusive(mm: &AddressSpace, region: &Arc<Region>, page: V
     };
     // Mirrors drop their atomic mappings first (the kernel restores the PTE after a notifier
     // invalidation of the page).
-    mm.notifiers.invalidate(NotifierRange::new(page, VirtAddr(page.0 + PAGE_SIZE), NotifyEvent::Clear, None));
+    mm.notifiers.invalidate(NotifierRange::new(
+        page,
+        VirtAddr(page.0 + PAGE_SIZE),
+        NotifyEvent::Clear,
+        None,
+    ));
     let Some(d) = mm.device(dev) else {
         unlock_page(region, i);
         return Err(MigrateError::NoDevice(dev));
@@ -246,7 +294,9 @@ pub(crate) fn restore_exclusive(mm: &AddressSpace, region: &Arc<Region>, page: V
         unlock_page(region, i);
         return Err(MigrateError::Stuck { addr: page });
     }
-    let _ = mem.arena().discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+    let _ = mem
+        .arena()
+        .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
     let _ = mem.pool().lock().free_page(frame);
     region.states.set_system(i);
     unlock_page(region, i);
@@ -263,7 +313,9 @@ pub fn migrate_to_ram(
     split: bool,
     driver: &dyn crate::device::MigrateDriver,
 ) -> Result<(), MigrateError> {
-    let region = mm.region_of(addr).ok_or(MigrateError::NotManaged { addr })?;
+    let region = mm
+        .region_of(addr)
+        .ok_or(MigrateError::NotManaged { addr })?;
     let st = region.states.get(region.index(addr));
     let block = if st.huge && !split {
         let b = addr.huge_down();
@@ -275,12 +327,21 @@ pub fn migrate_to_ram(
     };
     let range = block.unwrap_or(PageRange::new(addr.page_down().0, PAGE_SIZE)?);
     let select = match mem.kind() {
-        hetmem_core::pool::MemoryKind::DevicePrivate => hetmem_core::migrate::SelectFlags::DEVICE_PRIVATE,
-        hetmem_core::pool::MemoryKind::DeviceCoherent => hetmem_core::migrate::SelectFlags::DEVICE_COHERENT,
+        hetmem_core::pool::MemoryKind::DevicePrivate => {
+            hetmem_core::migrate::SelectFlags::DEVICE_PRIVATE
+        }
+        hetmem_core::pool::MemoryKind::DeviceCoherent => {
+            hetmem_core::migrate::SelectFlags::DEVICE_COHERENT
+        }
     } | hetmem_core::migrate::SelectFlags::COMPOUND;
     crate::migrate::migrate(
         mm,
-        crate::migrate::MigrateArgs { range, select, owner: mem.owner(), fault_page: Some(addr) },
+        crate::migrate::MigrateArgs {
+            range,
+            select,
+            owner: mem.owner(),
+            fault_page: Some(addr),
+        },
         driver,
     )?;
     if split || block.is_some() {

@@ -27,11 +27,7 @@ use hetmem_core::{
     pool::MemoryKind,
     DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
 };
-use hetmem_sys::{
-    maps,
-    pagemap::PageCategory,
-    uffd::UffdError,
-};
+use hetmem_sys::{pagemap::PageCategory, uffd::UffdError};
 
 use crate::{
     device::{DeviceMemory, MigrateDriver},
@@ -85,7 +81,9 @@ impl<'a> MigrateVma<'a> {
         let region = mm
             .region_of(args.range.start())
             .filter(|r| r.range().contains_range(&args.range))
-            .ok_or(MigrateError::NotManaged { addr: args.range.start() })?;
+            .ok_or(MigrateError::NotManaged {
+                addr: args.range.start(),
+            })?;
         let n = args.range.npages() as usize;
         let first = region.index(args.range.start());
         let mut entries = vec![MigrateEntry::skipped(SkipReason::NotSelected); n];
@@ -93,9 +91,10 @@ impl<'a> MigrateVma<'a> {
         let mut cats = vec![PageCategory::empty(); n];
         let wants_system = args.select.contains(SelectFlags::SYSTEM);
         if wants_system {
-            mm.pagemap.page_flags(args.range.start().as_usize(), n, &mut cats)?;
+            mm.pagemap
+                .page_flags(args.range.start().as_usize(), n, &mut cats)?;
         }
-        let vma_write = vma_write_map(args.range);
+        let vma_write = vma_write_map(mm, args.range);
         let owner_dev = owner_device(mm, args.owner);
         for k in 0..n {
             let i = first + k;
@@ -115,12 +114,19 @@ impl<'a> MigrateVma<'a> {
                         } else {
                             SkipReason::Hole
                         })
-                    } else if c.contains(PageCategory::PRESENT) && !c.contains(PageCategory::PFNZERO) {
+                    } else if c.contains(PageCategory::PRESENT)
+                        && !c.contains(PageCategory::PFNZERO)
+                    {
                         let mut f = MigrateFlags::VALID | MigrateFlags::MIGRATE;
                         if w {
                             f |= MigrateFlags::WRITE;
                         }
-                        MigrateEntry { flags: f, src: PageLoc::System, dst: None, skipped: None }
+                        MigrateEntry {
+                            flags: f,
+                            src: PageLoc::System,
+                            dst: None,
+                            skipped: None,
+                        }
                     } else if c.contains(PageCategory::SWAPPED) {
                         MigrateEntry::skipped(SkipReason::Pinned)
                     } else {
@@ -130,22 +136,37 @@ impl<'a> MigrateVma<'a> {
                         if w {
                             f |= MigrateFlags::WRITE;
                         }
-                        MigrateEntry { flags: f, src: PageLoc::Empty, dst: None, skipped: None }
+                        MigrateEntry {
+                            flags: f,
+                            src: PageLoc::Empty,
+                            dst: None,
+                            skipped: None,
+                        }
                     }
                 }
-                Location::Device { dev, frame, coherent } => {
+                Location::Device {
+                    dev,
+                    frame,
+                    coherent,
+                } => {
                     let want = if coherent {
                         SelectFlags::DEVICE_COHERENT
                     } else {
                         SelectFlags::DEVICE_PRIVATE
                     };
-                    if args.select.contains(want) && (owner_dev == Some(dev) || args.owner == EVICT_ANY)
+                    if args.select.contains(want)
+                        && (owner_dev == Some(dev) || args.owner == EVICT_ANY)
                     {
                         let mut f = MigrateFlags::VALID | MigrateFlags::MIGRATE;
                         if st.write {
                             f |= MigrateFlags::WRITE;
                         }
-                        MigrateEntry { flags: f, src: PageLoc::Device { dev, frame }, dst: None, skipped: None }
+                        MigrateEntry {
+                            flags: f,
+                            src: PageLoc::Device { dev, frame },
+                            dst: None,
+                            skipped: None,
+                        }
                     } else {
                         MigrateEntry::skipped(SkipReason::NotSelected)
                     }
@@ -198,7 +219,16 @@ impl<'a> MigrateVma<'a> {
                 let _ = os::protect(r, hetmem_sys::mman::Prot::READ);
             }
         }
-        Ok(MigrateVma { mm, region, args, entries, compound, locked, committed: false, guard })
+        Ok(MigrateVma {
+            mm,
+            region,
+            args,
+            entries,
+            compound,
+            locked,
+            committed: false,
+            guard,
+        })
     }
 
     /// The range.
@@ -237,7 +267,9 @@ impl<'a> MigrateVma<'a> {
         let mm = self.mm;
         // Device → system first (frames leave), then system → device.
         let to_sys = runs(&self.entries, |e| {
-            e.migrates() && matches!(e.src, PageLoc::Device { .. }) && e.dst == Some(PageLoc::System)
+            e.migrates()
+                && matches!(e.src, PageLoc::Device { .. })
+                && e.dst == Some(PageLoc::System)
         });
         for run in to_sys {
             self.commit_to_system(range, run);
@@ -266,7 +298,10 @@ impl<'a> MigrateVma<'a> {
         matches!(
             (e.src, e.dst),
             (PageLoc::Device { .. }, Some(PageLoc::System))
-                | (PageLoc::System | PageLoc::Empty, Some(PageLoc::Device { .. }))
+                | (
+                    PageLoc::System | PageLoc::Empty,
+                    Some(PageLoc::Device { .. })
+                )
         )
     }
 
@@ -280,7 +315,10 @@ impl<'a> MigrateVma<'a> {
         // Sub-runs with contiguous frames of one device move with one call.
         let mut k = run.start;
         while k < run.end {
-            let Some(PageLoc::Device { dev, frame }) = self.entries[k].dst else { k += 1; continue };
+            let Some(PageLoc::Device { dev, frame }) = self.entries[k].dst else {
+                k += 1;
+                continue;
+            };
             let Some(mem) = self.device_mem(dev) else {
                 self.entries[k].skip(SkipReason::NoDestination);
                 k += 1;
@@ -289,7 +327,10 @@ impl<'a> MigrateVma<'a> {
             let mut end = k + 1;
             while end < run.end
                 && self.entries[end].dst
-                    == Some(PageLoc::Device { dev, frame: DevPfn(frame.0 + (end - k) as u32) })
+                    == Some(PageLoc::Device {
+                        dev,
+                        frame: DevPfn(frame.0 + (end - k) as u32),
+                    })
             {
                 end += 1;
             }
@@ -334,7 +375,10 @@ impl<'a> MigrateVma<'a> {
         let first = self.region.index(range.start());
         let mut k = run.start;
         while k < run.end {
-            let PageLoc::Device { dev, frame } = self.entries[k].src else { k += 1; continue };
+            let PageLoc::Device { dev, frame } = self.entries[k].src else {
+                k += 1;
+                continue;
+            };
             let Some(mem) = self.device_mem(dev) else {
                 self.entries[k].skip(SkipReason::InstallFailed);
                 k += 1;
@@ -343,7 +387,10 @@ impl<'a> MigrateVma<'a> {
             let mut end = k + 1;
             while end < run.end
                 && self.entries[end].src
-                    == (PageLoc::Device { dev, frame: DevPfn(frame.0 + (end - k) as u32) })
+                    == (PageLoc::Device {
+                        dev,
+                        frame: DevPfn(frame.0 + (end - k) as u32),
+                    })
             {
                 end += 1;
             }
@@ -376,13 +423,18 @@ impl Drop for MigrateVma<'_> {
         let first = self.region.index(self.args.range.start());
         // Mprotect backend: give back access to pages that were collected but did not move.
         if self.mm.backend == CpuFaultBackend::Mprotect {
-            let stay = runs(&self.entries, |e| e.src == PageLoc::System && !e.migrates() && e.skipped.is_some());
+            let stay = runs(&self.entries, |e| {
+                e.src == PageLoc::System && !e.migrates() && e.skipped.is_some()
+            });
             for run in stay {
                 if !self.locked[run.start] {
                     continue;
                 }
                 let r = sub_range(self.args.range, run.clone());
-                let _ = os::protect(r, prot_from_bits(self.region.states.prot(first + run.start)));
+                let _ = os::protect(
+                    r,
+                    prot_from_bits(self.region.states.prot(first + run.start)),
+                );
             }
         }
         for (k, e) in self.entries.iter().enumerate() {
@@ -394,7 +446,9 @@ impl Drop for MigrateVma<'_> {
             };
             if let Some((dev, frame)) = free {
                 if let Some(mem) = self.device_mem(dev) {
-                    let _ = mem.arena().discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+                    let _ = mem
+                        .arena()
+                        .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
                     let _ = mem.pool().lock().free_page(frame);
                 }
             }
@@ -421,7 +475,10 @@ impl<'a> Committed<'a> {
         let e = &self.0.entries;
         let summary = MigrateSummary {
             npages: e.len() as u64,
-            collected: e.iter().filter(|x| x.skipped.is_none() || x.migrates()).count() as u64,
+            collected: e
+                .iter()
+                .filter(|x| x.skipped.is_none() || x.migrates())
+                .count() as u64,
             migrated: e.iter().filter(|x| x.migrates()).count() as u64,
             migrated_valid: e
                 .iter()
@@ -437,19 +494,27 @@ impl<'a> Committed<'a> {
 pub const EVICT_ANY: Owner = Owner(u64::MAX);
 
 fn owner_device(mm: &AddressSpace, owner: Owner) -> Option<DeviceId> {
-    mm.devices.read().iter().flatten().find(|d| d.memory().owner() == owner).map(|d| d.memory().id())
+    mm.devices
+        .read()
+        .iter()
+        .flatten()
+        .find(|d| d.memory().owner() == owner)
+        .map(|d| d.memory().id())
 }
 
-fn vma_write_map(range: PageRange) -> impl Fn(VirtAddr) -> bool {
-    let vmas = maps::read_maps_range(range.start().as_usize(), range.end().as_usize())
-        .unwrap_or_default();
+fn vma_write_map(mm: &AddressSpace, range: PageRange) -> impl Fn(VirtAddr) -> bool {
+    let vmas = mm.vmas(range).unwrap_or_default();
     move |a: VirtAddr| {
-        vmas.iter().any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
+        vmas.iter()
+            .any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
     }
 }
 
 /// Maximal runs of consecutive entries satisfying `f`.
-fn runs(entries: &[MigrateEntry], f: impl Fn(&MigrateEntry) -> bool) -> Vec<std::ops::Range<usize>> {
+fn runs(
+    entries: &[MigrateEntry],
+    f: impl Fn(&MigrateEntry) -> bool,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut k = 0;
     while k < entries.len() {
@@ -501,7 +566,13 @@ fn move_out(
             }
             // The rest: copy (pages MOVE refuses: shared after fork, pinned, read-only mapping).
             for p in moved_pages..npages {
-                if !copy_out_one(mm, mem, va + p * PAGE_SIZE as usize, DevPfn(frame.0 + p as u32), entries[p].src) {
+                if !copy_out_one(
+                    mm,
+                    mem,
+                    va + p * PAGE_SIZE as usize,
+                    DevPfn(frame.0 + p as u32),
+                    entries[p].src,
+                ) {
                     return p;
                 }
                 mm.stats.add(&mm.stats.move_fallbacks, 1);
@@ -510,7 +581,13 @@ fn move_out(
         }
     }
     for p in 0..npages {
-        if !copy_out_one(mm, mem, va + p * PAGE_SIZE as usize, DevPfn(frame.0 + p as u32), entries[p].src) {
+        if !copy_out_one(
+            mm,
+            mem,
+            va + p * PAGE_SIZE as usize,
+            DevPfn(frame.0 + p as u32),
+            entries[p].src,
+        ) {
             return p;
         }
     }
@@ -518,9 +595,19 @@ fn move_out(
 }
 
 /// Copies one page out to a frame and takes it away from the CPU.
-fn copy_out_one(mm: &AddressSpace, mem: &DeviceMemory, va: usize, frame: DevPfn, src: PageLoc) -> bool {
+fn copy_out_one(
+    mm: &AddressSpace,
+    mem: &DeviceMemory,
+    va: usize,
+    frame: DevPfn,
+    src: PageLoc,
+) -> bool {
     let page = PageRange::new(va as u64, PAGE_SIZE).expect("page");
-    let uffd = if mm.backend == CpuFaultBackend::Userfaultfd { mm.uffd.as_ref() } else { None };
+    let uffd = if mm.backend == CpuFaultBackend::Userfaultfd {
+        mm.uffd.as_ref()
+    } else {
+        None
+    };
     if src == PageLoc::System {
         if let Some(u) = uffd {
             // Stop writers while copying (they wait on the page lock in the fault handler).
@@ -533,18 +620,26 @@ fn copy_out_one(mm: &AddressSpace, mem: &DeviceMemory, va: usize, frame: DevPfn,
             }
             return false;
         }
-        if mem.arena().write(DeviceMemory::frame_offset(frame), &buf).is_err() {
+        if mem
+            .arena()
+            .write(DeviceMemory::frame_offset(frame), &buf)
+            .is_err()
+        {
             return false;
         }
     }
     match uffd {
         Some(u) => {
-            let _ = mm.with_self_zap(page, || os::advise(page, hetmem_sys::mman::Advice::DontNeed));
+            let _ = mm.with_self_zap(page, || {
+                os::advise(page, hetmem_sys::mman::Advice::DontNeed)
+            });
             let _ = u.write_protect(va, PAGE_SIZE as usize, false);
         }
         None => {
             let _ = os::protect(page, hetmem_sys::mman::Prot::empty());
-            let _ = mm.with_self_zap(page, || os::advise(page, hetmem_sys::mman::Advice::DontNeed));
+            let _ = mm.with_self_zap(page, || {
+                os::advise(page, hetmem_sys::mman::Advice::DontNeed)
+            });
         }
     }
     true
@@ -602,7 +697,11 @@ fn move_in(
     }
     // Mprotect backend: fill the page while it is still PROT_NONE, then open it.
     let mut buf = vec![0u8; len];
-    if mem.arena().read(DeviceMemory::frame_offset(frame), &mut buf).is_err() {
+    if mem
+        .arena()
+        .read(DeviceMemory::frame_offset(frame), &mut buf)
+        .is_err()
+    {
         return 0;
     }
     if os::procmem_write(&mm.procmem, va, &buf).is_err() {
@@ -674,7 +773,10 @@ pub(crate) fn evict_region_device(
         }
         let sub = PageRange::from_pages(r.page(s as u64).0, (i - s) as u64).expect("run");
         for a in sub.pages() {
-            if matches!(region.states.get(region.index(a)).location, Location::Exclusive { .. }) {
+            if matches!(
+                region.states.get(region.index(a)).location,
+                Location::Exclusive { .. }
+            ) {
                 crate::fault::restore_exclusive(mm, region, a)?;
             }
         }
@@ -714,7 +816,10 @@ pub(crate) fn evict_region_device(
 }
 
 /// Brings back every device page of `region`.
-pub(crate) fn migrate_all_to_system(mm: &AddressSpace, region: &Arc<Region>) -> Result<u64, MigrateError> {
+pub(crate) fn migrate_all_to_system(
+    mm: &AddressSpace,
+    region: &Arc<Region>,
+) -> Result<u64, MigrateError> {
     evict_region_device(mm, region, None)
 }
 
@@ -725,7 +830,9 @@ pub(crate) fn discard_device_pages(mm: &AddressSpace, region: &Arc<Region>, sub:
         let i = region.index(a);
         let st = region.states.get(i);
         let (dev, frame) = match st.location {
-            Location::Device { dev, frame, .. } | Location::Exclusive { dev, frame } => (dev, frame),
+            Location::Device { dev, frame, .. } | Location::Exclusive { dev, frame } => {
+                (dev, frame)
+            }
             Location::System => continue,
         };
         crate::fault::lock_page(region, i);
@@ -735,7 +842,9 @@ pub(crate) fn discard_device_pages(mm: &AddressSpace, region: &Arc<Region>, sub:
         {
             if let Some(d) = mm.device(dev) {
                 let mem = d.memory();
-                let _ = mem.arena().discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+                let _ = mem
+                    .arena()
+                    .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
                 let _ = mem.pool().lock().free_page(frame);
             }
             region.states.set_system(i);

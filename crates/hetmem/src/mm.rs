@@ -161,7 +161,8 @@ impl AddressSpace {
 
     fn start(config: Config) -> Result<Self, MmError> {
         let available = Uffd::available().unwrap_or(UffdFeatures::empty());
-        let events = UffdFeatures::EVENT_REMAP | UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_UNMAP;
+        let events =
+            UffdFeatures::EVENT_REMAP | UffdFeatures::EVENT_REMOVE | UffdFeatures::EVENT_UNMAP;
         let fault_features = UffdFeatures::SIGBUS
             | UffdFeatures::PAGEFAULT_FLAG_WP
             | UffdFeatures::WP_UNPOPULATED
@@ -183,7 +184,8 @@ impl AddressSpace {
             // The mprotect backend still wants the kernel's reports of munmap / mremap / madvise:
             // it registers in write-protect mode only and never protects anything.
             CpuFaultBackend::Mprotect => {
-                let want = events | UffdFeatures::PAGEFAULT_FLAG_WP | UffdFeatures::WP_HUGETLBFS_SHMEM;
+                let want =
+                    events | UffdFeatures::PAGEFAULT_FLAG_WP | UffdFeatures::WP_HUGETLBFS_SHMEM;
                 if available.contains(want) {
                     Uffd::open(want).ok()
                 } else {
@@ -243,7 +245,11 @@ impl AddressSpace {
     /// Regions overlapping `range`, in address order.
     pub fn regions_in(&self, range: PageRange) -> Vec<Arc<Region>> {
         let regions = self.regions.read();
-        let first = regions.range(..=range.start().0).next_back().map(|(k, _)| *k).unwrap_or(0);
+        let first = regions
+            .range(..=range.start().0)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(0);
         regions
             .range(first..range.end().0)
             .filter(|(_, r)| r.range().overlaps(range.start(), range.end()))
@@ -254,12 +260,18 @@ impl AddressSpace {
     fn insert_region(&self, region: Region) -> Result<Arc<Region>, MmError> {
         let range = region.range();
         let mut regions = self.regions.write();
-        let first = regions.range(..=range.start().0).next_back().map(|(k, _)| *k).unwrap_or(0);
+        let first = regions
+            .range(..=range.start().0)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(0);
         if regions
             .range(first..range.end().0)
             .any(|(_, r)| r.range().overlaps(range.start(), range.end()))
         {
-            return Err(MmError::AlreadyManaged { addr: range.start() });
+            return Err(MmError::AlreadyManaged {
+                addr: range.start(),
+            });
         }
         let r = Arc::new(region);
         regions.insert(range.start().0, Arc::clone(&r));
@@ -272,9 +284,7 @@ impl AddressSpace {
             (CpuFaultBackend::Userfaultfd, false) => RegisterMode::MISSING | RegisterMode::WP,
             _ => RegisterMode::WP,
         };
-        if let Err(e) =
-            uffd.register(range.start().as_usize(), range.len_bytes() as usize, mode)
-        {
+        if let Err(e) = uffd.register(range.start().as_usize(), range.len_bytes() as usize, mode) {
             tracing::warn!(?range, error = %e, "userfaultfd registration failed");
         }
     }
@@ -286,17 +296,32 @@ impl AddressSpace {
         let addr = mman::map_anonymous(len as usize, prot, shared)?;
         let range = PageRange::new(addr as u64, len)?;
         self.uffd_register(range, shared);
-        self.insert_region(Region::new(range, RegionKind::Mapped, shared, prot_bits(prot)))?;
+        self.insert_region(Region::new(
+            range,
+            RegionKind::Mapped,
+            shared,
+            prot_bits(prot),
+        ))?;
         Ok(range)
     }
 
     /// Maps `len` bytes of private anonymous memory aligned to `align` (a power of two).
-    pub fn map_anonymous_aligned(&self, len: u64, align: u64, prot: Prot) -> Result<PageRange, MmError> {
+    pub fn map_anonymous_aligned(
+        &self,
+        len: u64,
+        align: u64,
+        prot: Prot,
+    ) -> Result<PageRange, MmError> {
         PageRange::new(0, len)?;
         let addr = mman::map_anonymous_aligned(len as usize, align as usize, prot)?;
         let range = PageRange::new(addr as u64, len)?;
         self.uffd_register(range, false);
-        self.insert_region(Region::new(range, RegionKind::Mapped, false, prot_bits(prot)))?;
+        self.insert_region(Region::new(
+            range,
+            RegionKind::Mapped,
+            false,
+            prot_bits(prot),
+        ))?;
         Ok(range)
     }
 
@@ -310,14 +335,18 @@ impl AddressSpace {
         let mut prot = 0;
         for v in &vmas {
             if v.start as u64 > at || !v.is_anonymous() || shared.is_some_and(|s| s != v.shared) {
-                return Err(MmError::NotAnonymous { addr: range.start() });
+                return Err(MmError::NotAnonymous {
+                    addr: range.start(),
+                });
             }
             shared = Some(v.shared);
             prot = (v.read as u32) | ((v.write as u32) << 1) | ((v.exec as u32) << 2);
             at = v.end as u64;
         }
         if at < range.end().0 {
-            return Err(MmError::NotAnonymous { addr: range.start() });
+            return Err(MmError::NotAnonymous {
+                addr: range.start(),
+            });
         }
         let shared = shared.unwrap_or(false);
         self.insert_region(Region::new(range, RegionKind::Registered, shared, prot))?;
@@ -334,7 +363,9 @@ impl AddressSpace {
             .get(&range.start().0)
             .filter(|r| r.range() == range && r.kind() == RegionKind::Registered)
             .cloned()
-            .ok_or(MmError::NotRegistered { addr: range.start() })?;
+            .ok_or(MmError::NotRegistered {
+                addr: range.start(),
+            })?;
         crate::migrate::migrate_all_to_system(self, &region)?;
         self.regions.write().remove(&range.start().0);
         if let Some(uffd) = &self.uffd {
@@ -365,10 +396,13 @@ impl AddressSpace {
     /// Invalidates `range` for `event`, frees device frames of pages in it and drops its regions
     /// (the memory is gone, or its contents are discarded).
     pub(crate) fn forget(&self, range: PageRange, event: NotifyEvent) {
-        self.notifiers.invalidate(NotifierRange::new(range.start(), range.end(), event, None));
+        self.notifiers
+            .invalidate(NotifierRange::new(range.start(), range.end(), event, None));
         let drop_regions = event == NotifyEvent::Unmap;
         for region in self.regions_in(range) {
-            let Some(sub) = region.range().intersect(&range) else { continue };
+            let Some(sub) = region.range().intersect(&range) else {
+                continue;
+            };
             crate::migrate::discard_device_pages(self, &region, sub);
             if drop_regions {
                 self.trim_region(&region, sub);
@@ -380,7 +414,10 @@ impl AddressSpace {
     pub(crate) fn trim_region(&self, region: &Arc<Region>, sub: PageRange) {
         let r = region.range();
         let mut regions = self.regions.write();
-        if !regions.get(&r.start().0).is_some_and(|x| Arc::ptr_eq(x, region)) {
+        if !regions
+            .get(&r.start().0)
+            .is_some_and(|x| Arc::ptr_eq(x, region))
+        {
             return;
         }
         regions.remove(&r.start().0);
@@ -390,16 +427,23 @@ impl AddressSpace {
         }
         if sub.end() < r.end() {
             let right = PageRange::from_bounds(sub.end().0, r.end().0).expect("right part");
-            regions.insert(right.start().0, Arc::new(region.carve(right, right.start())));
+            regions.insert(
+                right.start().0,
+                Arc::new(region.carve(right, right.start())),
+            );
         }
     }
 
     /// Moves the page states of `[from, from+len)` to `to` (after the kernel moved the memory).
     pub(crate) fn move_region_states(&self, from: u64, to: u64, len: u64, keep_old: bool) {
-        let Ok(old) = PageRange::new(from, len) else { return };
+        let Ok(old) = PageRange::new(from, len) else {
+            return;
+        };
         let mut moved = Vec::new();
         for region in self.regions_in(old) {
-            let Some(sub) = region.range().intersect(&old) else { continue };
+            let Some(sub) = region.range().intersect(&old) else {
+                continue;
+            };
             let at = VirtAddr(to + (sub.start().0 - from));
             moved.push(region.carve(sub, at));
             if !keep_old {
@@ -444,7 +488,9 @@ impl AddressSpace {
         let bits = prot_bits(prot);
         let regions = self.regions_in(range);
         for region in &regions {
-            let Some(sub) = region.range().intersect(&range) else { continue };
+            let Some(sub) = region.range().intersect(&range) else {
+                continue;
+            };
             for a in sub.pages() {
                 region.states.set_prot(region.index(a), bits);
             }
@@ -504,11 +550,20 @@ impl AddressSpace {
     ) -> Result<PageRange, MmError> {
         if let Some(a) = new_addr {
             let target = PageRange::new(a, old.len_bytes())?;
-            if self.regions_in(target).iter().any(|r| r.range().overlaps(target.start(), target.end())) {
+            if self
+                .regions_in(target)
+                .iter()
+                .any(|r| r.range().overlaps(target.start(), target.end()))
+            {
                 self.forget(target, NotifyEvent::Unmap);
             }
         }
-        self.notifiers.invalidate(NotifierRange::new(old.start(), old.end(), NotifyEvent::Unmap, None));
+        self.notifiers.invalidate(NotifierRange::new(
+            old.start(),
+            old.end(),
+            NotifyEvent::Unmap,
+            None,
+        ));
         let to = crate::os::remap(old, old.len_bytes(), new_addr, dont_unmap)? as u64;
         let new = PageRange::new(to, old.len_bytes())?;
         // With userfaultfd the kernel reports REMAP too; the event thread then finds the states
@@ -538,7 +593,10 @@ impl AddressSpace {
         make: impl FnOnce(hetmem_core::DeviceId) -> Result<Arc<D>, MmError>,
     ) -> Result<Arc<D>, MmError> {
         let mut devices = self.devices.write();
-        let slot = devices.iter().position(Option::is_none).unwrap_or(devices.len());
+        let slot = devices
+            .iter()
+            .position(Option::is_none)
+            .unwrap_or(devices.len());
         if slot >= 255 {
             return Err(MmError::TooManyDevices);
         }
@@ -567,12 +625,18 @@ impl AddressSpace {
 
     /// The device with this id.
     pub fn device(&self, id: hetmem_core::DeviceId) -> Option<Arc<dyn Device>> {
-        self.devices.read().get(id.0 as usize).and_then(Clone::clone)
+        self.devices
+            .read()
+            .get(id.0 as usize)
+            .and_then(Clone::clone)
     }
 
     /// Moves every page held by device `id` back to system memory (device-wide eviction, the
     /// test device's RELEASE). Returns the pages moved.
-    pub fn evict_device(&self, id: hetmem_core::DeviceId) -> Result<u64, crate::error::MigrateError> {
+    pub fn evict_device(
+        &self,
+        id: hetmem_core::DeviceId,
+    ) -> Result<u64, crate::error::MigrateError> {
         let regions: Vec<_> = self.regions.read().values().cloned().collect();
         let mut moved = 0;
         for region in regions {

@@ -72,7 +72,12 @@ pub(crate) fn uffd_move(
 }
 
 /// UFFDIO_COPY from `src` to `dst` (`len` bytes).
-pub(crate) fn uffd_copy(uffd: &Uffd, dst: usize, src: usize, len: usize) -> Result<usize, UffdError> {
+pub(crate) fn uffd_copy(
+    uffd: &Uffd,
+    dst: usize,
+    src: usize,
+    len: usize,
+) -> Result<usize, UffdError> {
     // SAFETY: `src` is readable memory (a device frame or a static zero page) of at least `len`
     // bytes; `dst` is a hole of managed memory the caller has locked; the kernel populates it
     // atomically.

@@ -33,7 +33,12 @@ impl Region {
         for i in 0..states.len() {
             states.set_prot(i, prot);
         }
-        Region { range, kind, shared, states }
+        Region {
+            range,
+            kind,
+            shared,
+            states,
+        }
     }
 
     /// The pages it covers.
@@ -61,6 +66,11 @@ impl Region {
         for k in 0..states.len() {
             states.copy_from(k, &self.states, first + k);
         }
-        Region { range, kind: self.kind, shared: self.shared, states }
+        Region {
+            range,
+            kind: self.kind,
+            shared: self.shared,
+            states,
+        }
     }
 }
