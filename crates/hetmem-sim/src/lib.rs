@@ -7,4 +7,7 @@
 
 pub mod mirror;
 
-pub use mirror::{CmdResult, DmirrorDevice, Mirror, MirrorError, MirrorFlags, SnapshotProt};
+pub use mirror::{
+    CmdResult, DmirrorDevice, Mirror, MirrorError, MirrorFlags, SnapshotProt, DEFAULT_CAPACITY,
+    DEFAULT_CAPACITY_FOR_TESTS,
+};

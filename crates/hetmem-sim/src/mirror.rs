@@ -35,6 +35,8 @@ const FAULT_WINDOW: u64 = 32;
 const RANGE_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Default device memory per instance.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// Device memory for tests: small enough that many devices fit.
+pub const DEFAULT_CAPACITY_FOR_TESTS: u64 = 64 << 20;
 
 /// Errors of the commands, with the kernel driver's errno.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -95,9 +95,18 @@ impl Arena {
             // own; nothing refers to it.
             unsafe { rustix::mm::munmap(addr as *mut _, n) }.map_err(|e| SysError::os("munmap", e))
         };
-        if let Err(e) = trim(raw, head).and_then(|()| trim(base + len, tail)) {
-            // SAFETY: the whole over-mapping is still ours (munmap of holes is a no-op).
-            let _ = unsafe { rustix::mm::munmap(raw as *mut _, total) };
+        // On failure unmap only what is still ours: a trimmed piece may already be reused.
+        let undo = |addr: usize, n: usize| {
+            // SAFETY: `[addr, addr + n)` is what remains of the mapping made above; nothing
+            // refers to it.
+            let _ = unsafe { rustix::mm::munmap(addr as *mut _, n) };
+        };
+        if let Err(e) = trim(raw, head) {
+            undo(raw, total);
+            return Err(e);
+        }
+        if let Err(e) = trim(base + len, tail) {
+            undo(base, len + tail);
             return Err(e);
         }
         let arena = Arena { base, len };
@@ -147,13 +156,13 @@ impl Arena {
             let w = self.word(addr - lo).load(Ordering::Relaxed).to_ne_bytes();
             h.copy_from_slice(&w[lo..lo + head]);
         }
-        let mut a = addr + head;
-        for chunk in b.chunks_exact_mut(WORD) {
-            chunk.copy_from_slice(&self.word(a).load(Ordering::Relaxed).to_ne_bytes());
-            a += WORD;
+        let words = self.word_run(addr + head, body);
+        for (chunk, w) in b.chunks_exact_mut(WORD).zip(words) {
+            chunk.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
         }
         if tail != 0 {
-            t.copy_from_slice(&self.word(a).load(Ordering::Relaxed).to_ne_bytes()[..tail]);
+            let w = self.word(addr + head + body).load(Ordering::Relaxed);
+            t.copy_from_slice(&w.to_ne_bytes()[..tail]);
         }
         Ok(())
     }
@@ -161,14 +170,14 @@ impl Arena {
     /// Copies `data` to `offset`.
     pub fn write(&self, offset: usize, data: &[u8]) -> SysResult<()> {
         let addr = self.range("Arena::write", offset, data.len())?;
-        self.store(addr, |i| data[i], data.len());
+        self.store(addr, Some(data), data.len());
         Ok(())
     }
 
     /// Sets `len` bytes at `offset` to zero (in place; [`discard`](Self::discard) frees pages).
     pub fn zero(&self, offset: usize, len: usize) -> SysResult<()> {
         let addr = self.range("Arena::zero", offset, len)?;
-        self.store(addr, |_| 0, len);
+        self.store(addr, None, len);
         Ok(())
     }
 
@@ -276,26 +285,40 @@ impl Arena {
         unsafe { std::slice::from_raw_parts(self.base as *const AtomicU32, self.len / WORD) }
     }
 
+    /// The `bytes / 4` words from `addr` (4-aligned; panics if outside the arena: callers check
+    /// bounds first).
+    fn word_run(&self, addr: usize, bytes: usize) -> &[AtomicU32] {
+        let first = addr.wrapping_sub(self.base) / WORD;
+        &self.words()[first..first + bytes / WORD]
+    }
+
     /// The word containing `addr` (panics if outside the arena: callers check bounds first).
     fn word(&self, addr: usize) -> &AtomicU32 {
         &self.words()[addr.wrapping_sub(self.base) / WORD]
     }
 
-    /// Stores `len` bytes, byte `i` being `byte(i)`, at `addr` (bounds already checked).
-    fn store(&self, addr: usize, byte: impl Fn(usize) -> u8, len: usize) {
+    /// Stores `len` bytes at `addr` (bounds already checked): `data`, or zeros when `None`.
+    fn store(&self, addr: usize, data: Option<&[u8]>, len: usize) {
+        let byte = |i: usize| data.map_or(0, |d| d[i]);
         let (head, body, tail) = split_words(addr, len);
         if head != 0 {
             let lo = addr % WORD;
-            self.merge(addr - lo, lo, head, &byte);
+            self.merge(addr - lo, lo, head, byte);
         }
-        let mut i = head;
-        while i < head + body {
-            let w = [byte(i), byte(i + 1), byte(i + 2), byte(i + 3)];
-            self.word(addr + i)
-                .store(u32::from_ne_bytes(w), Ordering::Relaxed);
-            i += WORD;
+        let words = self.word_run(addr + head, body);
+        match data {
+            Some(d) => {
+                for (w, c) in words.iter().zip(d[head..head + body].chunks_exact(WORD)) {
+                    w.store(
+                        u32::from_ne_bytes([c[0], c[1], c[2], c[3]]),
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+            None => words.iter().for_each(|w| w.store(0, Ordering::Relaxed)),
         }
         if tail != 0 {
+            let i = head + body;
             self.merge(addr + i, 0, tail, |j| byte(i + j));
         }
     }

@@ -106,7 +106,7 @@ fn check_len(op: &'static str, len: usize) -> SysResult<()> {
             why: "length is zero",
         });
     }
-    if len % PAGE_SIZE != 0 {
+    if len & (PAGE_SIZE - 1) != 0 {
         return Err(SysError::Invalid {
             op,
             why: "length is not a multiple of the page size",

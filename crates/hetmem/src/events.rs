@@ -52,12 +52,7 @@ fn handle(mm: &AddressSpace, ev: UffdEvent) {
             }
         }
         UffdEvent::Remove { start, end } => {
-            let own = mm
-                .self_zaps
-                .lock()
-                .iter()
-                .any(|&(s, e)| s <= start as u64 && end as u64 <= e);
-            if own {
+            if mm.take_self_zap(start as u64, end as u64) {
                 return;
             }
             if let Ok(r) = PageRange::from_bounds(start as u64, end as u64) {

@@ -37,7 +37,11 @@ pub(crate) fn install(mm: &'static Arc<AddressSpace>) -> Result<(), MmError> {
 
 fn on_fault(info: &FaultInfo) -> bool {
     let Some(mm) = MM.get() else { return false };
-    mm.handle_cpu_fault(VirtAddr(info.addr as u64), info.write, info.signal)
+    let ok = mm.handle_cpu_fault(VirtAddr(info.addr as u64), info.write, info.signal);
+    if !ok && std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+        eprintln!("hetmem: unhandled {info:?}");
+    }
+    ok
 }
 
 /// Takes page `i`'s lock, waiting (futex) while someone else holds it.
@@ -72,6 +76,9 @@ impl AddressSpace {
         let mut misses = 0u32;
         loop {
             let Some(region) = self.region_of(page) else {
+                if misses == 199 && std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+                    eprintln!("hetmem: no region at {page}");
+                }
                 // An mremap's REMAP event may be in flight: give the event thread a moment.
                 if misses < 200 && self.uffd.is_some() {
                     misses += 1;
@@ -102,7 +109,10 @@ impl AddressSpace {
                         return false;
                     };
                     self.stats.add(&self.stats.cpu_fault_migrations, 1);
-                    if d.migrate_to_ram(self, page).is_err() {
+                    if let Err(e) = d.migrate_to_ram(self, page) {
+                        if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+                            eprintln!("hetmem: migrate_to_ram at {page} failed: {e}");
+                        }
                         return false;
                     }
                 }
@@ -164,7 +174,12 @@ impl AddressSpace {
                         uffd.write_protect(va, PAGE_SIZE as usize, false).is_ok()
                     }
                     Err(UffdError::Again { .. }) => true,
-                    Err(_) => false,
+                    Err(e) => {
+                        if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+                            eprintln!("hetmem: zero fill at {page} failed: {e}");
+                        }
+                        false
+                    }
                 };
                 unlock_page(region, i);
                 self.stats.add(&self.stats.cpu_faults, 1);

@@ -551,12 +551,19 @@ fn move_out(
     if mm.backend == CpuFaultBackend::Userfaultfd {
         if let Some(uffd) = &mm.uffd {
             let mut done = 0usize;
+            let mut busy = 0;
             while done < len {
                 match os::uffd_move(uffd, dst + done, va + done, len - done, true) {
                     Ok(n) if n > 0 => done += n,
                     Ok(_) => break,
                     Err(UffdError::Again { done: n }) if n > 0 => done += n,
                     Err(UffdError::Again { .. }) => std::thread::yield_now(),
+                    // Transient (the page is being faulted or locked by the kernel): retry a few
+                    // times before copying.
+                    Err(UffdError::Busy) if busy < 8 => {
+                        busy += 1;
+                        std::thread::yield_now();
+                    }
                     Err(_) => break,
                 }
             }

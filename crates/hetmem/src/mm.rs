@@ -574,15 +574,39 @@ impl AddressSpace {
 
     /// Runs `f` (which discards `range` itself) so that the REMOVE event it causes is not taken
     /// for the program's own madvise.
-    pub(crate) fn with_self_zap<T>(&self, range: PageRange, f: impl FnOnce() -> T) -> T {
+    pub(crate) fn with_self_zap<T, E>(
+        &self,
+        range: PageRange,
+        f: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        // The entry is consumed by the event thread when it handles the REMOVE event: the
+        // madvise returns as soon as the event is *read*, before it is handled, so removing it
+        // here would race with the handling.
         let key = (range.start().0, range.end().0);
-        self.self_zaps.lock().push(key);
+        let tracked = self.uffd.is_some();
+        if tracked {
+            self.self_zaps.lock().push(key);
+        }
         let r = f();
-        let mut z = self.self_zaps.lock();
-        if let Some(i) = z.iter().position(|k| *k == key) {
-            z.swap_remove(i);
+        if r.is_err() && tracked {
+            let mut z = self.self_zaps.lock();
+            if let Some(i) = z.iter().position(|k| *k == key) {
+                z.swap_remove(i);
+            }
         }
         r
+    }
+
+    /// Consumes a self-zap covering `[start, end)`, if there is one.
+    pub(crate) fn take_self_zap(&self, start: u64, end: u64) -> bool {
+        let mut z = self.self_zaps.lock();
+        match z.iter().position(|&(s, e)| s <= start && end <= e) {
+            Some(i) => {
+                z.swap_remove(i);
+                true
+            }
+            None => false,
+        }
     }
 
     // ----- devices -------------------------------------------------------------------------

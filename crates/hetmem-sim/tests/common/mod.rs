@@ -13,9 +13,7 @@ use std::{
 
 use hetmem::{AddressSpace, Prot};
 use hetmem_core::{pool::MemoryKind, PageRange};
-use hetmem_sim::{
-    mirror::DEFAULT_CAPACITY, CmdResult, DmirrorDevice, Mirror, MirrorError,
-};
+use hetmem_sim::{mirror::DEFAULT_CAPACITY, CmdResult, DmirrorDevice, Mirror, MirrorError};
 
 /// Base page size.
 pub const PS: u64 = 4096;
@@ -88,20 +86,39 @@ pub struct Buffer {
 impl Buffer {
     /// `size` bytes of hetmem-managed anonymous memory (private, or shared with `shared`).
     pub fn anon(size: u64, prot: Prot, shared: bool) -> Self {
-        let r = mm().map_anonymous(size, prot, shared).expect("map_anonymous");
-        Buffer { ptr: r.start().0, size, mirror: vec![0; size as usize], mapping: Some(r) }
+        let r = mm()
+            .map_anonymous(size, prot, shared)
+            .expect("map_anonymous");
+        Buffer {
+            ptr: r.start().0,
+            size,
+            mirror: vec![0; size as usize],
+            mapping: Some(r),
+        }
     }
 
     /// `size` bytes of managed private anonymous memory aligned to `align`.
     pub fn aligned(size: u64, align: u64, prot: Prot) -> Self {
-        let r = mm().map_anonymous_aligned(size, align, prot).expect("map_anonymous_aligned");
-        Buffer { ptr: r.start().0, size, mirror: vec![0; size as usize], mapping: Some(r) }
+        let r = mm()
+            .map_anonymous_aligned(size, align, prot)
+            .expect("map_anonymous_aligned");
+        Buffer {
+            ptr: r.start().0,
+            size,
+            mirror: vec![0; size as usize],
+            mapping: Some(r),
+        }
     }
 
     /// A buffer over a mapping the test made itself (released with `AddressSpace::unmap`).
     pub fn raw(ptr: u64, size: u64) -> Self {
         let r = PageRange::new(ptr, size).expect("raw mapping range");
-        Buffer { ptr, size, mirror: vec![0; size as usize], mapping: Some(r) }
+        Buffer {
+            ptr,
+            size,
+            mirror: vec![0; size as usize],
+            mapping: Some(r),
+        }
     }
 
     pub fn npages(&self) -> u64 {
@@ -270,7 +287,16 @@ pub fn pread_all(f: &File, len: usize) -> Vec<u8> {
 pub fn mmap_file(f: &File, len: u64, prot: i32, flags: i32) -> u64 {
     use std::os::fd::AsRawFd;
     // SAFETY: a null hint without MAP_FIXED maps fresh address space that nothing references.
-    let p = unsafe { libc::mmap(std::ptr::null_mut(), len as usize, prot, flags, f.as_raw_fd(), 0) };
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len as usize,
+            prot,
+            flags,
+            f.as_raw_fd(),
+            0,
+        )
+    };
     assert_ne!(p, libc::MAP_FAILED, "mmap of the file");
     p as u64
 }
@@ -318,8 +344,15 @@ pub fn wait_child(pid: libc::pid_t) -> i32 {
 /// Asserts the child exited with status 0.
 #[track_caller]
 pub fn assert_child_ok(status: i32) {
-    assert!(libc::WIFEXITED(status), "child did not exit normally (status {status:#x})");
-    assert_eq!(libc::WEXITSTATUS(status), 0, "child failed (see its assertion message above)");
+    assert!(
+        libc::WIFEXITED(status),
+        "child did not exit normally (status {status:#x})"
+    );
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "child failed (see its assertion message above)"
+    );
 }
 
 /// `/proc/sys/vm/nr_hugepages`.
@@ -335,9 +368,14 @@ pub fn default_huge_page_size() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
-            s.lines().find(|l| l.starts_with("Hugepagesize:")).and_then(|l| {
-                l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).map(|kb| kb * 1024)
-            })
+            s.lines()
+                .find(|l| l.starts_with("Hugepagesize:"))
+                .and_then(|l| {
+                    l.split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .map(|kb| kb * 1024)
+                })
         })
         .unwrap_or(0)
 }
