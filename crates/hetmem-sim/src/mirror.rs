@@ -213,9 +213,9 @@ impl DmirrorDevice {
         let mm = AddressSpace::current()?;
         let inner = Arc::new_cyclic(|weak: &Weak<MirrorInner>| {
             let ops: Weak<dyn IntervalNotifierOps> = weak.clone();
-            let sub =
-                mm.notifiers()
-                    .insert(VirtAddr(0), VirtAddr(u64::MAX & !(PAGE_SIZE - 1)), ops);
+            let sub = mm
+                .notifiers()
+                .insert(VirtAddr(0), VirtAddr(!(PAGE_SIZE - 1)), ops);
             MirrorInner {
                 dev: Arc::clone(self),
                 pt: Mutex::new(BTreeMap::new()),
@@ -314,7 +314,7 @@ impl std::fmt::Debug for Mirror {
 
 /// Validates `(addr, npages)` as the ioctl dispatcher does.
 fn check(addr: u64, npages: u64) -> Result<PageRange, MirrorError> {
-    if addr % PAGE_SIZE != 0 {
+    if !addr.is_multiple_of(PAGE_SIZE) {
         return Err(MirrorError::Invalid);
     }
     let len = npages.checked_mul(PAGE_SIZE).ok_or(MirrorError::Invalid)?;

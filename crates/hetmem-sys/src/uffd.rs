@@ -19,8 +19,13 @@
 //! - `munmap`, `madvise(MADV_DONTNEED)` and `mremap` of a range registered with EVENT_UNMAP /
 //!   EVENT_REMOVE / EVENT_REMAP block the calling thread until the event is *read*: never perform
 //!   them from the thread that reads events.
-//! - MOVE needs exclusive anonymous pages on both sides, both VMAs writable with identical
-//!   protection, and only the destination registered with this uffd (see the tests).
+//! - A moving `mremap` reports REMAP and then an UNMAP of the *old* range.
+//! - MOVE (tests `move_*`): only the destination must be registered with this uffd (the source
+//!   may be unregistered or registered elsewhere); both VMAs must be private anonymous, writable
+//!   and of identical protection (else `EINVAL`, checked before anything moves); one call must
+//!   stay inside one source and one destination VMA (else `EINVAL`); a page COW-shared with a
+//!   forked child is `EBUSY`; zero pages move; the uffd-wp bit does *not* move with the page;
+//!   an aligned 2 MiB range moves in one call.
 
 use std::mem::size_of;
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};

@@ -536,6 +536,7 @@ fn sub_range(range: PageRange, run: std::ops::Range<usize>) -> PageRange {
         .expect("sub-range of a valid range")
 }
 
+#[allow(clippy::needless_range_loop)] // page index, frame offset and entry advance together
 /// Moves `len` bytes of managed memory at `va` into frames starting at `frame`. Returns how many
 /// pages (from the start) moved.
 fn move_out(
