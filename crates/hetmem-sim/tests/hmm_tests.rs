@@ -1,3 +1,4 @@
+#![allow(clippy::single_match, clippy::identity_op)]
 //! The Linux HMM self-tests (`tools/testing/selftests/mm/hmm-tests.c`) ported to hetmem's
 //! `MirrorDevice`, asserting the kernel's expected values (../shared/reference/hmm-tests.md §2.2,
 //! §2.3; numbers `#n` below are the rows of its table).

@@ -1,7 +1,7 @@
 //! The device side that the address space needs: device memory (the ZONE_DEVICE analogue) and the
 //! driver callbacks of migration (`dev_pagemap_ops`).
 //!
-//! A device attaches its memory to the [`AddressSpace`](crate::AddressSpace); migration and CPU
+//! A device attaches its memory to the [`crate::AddressSpace`]; migration and CPU
 //! faults then find it by [`DeviceId`]. Its frames are bytes of a host [`Arena`] (for the simulated
 //! devices; a real backend would hand out DMA addresses instead), frame `f` at offset `f * 4096`.
 
