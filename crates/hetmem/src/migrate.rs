@@ -551,23 +551,7 @@ fn move_out(
     let npages = len / PAGE_SIZE as usize;
     if mm.backend == CpuFaultBackend::Userfaultfd {
         if let Some(uffd) = &mm.uffd {
-            let mut done = 0usize;
-            let mut busy = 0;
-            while done < len {
-                match os::uffd_move(uffd, dst + done, va + done, len - done, true) {
-                    Ok(n) if n > 0 => done += n,
-                    Ok(_) => break,
-                    Err(UffdError::Again { done: n }) if n > 0 => done += n,
-                    Err(UffdError::Again { .. }) => std::thread::yield_now(),
-                    // Transient (the page is being faulted or locked by the kernel): retry a few
-                    // times before copying.
-                    Err(UffdError::Busy) if busy < 8 => {
-                        busy += 1;
-                        std::thread::yield_now();
-                    }
-                    Err(_) => break,
-                }
-            }
+            let done = move_bytes(uffd, dst, va, len);
             let moved_pages = done / PAGE_SIZE as usize;
             if moved_pages == npages {
                 return npages;
@@ -653,6 +637,28 @@ fn copy_out_one(
     true
 }
 
+/// UFFDIO_MOVE of `len` bytes from `src` to `dst`, retrying partial progress and transient
+/// EBUSY a few times. Returns the bytes moved (from the start); the caller copies the rest.
+fn move_bytes(uffd: &hetmem_sys::uffd::Uffd, dst: usize, src: usize, len: usize) -> usize {
+    let mut done = 0usize;
+    let mut busy = 0;
+    while done < len {
+        match os::uffd_move(uffd, dst + done, src + done, len - done, true) {
+            Ok(n) if n > 0 => done += n,
+            Ok(_) => break,
+            Err(UffdError::Again { done: n }) if n > 0 => done += n,
+            Err(UffdError::Again { .. }) => std::thread::yield_now(),
+            // Transient (the page is being faulted or locked by the kernel).
+            Err(UffdError::Busy) if busy < 8 => {
+                busy += 1;
+                std::thread::yield_now();
+            }
+            Err(_) => break,
+        }
+    }
+    done
+}
+
 /// Moves `npages` frames starting at `frame` back to managed memory at `va`. Returns how many
 /// pages (from the start) moved.
 fn move_in(
@@ -665,18 +671,9 @@ fn move_in(
 ) -> usize {
     let src = mem.frame_addr(frame);
     let len = npages * PAGE_SIZE as usize;
-    let mut done = 0usize;
     if mm.backend == CpuFaultBackend::Userfaultfd {
         if let Some(uffd) = &mm.uffd {
-            while done < len {
-                match os::uffd_move(uffd, va + done, src + done, len - done, true) {
-                    Ok(n) if n > 0 => done += n,
-                    Ok(_) => break,
-                    Err(UffdError::Again { done: n }) if n > 0 => done += n,
-                    Err(UffdError::Again { .. }) => std::thread::yield_now(),
-                    Err(_) => break,
-                }
-            }
+            let mut done = move_bytes(uffd, va, src, len);
             while done < len {
                 let off = DeviceMemory::frame_offset(frame) + done;
                 match os::uffd_copy(uffd, va + done, src + done, PAGE_SIZE as usize) {
