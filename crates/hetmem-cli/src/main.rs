@@ -287,5 +287,10 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
         "metadata per managed 4 KiB page {:>8} bytes (target <= 16)",
         hetmem_core::page_state::PageStates::BYTES_PER_PAGE
     );
+    let s = mm.stats();
+    println!(
+        "counters: {} pages to device, {} to system, {} copy fallbacks, {} fault migrations",
+        s.pages_to_device, s.pages_to_system, s.move_fallbacks, s.cpu_fault_migrations
+    );
     Ok(())
 }

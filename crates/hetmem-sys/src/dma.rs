@@ -75,6 +75,20 @@ pub unsafe fn write_user(addr: usize, data: &[u8]) -> SysResult<()> {
     }
 }
 
+/// Copies `len` bytes from this process's address `src` to its address `dst` with one
+/// `process_vm_readv` (a kernel memcpy that checks both sides: a fault on either is an error,
+/// never a signal). Used to move a run of pages between managed memory and device frames.
+///
+/// # Safety
+///
+/// `[dst, dst + len)` must satisfy the contract of [`write_user`] and must not overlap
+/// `[src, src + len)`.
+pub unsafe fn copy_user(dst: usize, src: usize, len: usize) -> SysResult<()> {
+    // SAFETY: the kernel writes `len` bytes at `dst` (the local side) and checks the mapping,
+    // answering EFAULT for a bad one; by the caller's contract nothing Rust borrows lives there.
+    unsafe { vm_copy(src, dst as *mut u8, len, Dir::Read, MAX_IOV_LEN) }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Dir {
     /// Remote (`addr`) to local (`local`).
@@ -224,6 +238,21 @@ impl ProcMem {
             }
         }
         Ok(())
+    }
+}
+
+impl ProcMem {
+    /// [`ProcMem::write`] from a raw source: writes `len` bytes read from `src` at `addr`,
+    /// whatever the protection of a private mapping.
+    ///
+    /// # Safety
+    ///
+    /// `src` must be readable for `len` bytes and not written concurrently; the destination must
+    /// satisfy the contract of [`ProcMem::write`].
+    pub unsafe fn write_from(&self, addr: usize, src: *const u8, len: usize) -> SysResult<()> {
+        // SAFETY: the caller guarantees `src` is readable and stable for `len` bytes, so the
+        // slice is valid for its lifetime here; the write's contract is passed on.
+        unsafe { self.write(addr, std::slice::from_raw_parts(src, len)) }
     }
 }
 

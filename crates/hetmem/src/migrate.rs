@@ -59,6 +59,8 @@ pub struct MigrateVma<'a> {
     entries: Vec<MigrateEntry>,
     compound: Vec<bool>,
     locked: Vec<bool>,
+    /// Source frames that UFFDIO_MOVE emptied: nothing left to discard when they are freed.
+    vacated: Vec<bool>,
     committed: bool,
     guard: Option<InvalidateGuard>,
 }
@@ -94,7 +96,13 @@ impl<'a> MigrateVma<'a> {
             mm.pagemap
                 .page_flags(args.range.start().as_usize(), n, &mut cats)?;
         }
-        let vma_write = vma_write_map(mm, args.range);
+        // /proc/self/maps is read only when system pages are collected (never on the CPU-fault
+        // path, which migrates device pages back).
+        let vma_write = if wants_system {
+            vma_write_map(mm, args.range)
+        } else {
+            Box::new(|_: VirtAddr| false)
+        };
         let owner_dev = owner_device(mm, args.owner);
         for k in 0..n {
             let i = first + k;
@@ -226,6 +234,7 @@ impl<'a> MigrateVma<'a> {
             entries,
             compound,
             locked,
+            vacated: vec![false; n],
             committed: false,
             guard,
         })
@@ -397,12 +406,13 @@ impl<'a> MigrateVma<'a> {
             let va = range.page(k as u64).as_usize();
             let coherent = mem.kind() == MemoryKind::DeviceCoherent;
             let prot = prot_from_bits(self.region.states.prot(first + k));
-            let moved = if coherent {
-                end - k
+            let (moved, vacated) = if coherent {
+                (end - k, 0)
             } else {
                 move_in(mm, &mem, va, frame, end - k, prot)
             };
             for j in k..end {
+                self.vacated[j] = j - k < vacated;
                 if j - k < moved {
                     self.region.states.set_system(first + j);
                 } else {
@@ -437,22 +447,44 @@ impl Drop for MigrateVma<'_> {
                 );
             }
         }
+        // Frames freed: sources that left the device, destinations that were not used. Their
+        // bytes are discarded in runs of consecutive frames (one madvise each), except where a
+        // MOVE already left a hole.
+        let mut freed: Vec<(DeviceId, DevPfn, bool)> = Vec::new();
         for (k, e) in self.entries.iter().enumerate() {
-            // Frames freed: sources that left the device, destinations that were not used.
-            let free = match (e.migrates() && self.committed, e.src, e.dst) {
-                (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => Some((dev, frame)),
-                (false, _, Some(PageLoc::Device { dev, frame })) => Some((dev, frame)),
-                _ => None,
-            };
-            if let Some((dev, frame)) = free {
-                if let Some(mem) = self.device_mem(dev) {
-                    let _ = mem
-                        .arena()
-                        .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
-                    let _ = mem.pool().lock().free_page(frame);
+            match (e.migrates() && self.committed, e.src, e.dst) {
+                (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => {
+                    freed.push((dev, frame, !self.vacated[k]));
+                }
+                (false, _, Some(PageLoc::Device { dev, frame })) => freed.push((dev, frame, true)),
+                _ => {}
+            }
+        }
+        let mut k = 0;
+        while k < freed.len() {
+            let (dev, frame, dirty) = freed[k];
+            let mut end = k + 1;
+            while end < freed.len()
+                && freed[end] == (dev, DevPfn(frame.0 + (end - k) as u32), dirty)
+            {
+                end += 1;
+            }
+            if let Some(mem) = self.device_mem(dev) {
+                if dirty {
+                    let _ = mem.arena().discard(
+                        DeviceMemory::frame_offset(frame),
+                        (end - k) * PAGE_SIZE as usize,
+                    );
+                }
+                let mut pool = mem.pool().lock();
+                for &(_, f, _) in &freed[k..end] {
+                    let _ = pool.free_page(f);
                 }
             }
-            if self.locked[k] {
+            k = end;
+        }
+        for (k, locked) in self.locked.iter().enumerate() {
+            if *locked {
                 wake_unlock(&self.region, first + k);
             }
         }
@@ -502,12 +534,12 @@ fn owner_device(mm: &AddressSpace, owner: Owner) -> Option<DeviceId> {
         .map(|d| d.memory().id())
 }
 
-fn vma_write_map(mm: &AddressSpace, range: PageRange) -> impl Fn(VirtAddr) -> bool {
+fn vma_write_map(mm: &AddressSpace, range: PageRange) -> Box<dyn Fn(VirtAddr) -> bool> {
     let vmas = mm.vmas(range).unwrap_or_default();
-    move |a: VirtAddr| {
+    Box::new(move |a: VirtAddr| {
         vmas.iter()
             .any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
-    }
+    })
 }
 
 /// Maximal runs of consecutive entries satisfying `f`.
@@ -550,7 +582,7 @@ fn move_out(
     let dst = mem.frame_addr(frame);
     let npages = len / PAGE_SIZE as usize;
     if mm.backend == CpuFaultBackend::Userfaultfd {
-        if let Some(uffd) = &mm.uffd {
+        if let Some(uffd) = &mm.arena_uffd {
             let done = move_bytes(uffd, dst, va, len);
             let moved_pages = done / PAGE_SIZE as usize;
             if moved_pages == npages {
@@ -572,17 +604,14 @@ fn move_out(
             return npages;
         }
     }
-    for p in 0..npages {
-        if !copy_out_one(
-            mm,
-            mem,
-            va + p * PAGE_SIZE as usize,
-            DevPfn(frame.0 + p as u32),
-            entries[p].src,
-        ) {
-            return p;
-        }
+    // Mprotect backend: the run is read-only since setup (writers wait in the fault handler);
+    // one kernel copy into the frames (holes read as zeros), then the CPU loses the pages.
+    if os::copy_to_frames(dst, va, len).is_err() {
+        return 0;
     }
+    let run = PageRange::new(va as u64, len as u64).expect("run");
+    let _ = os::protect(run, hetmem_sys::mman::Prot::empty());
+    let _ = mm.with_self_zap(run, || os::advise(run, hetmem_sys::mman::Advice::DontNeed));
     npages
 }
 
@@ -660,7 +689,8 @@ fn move_bytes(uffd: &hetmem_sys::uffd::Uffd, dst: usize, src: usize, len: usize)
 }
 
 /// Moves `npages` frames starting at `frame` back to managed memory at `va`. Returns how many
-/// pages (from the start) moved.
+/// pages (from the start) moved, and how many of those left their frame empty (a MOVE, not a
+/// copy).
 fn move_in(
     mm: &AddressSpace,
     mem: &DeviceMemory,
@@ -668,12 +698,13 @@ fn move_in(
     frame: DevPfn,
     npages: usize,
     prot: hetmem_sys::mman::Prot,
-) -> usize {
+) -> (usize, usize) {
     let src = mem.frame_addr(frame);
     let len = npages * PAGE_SIZE as usize;
     if mm.backend == CpuFaultBackend::Userfaultfd {
         if let Some(uffd) = &mm.uffd {
             let mut done = move_bytes(uffd, va, src, len);
+            let vacated = done / PAGE_SIZE as usize;
             while done < len {
                 let off = DeviceMemory::frame_offset(frame) + done;
                 match os::uffd_copy(uffd, va + done, src + done, PAGE_SIZE as usize) {
@@ -685,38 +716,30 @@ fn move_in(
                         if mem.arena().read(off, &mut buf).is_err()
                             || os::procmem_write(&mm.procmem, va + done, &buf).is_err()
                         {
-                            return done / PAGE_SIZE as usize;
+                            return (done / PAGE_SIZE as usize, vacated);
                         }
                     }
                     Err(UffdError::Again { .. }) => {
                         std::thread::yield_now();
                         continue;
                     }
-                    Err(_) => return done / PAGE_SIZE as usize,
+                    Err(_) => return (done / PAGE_SIZE as usize, vacated),
                 }
                 mm.stats.add(&mm.stats.move_fallbacks, 1);
                 done += PAGE_SIZE as usize;
             }
-            return npages;
+            return (npages, vacated);
         }
     }
-    // Mprotect backend: fill the page while it is still PROT_NONE, then open it.
-    let mut buf = vec![0u8; len];
-    if mem
-        .arena()
-        .read(DeviceMemory::frame_offset(frame), &mut buf)
-        .is_err()
-    {
-        return 0;
-    }
-    if os::procmem_write(&mm.procmem, va, &buf).is_err() {
-        return 0;
+    // Mprotect backend: fill the pages while they are still PROT_NONE, then open them.
+    if os::procmem_fill_from_frames(&mm.procmem, va, src, len).is_err() {
+        return (0, 0);
     }
     let range = PageRange::new(va as u64, len as u64).expect("range");
     if os::protect(range, prot).is_err() {
-        return 0;
+        return (0, 0);
     }
-    npages
+    (npages, 0)
 }
 
 /// A driver that sends every collected device page to system memory (eviction, release).
@@ -882,5 +905,5 @@ pub(crate) fn move_in_pub(
     frame: DevPfn,
     prot: hetmem_sys::mman::Prot,
 ) -> bool {
-    move_in(mm, mem, va, frame, 1, prot) == 1
+    move_in(mm, mem, va, frame, 1, prot).0 == 1
 }

@@ -84,6 +84,12 @@ static MM: OnceLock<Arc<AddressSpace>> = OnceLock::new();
 pub struct AddressSpace {
     pub(crate) backend: CpuFaultBackend,
     pub(crate) uffd: Option<Uffd>,
+    /// A second userfaultfd, without events, holding the device arenas (userfaultfd backend):
+    /// UFFDIO_MOVE needs its destination registered, so moving a page *into* a device frame is
+    /// an ioctl on this one. Registered in write-protect mode only (nothing is ever protected),
+    /// so a hole in an arena fills as ordinary anonymous memory does, and discarding a frame
+    /// sends no REMOVE event to wait on.
+    pub(crate) arena_uffd: Option<Uffd>,
     pub(crate) procmem: ProcMem,
     pub(crate) pagemap: PageMap,
     pub(crate) notifiers: Arc<MmNotifiers>,
@@ -193,9 +199,17 @@ impl AddressSpace {
                 }
             }
         };
+        let arena_uffd = match backend {
+            CpuFaultBackend::Userfaultfd => Some(
+                Uffd::open(UffdFeatures::MOVE)
+                    .map_err(|e| MmError::Backend(format!("userfaultfd (arenas): {e}")))?,
+            ),
+            CpuFaultBackend::Mprotect => None,
+        };
         Ok(AddressSpace {
             backend,
             uffd,
+            arena_uffd,
             procmem: ProcMem::open()?,
             pagemap: PageMap::open()?,
             notifiers: MmNotifiers::new(),
@@ -625,6 +639,11 @@ impl AddressSpace {
             return Err(MmError::TooManyDevices);
         }
         let dev = make(hetmem_core::DeviceId(slot as u8))?;
+        if let Some(u) = &self.arena_uffd {
+            let arena = dev.memory().arena();
+            u.register(arena.base(), arena.len(), RegisterMode::WP)
+                .map_err(|e| MmError::Backend(format!("userfaultfd arena registration: {e}")))?;
+        }
         let as_dyn: Arc<dyn Device> = dev.clone();
         if slot == devices.len() {
             devices.push(Some(as_dyn));

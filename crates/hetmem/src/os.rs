@@ -95,6 +95,28 @@ pub(crate) fn procmem_write(
     unsafe { pm.write(addr, data) }
 }
 
+/// Copies a run of managed pages at `src` into device frames at `dst` (the mprotect backend's
+/// migration to a device).
+pub(crate) fn copy_to_frames(dst: usize, src: usize, len: usize) -> SysResult<()> {
+    // SAFETY: `dst` is a run of device frames allocated to this migration (arena memory, which
+    // Rust code only reaches by raw atomic copies, and which no one else touches while the
+    // migration owns them); the source pages are locked and the kernel checks both mappings.
+    unsafe { hetmem_sys::dma::copy_user(dst, src, len) }
+}
+
+/// Fills locked managed pages at `addr` from device frames at `src` through `/proc/self/mem`
+/// (the mprotect backend's migration back: the pages are still `PROT_NONE`).
+pub(crate) fn procmem_fill_from_frames(
+    pm: &hetmem_sys::dma::ProcMem,
+    addr: usize,
+    src: usize,
+    len: usize,
+) -> SysResult<()> {
+    // SAFETY: `src` is a run of frames owned by this migration (nothing writes them until they
+    // are freed after it); `addr` holds locked managed pages no Rust reference points into.
+    unsafe { pm.write_from(addr, src as *const u8, len) }
+}
+
 /// Writes `data` into this process's memory at `addr` (a device writing system memory).
 pub fn write_user(addr: usize, data: &[u8]) -> SysResult<()> {
     // SAFETY: callers pass addresses of memory the program gave a device access to (managed or
