@@ -30,11 +30,7 @@ fn cpu_writers_and_device_migrations_lose_no_write_mprotect() {
     run(CpuFaultBackend::Mprotect);
 }
 
-/// Known failure: under the userfaultfd backend a CPU fault racing a migration occasionally goes
-/// unhandled (the process dies of SIGBUS; no write was seen lost before that). Run with
-/// `cargo nextest run --run-ignored only -p hetmem-sim --test stress`.
 #[test]
-#[ignore = "userfaultfd backend: a fault racing a migration is sometimes left unhandled (open bug)"]
 fn cpu_writers_and_device_migrations_lose_no_write_uffd() {
     run(CpuFaultBackend::Userfaultfd);
 }

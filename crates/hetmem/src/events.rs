@@ -13,8 +13,18 @@ use hetmem_sys::uffd::{PollResult, UffdEvent};
 
 use crate::mm::AddressSpace;
 
+thread_local! {
+    static EVENT_THREAD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True on the event thread (which must never wait for itself in `sync_events`).
+pub(crate) fn on_event_thread() -> bool {
+    EVENT_THREAD.with(std::cell::Cell::get)
+}
+
 pub(crate) fn run(mm: &'static AddressSpace) {
     let Some(uffd) = &mm.uffd else { return };
+    EVENT_THREAD.with(|t| t.set(true));
     let mut events = Vec::with_capacity(64);
     loop {
         if mm.stopping() {
@@ -30,16 +40,18 @@ pub(crate) fn run(mm: &'static AddressSpace) {
             }
         }
         events.clear();
-        if uffd.read_events(&mut events).is_err() {
-            continue;
-        }
-        mm.events_read
-            .fetch_add(events.len() as u64, Ordering::AcqRel);
+        // Odd: a batch is in flight (the read below completes the kernel's events, releasing
+        // the threads that caused them); even again once it is handled.
+        mm.event_batch.fetch_add(1, Ordering::SeqCst);
+        let _ = uffd.read_events(&mut events);
         for ev in events.drain(..) {
+            if std::env::var_os("HETMEM_DEBUG_EVENTS").is_some() {
+                eprintln!("hetmem: event {ev:?}");
+            }
             handle(mm, ev);
-            mm.events_handled.fetch_add(1, Ordering::AcqRel);
             mm.stats.add(&mm.stats.uffd_events, 1);
         }
+        mm.event_batch.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -61,7 +73,12 @@ fn handle(mm: &AddressSpace, ev: UffdEvent) {
             }
         }
         UffdEvent::Remap { from, to, len } => {
-            tracing::debug!(from, to, len, "mremap of managed memory");
+            // The program's own MREMAP_DONTUNMAP is not reported as such: its old range is
+            // taken as unmapped (it stays mapped, empty and unmanaged).
+            let keep_old = mm
+                .take_self_remap(from as u64, to as u64, len as u64)
+                .unwrap_or(false);
+            tracing::debug!(from, to, len, keep_old, "mremap of managed memory");
             if let Ok(r) = PageRange::new(from as u64, len as u64) {
                 mm.notifiers
                     .invalidate(hetmem_core::notifier::NotifierRange::new(
@@ -71,10 +88,7 @@ fn handle(mm: &AddressSpace, ev: UffdEvent) {
                         None,
                     ));
             }
-            // hetmem's own `remap` has moved the states already.
-            if mm.region_of(hetmem_core::VirtAddr(to as u64)).is_none() {
-                mm.move_region_states(from as u64, to as u64, len as u64, false);
-            }
+            mm.move_region_states(from as u64, to as u64, len as u64, keep_old);
         }
         UffdEvent::Fork { uffd } => drop(uffd),
         UffdEvent::Pagefault { .. } => {}

@@ -73,17 +73,17 @@ impl AddressSpace {
         sig: FaultSignal,
     ) -> bool {
         let page = addr.page_down();
-        let mut misses = 0u32;
+        let mut synced = false;
         loop {
             let Some(region) = self.region_of(page) else {
-                if misses == 199 && std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
-                    eprintln!("hetmem: no region at {page}");
-                }
-                // An mremap's REMAP event may be in flight: give the event thread a moment.
-                if misses < 200 && self.uffd.is_some() {
-                    misses += 1;
-                    std::thread::sleep(std::time::Duration::from_micros(50));
+                // An mremap's REMAP event may be read but not yet handled: wait for it once.
+                if !synced && self.uffd.is_some() {
+                    synced = true;
+                    self.sync_events();
                     continue;
+                }
+                if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+                    eprintln!("hetmem: no region at {page}");
                 }
                 return false;
             };
@@ -171,7 +171,15 @@ impl AddressSpace {
                     }
                     // Present already: a write-protect left behind; open it.
                     Err(UffdError::Exists) => {
-                        uffd.write_protect(va, PAGE_SIZE as usize, false).is_ok()
+                        match uffd.write_protect(va, PAGE_SIZE as usize, false) {
+                            Ok(()) => true,
+                            Err(e) => {
+                                if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
+                                    eprintln!("hetmem: unprotect at {page} failed: {e}");
+                                }
+                                false
+                            }
+                        }
                     }
                     Err(UffdError::Again { .. }) => true,
                     Err(e) => {
@@ -216,6 +224,7 @@ impl AddressSpace {
             })?;
         let d = self.device(dev).ok_or(MmError::NoDevice(dev))?;
         let mem = Arc::clone(d.memory());
+        self.sync_events();
         let mut frames = Vec::with_capacity(range.npages() as usize);
         for a in range.pages() {
             let p = PageRange::new(a.0, PAGE_SIZE)?;

@@ -80,6 +80,8 @@ impl<'a> MigrateVma<'a> {
     /// selects. Pages that do not take part are reported with a reason; a range outside managed
     /// memory is an error.
     pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
+        // A discard the program made just before must not land on the pages collected here.
+        mm.sync_events();
         let region = mm
             .region_of(args.range.start())
             .filter(|r| r.range().contains_range(&args.range))

@@ -20,7 +20,7 @@
 use std::{
     collections::BTreeMap,
     sync::{
-        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, OnceLock,
     },
     thread::JoinHandle,
@@ -97,10 +97,13 @@ pub struct AddressSpace {
     pub(crate) devices: RwLock<Vec<Option<Arc<dyn Device>>>>,
     /// Ranges hetmem itself is discarding with MADV_DONTNEED: their REMOVE events are its own.
     pub(crate) self_zaps: Mutex<Vec<(u64, u64)>>,
-    /// userfaultfd events read / fully handled (a fault on an address not yet in the region
-    /// table waits for `handled` to catch up, in case a REMAP is in flight).
-    pub(crate) events_read: AtomicU64,
-    pub(crate) events_handled: AtomicU32,
+    /// mremaps hetmem itself is doing, `(from, to, len, dont_unmap)` (`to` is `u64::MAX` when
+    /// the kernel picks it): the event thread learns from the mark whether the old range stays
+    /// mapped, which the REMAP event does not say.
+    pub(crate) self_remaps: Mutex<Vec<(u64, u64, u64, bool)>>,
+    /// The event thread's batch sequence: odd while a batch is being read and handled, even
+    /// when idle (see [`AddressSpace::sync_events`]).
+    pub(crate) event_batch: AtomicU64,
     pub(crate) stats: Stats,
     pid: u32,
     shutdown: ShutdownEvent,
@@ -216,8 +219,8 @@ impl AddressSpace {
             regions: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
             self_zaps: Mutex::new(Vec::new()),
-            events_read: AtomicU64::new(0),
-            events_handled: AtomicU32::new(0),
+            self_remaps: Mutex::new(Vec::new()),
+            event_batch: AtomicU64::new(0),
             stats: Stats::default(),
             pid: std::process::id(),
             shutdown: ShutdownEvent::new()?,
@@ -271,7 +274,36 @@ impl AddressSpace {
             .collect()
     }
 
+    /// Waits until every userfaultfd event the kernel has already delivered is handled.
+    ///
+    /// munmap, mremap and madvise return as soon as the event thread has *read* their event,
+    /// not when it has acted on it. Without this wait, a program that unmaps a range and maps a
+    /// new region at the same address (or discards pages and migrates fresh data there) could
+    /// see the stale event land afterwards and drop the new region or its device pages. The
+    /// event thread makes `event_batch` odd before it reads and even after it has handled the
+    /// batch; since the program's call returned only after the read, it sees the odd value of
+    /// that batch (and waits for it to end) or a later one (that batch is done).
+    pub(crate) fn sync_events(&self) {
+        if self.uffd.is_none() || crate::events::on_event_thread() {
+            return;
+        }
+        let v = self.event_batch.load(Ordering::SeqCst);
+        if v % 2 == 0 {
+            return;
+        }
+        let mut spins = 0u32;
+        while self.event_batch.load(Ordering::SeqCst) == v && !self.stopping() {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
     fn insert_region(&self, region: Region) -> Result<Arc<Region>, MmError> {
+        self.sync_events();
         let range = region.range();
         let mut regions = self.regions.write();
         let first = regions
@@ -412,67 +444,74 @@ impl AddressSpace {
     pub(crate) fn forget(&self, range: PageRange, event: NotifyEvent) {
         self.notifiers
             .invalidate(NotifierRange::new(range.start(), range.end(), event, None));
-        let drop_regions = event == NotifyEvent::Unmap;
         for region in self.regions_in(range) {
-            let Some(sub) = region.range().intersect(&range) else {
-                continue;
-            };
-            crate::migrate::discard_device_pages(self, &region, sub);
-            if drop_regions {
-                self.trim_region(&region, sub);
+            if let Some(sub) = region.range().intersect(&range) {
+                crate::migrate::discard_device_pages(self, &region, sub);
+            }
+        }
+        if event == NotifyEvent::Unmap {
+            Self::drop_range(&mut self.regions.write(), range);
+        }
+    }
+
+    /// Removes `range` from every region overlapping it, keeping what lies on either side (as
+    /// regions over the same page states). Works on whatever the table holds when the lock is
+    /// taken, so two threads trimming the same region concurrently both take effect.
+    fn drop_range(regions: &mut BTreeMap<u64, Arc<Region>>, range: PageRange) {
+        let first = regions
+            .range(..=range.start().0)
+            .next_back()
+            .map(|(k, _)| *k)
+            .unwrap_or(0);
+        let hit: Vec<Arc<Region>> = regions
+            .range(first..range.end().0)
+            .filter(|(_, r)| r.range().overlaps(range.start(), range.end()))
+            .map(|(_, r)| Arc::clone(r))
+            .collect();
+        for region in hit {
+            let r = region.range();
+            regions.remove(&r.start().0);
+            if r.start() < range.start() {
+                let left = PageRange::from_bounds(r.start().0, range.start().0).expect("left part");
+                regions.insert(left.start().0, Arc::new(region.carve(left, left.start())));
+            }
+            if range.end() < r.end() {
+                let right = PageRange::from_bounds(range.end().0, r.end().0).expect("right part");
+                regions.insert(
+                    right.start().0,
+                    Arc::new(region.carve(right, right.start())),
+                );
             }
         }
     }
 
-    /// Removes `sub` from `region`, keeping what lies on either side.
-    pub(crate) fn trim_region(&self, region: &Arc<Region>, sub: PageRange) {
-        let r = region.range();
-        let mut regions = self.regions.write();
-        if !regions
-            .get(&r.start().0)
-            .is_some_and(|x| Arc::ptr_eq(x, region))
-        {
-            return;
-        }
-        regions.remove(&r.start().0);
-        if r.start() < sub.start() {
-            let left = PageRange::from_bounds(r.start().0, sub.start().0).expect("left part");
-            regions.insert(left.start().0, Arc::new(region.carve(left, left.start())));
-        }
-        if sub.end() < r.end() {
-            let right = PageRange::from_bounds(sub.end().0, r.end().0).expect("right part");
-            regions.insert(
-                right.start().0,
-                Arc::new(region.carve(right, right.start())),
-            );
-        }
-    }
-
-    /// Moves the page states of `[from, from+len)` to `to` (after the kernel moved the memory).
+    /// Moves the regions of `[from, from+len)` to `to` after the kernel moved the memory: the
+    /// moved regions keep their page states (the same state words, so a page locked meanwhile
+    /// stays locked); with `keep_old` (MREMAP_DONTUNMAP) the old range stays managed, empty.
     pub(crate) fn move_region_states(&self, from: u64, to: u64, len: u64, keep_old: bool) {
         let Ok(old) = PageRange::new(from, len) else {
             return;
         };
         let mut moved = Vec::new();
+        let mut fresh = Vec::new();
         for region in self.regions_in(old) {
             let Some(sub) = region.range().intersect(&old) else {
                 continue;
             };
             let at = VirtAddr(to + (sub.start().0 - from));
             moved.push(region.carve(sub, at));
-            if !keep_old {
-                self.trim_region(&region, sub);
-            } else {
-                // MREMAP_DONTUNMAP: the old range stays mapped and empty.
-                for i in 0..sub.npages() as usize {
-                    let idx = region.index(sub.page(i as u64));
-                    if region.states.try_lock(idx) {
-                        region.states.set_system(idx);
-                        if region.states.unlock(idx) {
-                            hetmem_sys::futex::wake(region.states.word(idx), u32::MAX);
-                        }
-                    }
-                }
+            if keep_old {
+                fresh.push(region.fresh(sub));
+            }
+        }
+        if moved.is_empty() {
+            return;
+        }
+        {
+            let mut regions = self.regions.write();
+            Self::drop_range(&mut regions, old);
+            for region in fresh {
+                regions.insert(region.range().start().0, Arc::new(region));
             }
         }
         for region in moved {
@@ -578,11 +617,36 @@ impl AddressSpace {
             NotifyEvent::Unmap,
             None,
         ));
-        let to = crate::os::remap(old, old.len_bytes(), new_addr, dont_unmap)? as u64;
+        // With userfaultfd the kernel reports the move as REMAP, followed by UNMAP of the old
+        // range: the states must move when the REMAP is handled, before that UNMAP frees the
+        // old range's device pages. So the event thread moves them, told by a mark whether the
+        // old range stays mapped (the event does not say), and this thread waits for it.
+        let key = (
+            old.start().0,
+            new_addr.unwrap_or(u64::MAX),
+            old.len_bytes(),
+            dont_unmap,
+        );
+        let tracked = self.uffd.is_some() && !self.regions_in(old).is_empty();
+        if tracked {
+            self.self_remaps.lock().push(key);
+        }
+        let result = crate::os::remap(old, old.len_bytes(), new_addr, dont_unmap);
+        let moved = result.as_ref().is_ok_and(|&to| to as u64 != old.start().0);
+        if tracked && !moved {
+            // No move, no event: the mark would outlive it.
+            let mut z = self.self_remaps.lock();
+            if let Some(i) = z.iter().position(|k| *k == key) {
+                z.swap_remove(i);
+            }
+        }
+        let to = result? as u64;
         let new = PageRange::new(to, old.len_bytes())?;
-        // With userfaultfd the kernel reports REMAP too; the event thread then finds the states
-        // already moved and does nothing more.
-        self.move_region_states(old.start().0, to, old.len_bytes(), dont_unmap);
+        if tracked {
+            self.sync_events();
+        } else if moved {
+            self.move_region_states(old.start().0, to, old.len_bytes(), dont_unmap);
+        }
         Ok(new)
     }
 
@@ -609,6 +673,16 @@ impl AddressSpace {
             }
         }
         r
+    }
+
+    /// Consumes the mark of hetmem's own mremap of `[from, from + len)` to `to`, if there is
+    /// one: whether the old range stays mapped.
+    pub(crate) fn take_self_remap(&self, from: u64, to: u64, len: u64) -> Option<bool> {
+        let mut z = self.self_remaps.lock();
+        let i = z
+            .iter()
+            .position(|&(f, t, l, _)| f == from && l == len && (t == to || t == u64::MAX))?;
+        Some(z.swap_remove(i).3)
     }
 
     /// Consumes a self-zap covering `[start, end)`, if there is one.

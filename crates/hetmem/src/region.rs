@@ -5,6 +5,8 @@
 //! shared ones are tracked for invalidation only (the kernel does not migrate shared pages
 //! either: hmm-tests' `migrate_shared`).
 
+use std::sync::Arc;
+
 use hetmem_core::{page_state::PageStates, PageRange, VirtAddr};
 
 /// How a region came to be managed.
@@ -16,14 +18,21 @@ pub enum RegionKind {
     Registered,
 }
 
-/// One managed region.
+/// One managed region: a range and its window onto a page-state table.
+///
+/// When part of a region is unmapped or moved, the pieces that remain (and the moved part) are
+/// new regions over the *same* table: a thread that looked the old region up and holds a page
+/// lock keeps working on the very state word the new regions see, so splitting never copies a
+/// state that is changing under a lock.
 #[derive(Debug)]
 pub struct Region {
     range: PageRange,
     kind: RegionKind,
     shared: bool,
-    /// Per-page state.
-    pub states: PageStates,
+    /// Index in `states` of the region's first page.
+    base: usize,
+    /// Per-page state (shared with the regions split from the same original).
+    pub states: Arc<PageStates>,
 }
 
 impl Region {
@@ -37,7 +46,8 @@ impl Region {
             range,
             kind,
             shared,
-            states,
+            base: 0,
+            states: Arc::new(states),
         }
     }
 
@@ -53,24 +63,30 @@ impl Region {
     pub fn is_shared(&self) -> bool {
         self.shared
     }
-    /// Index of the page holding `addr` (which must be inside).
+    /// Index in [`Region::states`] of the page holding `addr` (which must be inside).
     pub fn index(&self, addr: VirtAddr) -> usize {
-        self.range.index_of(addr) as usize
+        self.base + self.range.index_of(addr) as usize
     }
-    /// A new region covering `sub` (inside this one) with the same page states: used when part of
-    /// a region is unmapped or moved.
+    /// The region covering `sub` (inside this one) at address `at`, over the same page states:
+    /// what remains after part of a region is unmapped, or what an mremap moved.
     pub fn carve(&self, sub: PageRange, at: VirtAddr) -> Region {
-        let first = self.index(sub.start());
-        let range = PageRange::new(at.0, sub.len_bytes()).expect("carved range is valid");
-        let states = PageStates::new(sub.npages() as usize);
-        for k in 0..states.len() {
-            states.copy_from(k, &self.states, first + k);
-        }
         Region {
-            range,
+            range: PageRange::new(at.0, sub.len_bytes()).expect("carved range is valid"),
             kind: self.kind,
             shared: self.shared,
-            states,
+            base: self.index(sub.start()),
+            states: Arc::clone(&self.states),
         }
+    }
+
+    /// A region covering `sub` (inside this one) with fresh states: system pages with the
+    /// protection the old ones had (the old range of an MREMAP_DONTUNMAP, mapped and empty).
+    pub fn fresh(&self, sub: PageRange) -> Region {
+        let r = Region::new(sub, self.kind, self.shared, 0);
+        for a in sub.pages() {
+            r.states
+                .set_prot(r.index(a), self.states.prot(self.index(a)));
+        }
+        r
     }
 }
