@@ -288,7 +288,7 @@ impl AddressSpace {
             return;
         }
         let v = self.event_batch.load(Ordering::SeqCst);
-        if v % 2 == 0 {
+        if v.is_multiple_of(2) {
             return;
         }
         let mut spins = 0u32;
