@@ -78,7 +78,6 @@ variants! {
     anon_read_prot => anon_read_prot_private, anon_read_prot_coherent;
     anon_write => anon_write_private, anon_write_coherent;
     anon_write_prot => anon_write_prot_private, anon_write_prot_coherent;
-    #[ignore = "fork child + device write: fails (open bug)"]
     anon_write_child => anon_write_child_private, anon_write_child_coherent;
     anon_write_child_shared => anon_write_child_shared_private, anon_write_child_shared_coherent;
     anon_write_huge => anon_write_huge_private, anon_write_huge_coherent;
@@ -101,9 +100,7 @@ variants! {
     double_map => double_map_private, double_map_coherent;
     exclusive => exclusive_private, exclusive_coherent;
     exclusive_mprotect => exclusive_mprotect_private, exclusive_mprotect_coherent;
-    #[ignore = "exclusive + fork: fails (open bug)"]
     exclusive_cow => exclusive_cow_private, exclusive_cow_coherent;
-    #[ignore = "coherent variant fails after fork (open bug)"]
     hmm_cow_in_device => hmm_cow_in_device_private, hmm_cow_in_device_coherent;
     #[ignore = "coherent variant fails (open bug)"]
     migrate_anon_huge_empty => migrate_anon_huge_empty_private, migrate_anon_huge_empty_coherent;

@@ -8,6 +8,7 @@
 //! | `mman`    | mmap / munmap / mprotect / madvise / mremap, MADV_POPULATE_*                    |
 //! | `uffd`    | userfaultfd: API handshake, register, COPY / ZEROPAGE / MOVE / WRITEPROTECT, events |
 //! | `signal`  | SIGSEGV / SIGBUS handler installation with chaining to the previous handler      |
+//! | `fork`    | `pthread_atfork` handlers (prepare / parent / child)                             |
 //! | `futex`   | futex wait / wake on an `AtomicU32` (async-signal-safe waiting)                  |
 //! | `pagemap` | `/proc/self/pagemap` entries and the PAGEMAP_SCAN ioctl                           |
 //! | `maps`    | `/proc/self/maps` and `/proc/self/smaps` VmFlags                                  |
@@ -19,6 +20,7 @@
 pub mod arena;
 pub mod dma;
 pub mod error;
+pub mod fork;
 pub mod futex;
 pub mod maps;
 pub mod mman;

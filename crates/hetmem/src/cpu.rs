@@ -49,8 +49,12 @@ impl CpuMm for AddressSpace {
             let cnt = ((e - s) / PAGE_SIZE) as usize;
             let _ = self
                 .pagemap
+                .read()
                 .page_flags(s as usize, cnt, &mut cats[k..k + cnt]);
-            let _ = self.pagemap.read(s as usize, &mut entries[k..k + cnt]);
+            let _ = self
+                .pagemap
+                .read()
+                .read(s as usize, &mut entries[k..k + cnt]);
         }
         let mut vi = 0;
         for (k, a) in range.pages().enumerate() {

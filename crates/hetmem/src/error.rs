@@ -79,6 +79,10 @@ pub enum MigrateError {
         /// The page.
         addr: VirtAddr,
     },
+    /// This process is the child of a `fork()`: its memory is plain memory and never migrates
+    /// (the userfaultfd and devices belong to the parent).
+    #[error("no migration in a forked child")]
+    ForkedChild,
 }
 
 impl From<MigrateError> for RangeFaultError {

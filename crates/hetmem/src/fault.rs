@@ -72,6 +72,10 @@ impl AddressSpace {
         write: Option<bool>,
         sig: FaultSignal,
     ) -> bool {
+        if self.forked() {
+            // The child of a fork: its pages are plain memory, the userfaultfd is the parent's.
+            return false;
+        }
         let page = addr.page_down();
         let mut synced = false;
         loop {
@@ -224,6 +228,10 @@ impl AddressSpace {
             })?;
         let d = self.device(dev).ok_or(MmError::NoDevice(dev))?;
         let mem = Arc::clone(d.memory());
+        if self.forked() {
+            return Err(MigrateError::ForkedChild.into());
+        }
+        let _fork_gate = (!crate::fork::forking_thread()).then(|| self.fork_gate.read_recursive());
         self.sync_events();
         let mut frames = Vec::with_capacity(range.npages() as usize);
         for a in range.pages() {

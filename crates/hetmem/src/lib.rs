@@ -19,6 +19,7 @@ pub mod device;
 pub mod error;
 mod events;
 pub mod fault;
+mod fork;
 pub mod migrate;
 pub mod mm;
 mod os;

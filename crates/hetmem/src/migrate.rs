@@ -63,6 +63,8 @@ pub struct MigrateVma<'a> {
     vacated: Vec<bool>,
     committed: bool,
     guard: Option<InvalidateGuard>,
+    /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
+    _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
 }
 
 /// A committed migration (after `migrate_vma_pages`).
@@ -80,6 +82,10 @@ impl<'a> MigrateVma<'a> {
     /// selects. Pages that do not take part are reported with a reason; a range outside managed
     /// memory is an error.
     pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
+        if mm.forked() {
+            return Err(MigrateError::ForkedChild);
+        }
+        let fork_gate = (!crate::fork::forking_thread()).then(|| mm.fork_gate.read_recursive());
         // A discard the program made just before must not land on the pages collected here.
         mm.sync_events();
         let region = mm
@@ -96,6 +102,7 @@ impl<'a> MigrateVma<'a> {
         let wants_system = args.select.contains(SelectFlags::SYSTEM);
         if wants_system {
             mm.pagemap
+                .read()
                 .page_flags(args.range.start().as_usize(), n, &mut cats)?;
         }
         // /proc/self/maps is read only when system pages are collected (never on the CPU-fault
@@ -239,6 +246,7 @@ impl<'a> MigrateVma<'a> {
             vacated: vec![false; n],
             committed: false,
             guard,
+            _fork_gate: fork_gate,
         })
     }
 
@@ -716,7 +724,7 @@ fn move_in(
                         // copy, which is the current data.
                         let mut buf = [0u8; PAGE_SIZE as usize];
                         if mem.arena().read(off, &mut buf).is_err()
-                            || os::procmem_write(&mm.procmem, va + done, &buf).is_err()
+                            || os::procmem_write(&mm.procmem.read(), va + done, &buf).is_err()
                         {
                             return (done / PAGE_SIZE as usize, vacated);
                         }
@@ -734,7 +742,7 @@ fn move_in(
         }
     }
     // Mprotect backend: fill the pages while they are still PROT_NONE, then open them.
-    if os::procmem_fill_from_frames(&mm.procmem, va, src, len).is_err() {
+    if os::procmem_fill_from_frames(&mm.procmem.read(), va, src, len).is_err() {
         return (0, 0);
     }
     let range = PageRange::new(va as u64, len as u64).expect("range");

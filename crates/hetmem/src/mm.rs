@@ -90,8 +90,13 @@ pub struct AddressSpace {
     /// so a hole in an arena fills as ordinary anonymous memory does, and discarding a frame
     /// sends no REMOVE event to wait on.
     pub(crate) arena_uffd: Option<Uffd>,
-    pub(crate) procmem: ProcMem,
-    pub(crate) pagemap: PageMap,
+    /// Per-process files (reopened in a forked child; see `fork`).
+    pub(crate) procmem: RwLock<ProcMem>,
+    pub(crate) pagemap: RwLock<PageMap>,
+    /// Migrations hold it for reading; `fork()` for writing (see `fork`).
+    pub(crate) fork_gate: RwLock<()>,
+    /// Set in the child of a `fork()`: it never migrates nor touches the parent's userfaultfd.
+    pub(crate) forked: AtomicBool,
     pub(crate) notifiers: Arc<MmNotifiers>,
     pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
     pub(crate) devices: RwLock<Vec<Option<Arc<dyn Device>>>>,
@@ -165,6 +170,7 @@ impl AddressSpace {
         let mm = MM.get().expect("just set");
         mm.spawn_event_thread();
         crate::fault::install(mm)?;
+        crate::fork::install(mm)?;
         Ok(mm)
     }
 
@@ -213,8 +219,10 @@ impl AddressSpace {
             backend,
             uffd,
             arena_uffd,
-            procmem: ProcMem::open()?,
-            pagemap: PageMap::open()?,
+            procmem: RwLock::new(ProcMem::open()?),
+            pagemap: RwLock::new(PageMap::open()?),
+            fork_gate: RwLock::new(()),
+            forked: AtomicBool::new(false),
             notifiers: MmNotifiers::new(),
             regions: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
@@ -247,7 +255,11 @@ impl AddressSpace {
     /// True in a child process created by `fork()` after hetmem started: the child has no
     /// userfaultfd of its own, so it cannot migrate; range faults and reads still work.
     pub fn is_forked_child(&self) -> bool {
-        std::process::id() != self.pid
+        self.forked() || std::process::id() != self.pid
+    }
+
+    pub(crate) fn forked(&self) -> bool {
+        self.forked.load(Ordering::Acquire)
     }
 
     // ----- regions -------------------------------------------------------------------------
@@ -284,7 +296,7 @@ impl AddressSpace {
     /// batch; since the program's call returned only after the read, it sees the odd value of
     /// that batch (and waits for it to end) or a later one (that batch is done).
     pub(crate) fn sync_events(&self) {
-        if self.uffd.is_none() || crate::events::on_event_thread() {
+        if self.uffd.is_none() || self.forked() || crate::events::on_event_thread() {
             return;
         }
         let v = self.event_batch.load(Ordering::SeqCst);
