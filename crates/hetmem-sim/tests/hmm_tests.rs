@@ -126,7 +126,6 @@ variants! {
     benchmark_thp_migration => benchmark_thp_migration_private, benchmark_thp_migration_coherent;
     #[ignore = "long: 256 MiB migrated about 24 times, far beyond the 2 s per-test budget"]
     benchmark_thp_migration_128 => benchmark_thp_migration_128_private, benchmark_thp_migration_128_coherent;
-    #[ignore = "an argument-check expectation differs (open bug)"]
     bad_input => bad_input_private, bad_input_coherent;
 }
 
