@@ -806,8 +806,11 @@ impl Mirror {
     }
 
     /// `HMM_DMIRROR_FLAGS`: sets the mirror's flags (the value travels in `npages`).
+    ///
+    /// The dispatcher validates `(addr, npages)` before any command runs, FLAGS included: a value
+    /// of 0 is `npages == 0`, hence `EINVAL` (§1.6 dispatch rule 4).
     pub fn set_flags(&self, addr: u64, flags: u64) -> Result<CmdResult, MirrorError> {
-        check(addr, flags.max(1))?;
+        check(addr, flags)?;
         let f = MirrorFlags::from_bits_truncate(flags);
         *self.inner.flags.lock() = f;
         self.inner.dev.fail_alloc_once.store(

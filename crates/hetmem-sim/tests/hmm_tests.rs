@@ -37,7 +37,8 @@
 //!   about 24 migrations of it) takes far longer than a test's 2 s budget and is `#[ignore]`d.
 //!
 //! Beyond the kernel's tests: `bad_input_*` (unaligned address, `npages == 0`, wrapping ranges →
-//! EINVAL for every command, §1.6 dispatch rules 3-4), and extra assertions on the device page
+//! EINVAL for every command, §1.6 dispatch rules 3-4), `coherent_pages_stay_cpu_accessible`
+//! (device-coherent pages, holes included, stay CPU-mapped with no CPU fault), and extra assertions on the device page
 //! table size (`Mirror::pt_len`) in `migrate_fault` (a device skips its own migration's
 //! invalidation) and `double_map` (another device's migration invalidates this mirror).
 //!
@@ -94,7 +95,6 @@ variants! {
     migrate_multiple => migrate_multiple_private, migrate_multiple_coherent;
     anon_read_multiple => anon_read_multiple_private, anon_read_multiple_coherent;
     anon_teardown => anon_teardown_private, anon_teardown_coherent;
-    #[ignore = "coherent variant bytes differ (open bug)"]
     snapshot => snapshot_private, snapshot_coherent;
     compound => compound_private, compound_coherent;
     double_map => double_map_private, double_map_coherent;
@@ -102,9 +102,7 @@ variants! {
     exclusive_mprotect => exclusive_mprotect_private, exclusive_mprotect_coherent;
     exclusive_cow => exclusive_cow_private, exclusive_cow_coherent;
     hmm_cow_in_device => hmm_cow_in_device_private, hmm_cow_in_device_coherent;
-    #[ignore = "coherent variant fails (open bug)"]
     migrate_anon_huge_empty => migrate_anon_huge_empty_private, migrate_anon_huge_empty_coherent;
-    #[ignore = "coherent variant fails (open bug)"]
     migrate_anon_huge_zero => migrate_anon_huge_zero_private, migrate_anon_huge_zero_coherent;
     migrate_anon_huge_free => migrate_anon_huge_free_private, migrate_anon_huge_free_coherent;
     migrate_anon_huge_fault => migrate_anon_huge_fault_private, migrate_anon_huge_fault_coherent;
@@ -112,12 +110,10 @@ variants! {
     migrate_remap_fault => migrate_remap_fault_private, migrate_remap_fault_coherent;
     #[ignore = "FAIL_ALLOC fallback fails (open bug)"]
     migrate_anon_huge_err => migrate_anon_huge_err_private, migrate_anon_huge_err_coherent;
-    #[ignore = "coherent variant fails (open bug)"]
     migrate_anon_huge_zero_err => migrate_anon_huge_zero_err_private, migrate_anon_huge_zero_err_coherent;
     benchmark_thp_migration=> benchmark_thp_migration_private, benchmark_thp_migration_coherent;
     #[ignore = "long: 256 MiB migrated about 24 times, far beyond the 2 s per-test budget"]
     benchmark_thp_migration_128 => benchmark_thp_migration_128_private, benchmark_thp_migration_128_coherent;
-    #[ignore = "an argument-check expectation differs (open bug)"]
     bad_input => bad_input_private, bad_input_coherent;
 }
 
@@ -1319,4 +1315,66 @@ fn bad_input(kind: MemoryKind) {
         "expected EINVAL:\n{}",
         failures.join("\n")
     );
+}
+
+// ----- coherent pages stay CPU-accessible (beyond the kernel's tests) -----------------------
+
+/// Device-coherent memory is ordinary CPU-mapped memory (hmm-tests.md §3.3): after a migration
+/// to a coherent device, written pages and holes alike are reachable by the device's verification
+/// read, and the CPU reads and writes them directly, without a single CPU fault (no write stop
+/// left behind by the migration, no hole left for the CPU to fault in).
+#[test]
+fn coherent_pages_stay_cpu_accessible() {
+    let f = Hmm::new(COHERENT);
+    // Smaller than a 2 MiB block: no compound collection, every snapshot byte is one value.
+    let npages = 64;
+    let mut b = Buffer::anon(npages * PS, Prot::RW, false);
+    // The first half written, the second half never touched (holes).
+    let half = b.nints() / 2;
+    for k in 0..half {
+        b.set(k, ident(k));
+    }
+    b.mfill(|_| 0x5a5a_5a5a);
+    assert_ok(
+        f.m.migrate_to_dev(b.ptr, npages, &mut b.mirror),
+        npages,
+        None,
+        "MIGRATE_TO_DEV",
+    );
+    b.mcheck_range(0..half, ident, "mirror, written half");
+    b.mcheck_range(half..b.nints(), zero, "mirror, holes");
+    let want = vec![SnapshotProt::DEV_COHERENT_LOCAL | SnapshotProt::WRITE; npages as usize];
+    let mut m = vec![0xAAu8; npages as usize];
+    assert_ok(
+        f.m.snapshot(b.ptr, npages, &mut m),
+        npages,
+        None,
+        "SNAPSHOT",
+    );
+    assert_eq!(m, want, "snapshot after the migration");
+    let before = mm().stats();
+    b.check_range(0..half, ident, "CPU read, written half");
+    b.check_range(half..b.nints(), zero, "CPU read, holes");
+    b.fill(neg);
+    let after = mm().stats();
+    assert_eq!(after.cpu_faults, before.cpu_faults, "CPU faults");
+    assert_eq!(
+        after.cpu_fault_migrations, before.cpu_fault_migrations,
+        "CPU fault migrations"
+    );
+    // The device still maps every page (nothing invalidated it) and sees the CPU's writes.
+    assert_ok(
+        f.m.read(b.ptr, npages, &mut b.mirror),
+        npages,
+        Some(0),
+        "READ",
+    );
+    b.mcheck(neg, "mirror after the CPU writes");
+    assert_ok(
+        f.m.snapshot(b.ptr, npages, &mut m),
+        npages,
+        None,
+        "SNAPSHOT",
+    );
+    assert_eq!(m, want, "snapshot after the CPU writes");
 }

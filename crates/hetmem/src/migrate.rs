@@ -229,9 +229,12 @@ impl<'a> MigrateVma<'a> {
                 (args.owner != EVICT_ANY).then_some(args.owner),
             ))
         });
-        // The mprotect backend stops writers now; userfaultfd's MOVE needs no such step.
+        // The mprotect backend stops writers now (holes too: a write would populate one after
+        // its copy); userfaultfd's MOVE needs no such step.
         if any && mm.backend == CpuFaultBackend::Mprotect {
-            for run in runs(&entries, |e| e.migrates() && e.src == PageLoc::System) {
+            for run in runs(&entries, |e| {
+                e.migrates() && matches!(e.src, PageLoc::System | PageLoc::Empty)
+            }) {
                 let r = sub_range(args.range, run.clone());
                 let _ = os::protect(r, hetmem_sys::mman::Prot::READ);
             }
@@ -359,7 +362,7 @@ impl<'a> MigrateVma<'a> {
             let moved = if coherent {
                 // Device-coherent memory is memory the CPU keeps addressing directly (as CXL
                 // memory would be): the page stays where the CPU maps it and the device claims it.
-                end - k
+                claim_coherent(mm, va, &self.entries[k..end])
             } else {
                 move_out(mm, &mem, va, frame, len, &self.entries[k..end])
             };
@@ -381,10 +384,34 @@ impl<'a> MigrateVma<'a> {
                     e.skip(SkipReason::Pinned);
                 }
             }
+            if coherent {
+                // A coherent page stays CPU-addressable with the program's protection: undo the
+                // write stop of setup (the mprotect backend; no-op for userfaultfd).
+                self.restore_prot(k..k + moved);
+            }
             if moved > 0 {
                 mem.pool().lock().account_in(moved as u64);
                 mm.stats.add(&mm.stats.pages_to_device, moved as u64);
             }
+            k = end;
+        }
+    }
+
+    /// Mprotect backend: gives the pages of `run` (entry indices) back the protection the program
+    /// asked for, in runs of equal protection.
+    fn restore_prot(&self, run: std::ops::Range<usize>) {
+        if self.mm.backend != CpuFaultBackend::Mprotect {
+            return;
+        }
+        let first = self.region.index(self.args.range.start());
+        let mut k = run.start;
+        while k < run.end {
+            let bits = self.region.states.prot(first + k);
+            let mut end = k + 1;
+            while end < run.end && self.region.states.prot(first + end) == bits {
+                end += 1;
+            }
+            let _ = os::protect(sub_range(self.args.range, k..end), prot_from_bits(bits));
             k = end;
         }
     }
@@ -441,21 +468,26 @@ impl<'a> MigrateVma<'a> {
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
         let first = self.region.index(self.args.range.start());
-        // Mprotect backend: give back access to pages that were collected but did not move.
-        if self.mm.backend == CpuFaultBackend::Mprotect {
-            let stay = runs(&self.entries, |e| {
-                e.src == PageLoc::System && !e.migrates() && e.skipped.is_some()
-            });
-            for run in stay {
-                if !self.locked[run.start] {
-                    continue;
-                }
-                let r = sub_range(self.args.range, run.clone());
-                let _ = os::protect(
-                    r,
-                    prot_from_bits(self.region.states.prot(first + run.start)),
-                );
+        // Mprotect backend: give back access to system pages and holes that were collected (and
+        // write-stopped in setup) but did not move, or all of them when nothing was committed.
+        // Entries skipped in setup were never touched.
+        let stay = |k: usize| {
+            let e = &self.entries[k];
+            self.locked[k]
+                && matches!(e.src, PageLoc::System | PageLoc::Empty)
+                && !(self.committed && e.migrates())
+        };
+        let mut k = 0;
+        while k < self.entries.len() {
+            if !stay(k) {
+                k += 1;
+                continue;
             }
+            let s = k;
+            while k < self.entries.len() && stay(k) {
+                k += 1;
+            }
+            self.restore_prot(s..k);
         }
         // Frames freed: sources that left the device, destinations that were not used. Their
         // bytes are discarded in runs of consecutive frames (one madvise each), except where a
@@ -576,6 +608,44 @@ fn runs(
 fn sub_range(range: PageRange, run: std::ops::Range<usize>) -> PageRange {
     PageRange::from_pages(range.page(run.start as u64).0, (run.end - run.start) as u64)
         .expect("sub-range of a valid range")
+}
+
+/// Claims the pages at `va` for device-coherent memory: they stay where the CPU maps them. A hole
+/// migrates as a zeroed page the CPU maps (the kernel's `migrate_vma_insert_page` of a zeroed
+/// device-coherent page): under userfaultfd it is filled here, since neither the device nor the
+/// kernel's own accesses (`process_vm_readv`) can fault a hole in. The zero page stays: it is a
+/// zeroed page the CPU maps already. Returns how many pages (from the start) were claimed.
+fn claim_coherent(mm: &AddressSpace, va: usize, entries: &[MigrateEntry]) -> usize {
+    let uffd = match (&mm.uffd, mm.backend) {
+        (Some(u), CpuFaultBackend::Userfaultfd) => u,
+        // Mprotect backend: a hole is an ordinary pte_none that any access populates.
+        _ => return entries.len(),
+    };
+    for (p, e) in entries.iter().enumerate() {
+        if e.src != PageLoc::Empty {
+            continue;
+        }
+        let page = va + p * PAGE_SIZE as usize;
+        loop {
+            match os::uffd_copy(
+                uffd,
+                page,
+                os::ZERO_PAGE.as_ptr() as usize,
+                PAGE_SIZE as usize,
+            ) {
+                Ok(_) => {}
+                // Present already (the zero page, or populated meanwhile): the CPU maps it.
+                Err(UffdError::Exists) => {}
+                Err(UffdError::Again { .. }) => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                Err(_) => return p,
+            }
+            break;
+        }
+    }
+    entries.len()
 }
 
 #[allow(clippy::needless_range_loop)] // page index, frame offset and entry advance together
