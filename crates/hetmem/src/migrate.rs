@@ -518,8 +518,11 @@ impl Drop for MigrateVma<'_> {
                         (end - k) * PAGE_SIZE as usize,
                     );
                 }
+                // Freed last-first: the pool's free list is a stack, so the next allocation
+                // pops them in ascending order again, and a later migration finds contiguous
+                // frames (one copy or MOVE per run instead of one per page).
                 let mut pool = mem.pool().lock();
-                for &(_, f, _) in &freed[k..end] {
+                for &(_, f, _) in freed[k..end].iter().rev() {
                     let _ = pool.free_page(f);
                 }
             }
