@@ -198,7 +198,8 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
         "hetmem bench: backend {:?}, median of {reps} runs",
         mm.backend()
     );
-    let dev = DmirrorDevice::new(MemoryKind::DevicePrivate, (mib + 64) << 20)?;
+    let fault_mib = (fault_pages * PAGE_SIZE).div_ceil(1 << 20);
+    let dev = DmirrorDevice::new(MemoryKind::DevicePrivate, (mib.max(fault_mib) + 64) << 20)?;
     let mirror = dev.open()?;
 
     // 1. CPU fault on a device page vs a bare SIGSEGV + mprotect round trip.
@@ -207,6 +208,7 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
     let mut buf = vec![0u8; range.len_bytes() as usize];
     let mut fault = Vec::new();
     let mut base = Vec::new();
+    let mut floor = Vec::new();
     for _ in 0..reps {
         mirror
             .migrate_to_dev(range.start().0, fault_pages, &mut buf)
@@ -219,6 +221,9 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
         base.push(
             hetmem_sys::signal::segv_mprotect_roundtrip(fault_pages as usize)? / fault_pages as u32,
         );
+        if let Ok(d) = hetmem_sys::signal::sigbus_uffd_move_roundtrip(fault_pages as usize) {
+            floor.push(d / fault_pages as u32);
+        }
     }
     let (f, b) = (median(fault), median(base));
     println!(
@@ -227,6 +232,14 @@ fn bench(mm: &AddressSpace, mib: u64, fault_pages: u64, reps: usize) -> Result<(
         b.as_secs_f64() * 1e6,
         f.as_secs_f64() / b.as_secs_f64()
     );
+    if !floor.is_empty() {
+        let u = median(floor);
+        println!(
+            "  floor of a userfaultfd fault:              bare SIGBUS+UFFDIO_MOVE {:>6.2} us   ({:.2}x the SIGSEGV+mprotect trip)",
+            u.as_secs_f64() * 1e6,
+            u.as_secs_f64() / b.as_secs_f64()
+        );
+    }
 
     // 2. Migrate mib MiB to the device and back vs memcpy of the same bytes (both ways).
     let bytes = mib << 20;

@@ -84,6 +84,14 @@ static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
 static BASELINE_START: AtomicUsize = AtomicUsize::new(0);
 static BASELINE_END: AtomicUsize = AtomicUsize::new(0);
 
+/// `[start, end)` of the holes [`sigbus_uffd_move_roundtrip`] is measuring, and the distance to
+/// the pages that fill them (`src = dst - MOVE_DELTA`, wrapping).
+static MOVE_START: AtomicUsize = AtomicUsize::new(0);
+static MOVE_END: AtomicUsize = AtomicUsize::new(0);
+static MOVE_DELTA: AtomicUsize = AtomicUsize::new(0);
+/// The userfaultfd of that measurement (opened once, kept for later measurements).
+static MOVE_UFFD: OnceLock<crate::uffd::Uffd> = OnceLock::new();
+
 fn prev_slot(sig: libc::c_int) -> &'static OnceLock<SavedAction> {
     if sig == libc::SIGBUS {
         &PREV_BUS
@@ -216,6 +224,22 @@ fn dispatch(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void
             return unsafe { mman::protect(page, PAGE_SIZE, Prot::RW) }.is_ok();
         }
     }
+    if sig == libc::SIGBUS {
+        let (start, end) = (
+            MOVE_START.load(Ordering::Acquire),
+            MOVE_END.load(Ordering::Acquire),
+        );
+        if start <= addr && addr < end {
+            let page = addr & !(PAGE_SIZE - 1);
+            let src = page.wrapping_sub(MOVE_DELTA.load(Ordering::Acquire));
+            return MOVE_UFFD.get().is_some_and(|u| {
+                // SAFETY: both pages belong to `sigbus_uffd_move_roundtrip`'s private mappings,
+                // which no Rust reference covers; moving one into the other's hole is what that
+                // benchmark measures.
+                unsafe { u.move_pages(page, src, PAGE_SIZE, false) }.is_ok()
+            });
+        }
+    }
     let h = HANDLER.load(Ordering::Acquire);
     if h.is_null() {
         return false;
@@ -299,6 +323,45 @@ pub fn segv_mprotect_roundtrip(npages: usize) -> SysResult<Duration> {
     BASELINE_END.store(0, Ordering::Release);
     // SAFETY: the mapping is ours and no longer used.
     unsafe { mman::unmap(base, len)? };
+    Ok(dt)
+}
+
+/// The physical baseline of a userfaultfd CPU fault: `npages` round trips of a touch on a hole
+/// registered in MISSING mode with `UFFD_FEATURE_SIGBUS` (trap, SIGBUS, `UFFDIO_MOVE` of a
+/// populated page into the hole, resume), served by the trampoline itself. The floor under a
+/// userfaultfd-based fault path, as [`segv_mprotect_roundtrip`] is under an mprotect one.
+/// Returns the total time. Not reentrant: one measurement at a time.
+pub fn sigbus_uffd_move_roundtrip(npages: usize) -> SysResult<Duration> {
+    use crate::uffd::{RegisterMode, Uffd, UffdFeatures};
+    install_trampoline()?;
+    if MOVE_UFFD.get().is_none() {
+        let u = Uffd::open(UffdFeatures::SIGBUS | UffdFeatures::MOVE)?;
+        let _ = MOVE_UFFD.set(u);
+    }
+    let uffd = MOVE_UFFD.get().expect("set above");
+    let npages = npages.max(1);
+    let len = npages * PAGE_SIZE;
+    let src = mman::map_anonymous(len, Prot::RW, false)?;
+    let dst = mman::map_anonymous(len, Prot::RW, false)?;
+    mman::populate(src, len, true)?;
+    uffd.register(dst, len, RegisterMode::MISSING)?;
+    MOVE_DELTA.store(dst.wrapping_sub(src), Ordering::Release);
+    MOVE_START.store(dst, Ordering::Release);
+    MOVE_END.store(dst + len, Ordering::Release);
+    let t = Instant::now();
+    for p in 0..npages {
+        // SAFETY: a volatile load from our own mapping; the trampoline moves a page into the hole.
+        unsafe { std::ptr::read_volatile((dst + p * PAGE_SIZE) as *const u8) };
+    }
+    let dt = t.elapsed();
+    MOVE_START.store(0, Ordering::Release);
+    MOVE_END.store(0, Ordering::Release);
+    let _ = uffd.unregister(dst, len);
+    // SAFETY: both mappings are ours and no longer used.
+    unsafe {
+        mman::unmap(src, len)?;
+        mman::unmap(dst, len)?;
+    }
     Ok(dt)
 }
 

@@ -326,9 +326,7 @@ pub(crate) fn restore_exclusive(
         unlock_page(region, i);
         return Err(MigrateError::Stuck { addr: page });
     }
-    let _ = mem
-        .arena()
-        .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+    crate::migrate::scrub_frames(mm, mem, frame, 1);
     let _ = mem.pool().lock().free_page(frame);
     region.states.set_system(i);
     unlock_page(region, i);

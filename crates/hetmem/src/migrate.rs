@@ -513,10 +513,7 @@ impl Drop for MigrateVma<'_> {
             }
             if let Some(mem) = self.device_mem(dev) {
                 if dirty {
-                    let _ = mem.arena().discard(
-                        DeviceMemory::frame_offset(frame),
-                        (end - k) * PAGE_SIZE as usize,
-                    );
+                    scrub_frames(self.mm, &mem, frame, end - k);
                 }
                 // Freed last-first: the pool's free list is a stack, so the next allocation
                 // pops them in ascending order again, and a later migration finds contiguous
@@ -564,6 +561,19 @@ impl<'a> Committed<'a> {
         };
         drop(self);
         summary
+    }
+}
+
+/// Readies freed frames for reuse. With userfaultfd a frame must be a hole to receive a MOVE, so
+/// its bytes are discarded. The mprotect backend copies every page whole into its frames, so
+/// they stay populated, as device memory always is, and the next migration does not pay for
+/// faulting them in again.
+pub(crate) fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn, npages: usize) {
+    if mm.backend == CpuFaultBackend::Userfaultfd {
+        let _ = mem.arena().discard(
+            DeviceMemory::frame_offset(frame),
+            npages * PAGE_SIZE as usize,
+        );
     }
 }
 
@@ -953,9 +963,7 @@ pub(crate) fn discard_device_pages(mm: &AddressSpace, region: &Arc<Region>, sub:
         {
             if let Some(d) = mm.device(dev) {
                 let mem = d.memory();
-                let _ = mem
-                    .arena()
-                    .discard(DeviceMemory::frame_offset(frame), PAGE_SIZE as usize);
+                scrub_frames(mm, mem, frame, 1);
                 let _ = mem.pool().lock().free_page(frame);
             }
             region.states.set_system(i);
