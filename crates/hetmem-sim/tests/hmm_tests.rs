@@ -38,7 +38,9 @@
 //!
 //! Beyond the kernel's tests: `bad_input_*` (unaligned address, `npages == 0`, wrapping ranges →
 //! EINVAL for every command, §1.6 dispatch rules 3-4), `coherent_pages_stay_cpu_accessible`
-//! (device-coherent pages, holes included, stay CPU-mapped with no CPU fault), and extra assertions on the device page
+//! (device-coherent pages, holes included, stay CPU-mapped with no CPU fault),
+//! `first_touch_populates_like_the_kernel` (a `MADV_HUGEPAGE` block gets a THP on first touch, as
+//! the THP scenarios assume, under either backend), and extra assertions on the device page
 //! table size (`Mirror::pt_len`) in `migrate_fault` (a device skips its own migration's
 //! invalidation) and `double_map` (another device's migration invalidates this mirror).
 //!
@@ -1377,4 +1379,66 @@ fn coherent_pages_stay_cpu_accessible() {
         "SNAPSHOT",
     );
     assert_eq!(m, want, "snapshot after the CPU writes");
+}
+
+// ----- first touch populates like the kernel (beyond the kernel's tests) --------------------
+
+/// The first CPU touch of an empty 2 MiB block populates it as the kernel would without hetmem:
+/// a transparent huge page under `MADV_HUGEPAGE` (a write), the huge zero page or a THP (a read),
+/// base pages under `MADV_NOHUGEPAGE`. The kernel tests' THP sources (`migrate_anon_huge_err`,
+/// `anon_write_child` with THP) rely on it. With the userfaultfd backend the mapping stays one
+/// VMA, still registered for missing pages and write protection.
+#[test]
+fn first_touch_populates_like_the_kernel() {
+    use hetmem_sys::{maps::VmFlags, pagemap::PageCategory};
+    let p = pmd_size();
+    let np = (p / PS) as usize;
+    let pagemap = hetmem_sys::pagemap::PageMap::open().expect("pagemap");
+    for (advice, write, huge) in [
+        (libc::MADV_HUGEPAGE, true, true),
+        (libc::MADV_HUGEPAGE, false, true),
+        (libc::MADV_NOHUGEPAGE, true, false),
+    ] {
+        let what = format!("advice {advice} write={write}");
+        let b = Buffer::aligned(p, p, Prot::RW);
+        assert_eq!(madvise(b.ptr, p, advice), Ok(()), "{what}: madvise");
+        let k = 5 * (PS / 4) as usize; // the first int of page 5
+        if write {
+            b.set(k, 7);
+        } else {
+            assert_eq!(b.get(k), 0, "{what}: read");
+        }
+        let mut cats = vec![PageCategory::empty(); np];
+        pagemap
+            .page_flags(b.ptr as usize, np, &mut cats)
+            .expect("page_flags");
+        for (j, c) in cats.iter().enumerate() {
+            let present = huge || j == 5;
+            assert_eq!(
+                c.contains(PageCategory::PRESENT),
+                present,
+                "{what}: page {j} present ({c:?})"
+            );
+            assert_eq!(
+                c.contains(PageCategory::HUGE),
+                huge,
+                "{what}: page {j} huge ({c:?})"
+            );
+        }
+        assert_eq!(b.get(k), if write { 7 } else { 0 }, "{what}: value");
+        let vmas =
+            hetmem_sys::maps::read_vm_flags(b.ptr as usize, (b.ptr + p) as usize).expect("smaps");
+        assert_eq!(vmas.len(), 1, "{what}: one VMA ({vmas:x?})");
+        let (s, e, flags) = vmas[0];
+        assert!(
+            s as u64 <= b.ptr && e as u64 >= b.ptr + p,
+            "{what}: the VMA covers the buffer"
+        );
+        if mm().backend() == hetmem::CpuFaultBackend::Userfaultfd {
+            assert!(
+                flags.contains(VmFlags::UM | VmFlags::UW),
+                "{what}: still registered ({flags:?})"
+            );
+        }
+    }
 }

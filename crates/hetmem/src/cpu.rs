@@ -18,7 +18,7 @@ use hetmem_sys::{
 };
 
 use crate::{
-    fault::lock_page,
+    fault::{lock_page, populate_empty_block},
     mm::{AddressSpace, CpuFaultBackend},
     os,
 };
@@ -185,13 +185,20 @@ pub(crate) fn fault_range(
                 _ => break,
             }
         }
-        if mm.backend == CpuFaultBackend::Userfaultfd && !region.is_shared() {
+        // (Not in a forked child: its memory is not registered, and the inherited userfaultfd
+        // acts on the parent's address space.)
+        if mm.backend == CpuFaultBackend::Userfaultfd
+            && !region.is_shared()
+            && !mm.is_forked_child()
+        {
             // Holes of MISSING-registered memory cannot be populated by the kernel's fault path
             // in SIGBUS mode: fill them here, under the page lock.
             if let Some(uffd) = &mm.uffd {
                 lock_page(&region, i);
                 if region.states.get(i).location == Location::System {
-                    let r = if write {
+                    let r = if populate_empty_block(mm, uffd, &region, a, write) {
+                        Ok(PAGE_SIZE as usize)
+                    } else if write {
                         os::uffd_copy(
                             uffd,
                             a.as_usize(),

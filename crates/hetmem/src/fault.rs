@@ -63,6 +63,112 @@ fn unlock_page(region: &Region, i: usize) {
     }
 }
 
+/// Userfaultfd backend, first touch of an empty 2 MiB block: populates `page` through the
+/// kernel's own fault path, as it would be populated without userfaultfd, so that a THP-eligible
+/// mapping (`MADV_HUGEPAGE`, or THP `always`) gets a transparent huge page (the huge zero page on
+/// a read) and any other mapping a base page. The kernel's fault path cannot run on a
+/// MISSING-registered range in SIGBUS mode, UFFDIO_COPY and UFFDIO_ZEROPAGE install base pages
+/// only, and hetmem cannot read a VMA's THP advice cheaply (`smaps` walks page tables): so the
+/// block leaves the userfaultfd for the duration of one `MADV_POPULATE_*`, with every one of its
+/// pages locked, which keeps hetmem's migrations and faults away from it meanwhile.
+///
+/// The caller holds the lock of `page`, a system hole of `region` (a private region). Returns
+/// false, having changed nothing, when the block is not wholly inside the region, not all holes
+/// and unlocked system pages, or the kernel's fault path failed (the caller then fills the page
+/// itself).
+pub(crate) fn populate_empty_block(
+    mm: &AddressSpace,
+    uffd: &hetmem_sys::uffd::Uffd,
+    region: &Region,
+    page: VirtAddr,
+    write: bool,
+) -> bool {
+    const N: usize = hetmem_core::addr::PAGES_PER_HUGE as usize;
+    let base = page.huge_down();
+    let Ok(block) = PageRange::new(base.0, hetmem_core::HUGE_PAGE_SIZE) else {
+        return false;
+    };
+    // A forked child's userfaultfd is the parent's: never (un)register through it.
+    if region.is_shared() || !region.range().contains_range(&block) || mm.is_forked_child() {
+        return false;
+    }
+    // All holes: a pagemap read on the faulting thread's stack (no allocation in signal context),
+    // before taking the locks (the common case, a block already populated, stops here) and again
+    // under them (with every page locked, nothing populates the block behind our back: a CPU
+    // touch waits in this handler, a kernel access to a hole fails).
+    let empty = || {
+        let mut pm = [hetmem_sys::pagemap::PagemapEntry(0); N];
+        mm.pagemap.read(block.start().as_usize(), &mut pm).is_ok()
+            && pm.iter().all(|e| !e.present() && !e.swapped())
+    };
+    if !empty() {
+        return false;
+    }
+    let first = region.index(block.start());
+    let me = region.index(page);
+    let unlock_taken = |n: usize| {
+        for j in (first..first + n).filter(|&j| j != me) {
+            unlock_page(region, j);
+        }
+    };
+    let mut taken = 0;
+    for j in first..first + N {
+        if j != me {
+            if !region.states.try_lock(j) {
+                break;
+            }
+            if region.states.get(j).location != Location::System {
+                unlock_page(region, j);
+                break;
+            }
+        }
+        taken += 1;
+    }
+    if taken < N || !empty() {
+        unlock_taken(taken);
+        return false;
+    }
+    let (addr, len) = (block.start().as_usize(), block.len_bytes() as usize);
+    if uffd.unregister(addr, len).is_err() {
+        unlock_taken(N);
+        return false;
+    }
+    let populated = hetmem_sys::mman::populate(page.as_usize(), PAGE_SIZE as usize, write).is_ok();
+    reregister_block(uffd, block);
+    unlock_taken(N);
+    populated
+}
+
+/// Puts `block` back on the userfaultfd after [`populate_empty_block`]. A page that stayed mapped
+/// but cannot be registered again would later lose data (a CPU touch after its data moved to a
+/// device would read fresh zeros): that is fatal, not an error to report.
+fn reregister_block(uffd: &hetmem_sys::uffd::Uffd, block: PageRange) {
+    use hetmem_sys::uffd::RegisterMode;
+    let mode = RegisterMode::MISSING | RegisterMode::WP;
+    for _ in 0..3 {
+        if uffd
+            .register(block.start().as_usize(), block.len_bytes() as usize, mode)
+            .is_ok()
+        {
+            return;
+        }
+        std::thread::yield_now();
+    }
+    // Part of the block was unmapped meanwhile (or the kernel is out of memory): page by page,
+    // skipping pages no longer mapped.
+    for a in block.pages() {
+        if uffd
+            .register(a.as_usize(), PAGE_SIZE as usize, mode)
+            .is_err()
+            && hetmem_sys::maps::read_maps_range(a.as_usize(), a.as_usize() + PAGE_SIZE as usize)
+                .map_or(true, |v| !v.is_empty())
+        {
+            tracing::error!(%a, "managed page cannot be registered with userfaultfd again");
+            std::process::abort();
+        }
+    }
+}
+
 impl AddressSpace {
     /// Handles a CPU fault at `addr`. Returns false when the fault is not hetmem's (outside
     /// managed memory, or a genuine protection violation): the previous handler then runs.
@@ -158,7 +264,12 @@ impl AddressSpace {
                     return true;
                 }
                 let va = page.as_usize();
-                let r = if write.unwrap_or(true) && prot & 2 != 0 {
+                let write = write.unwrap_or(true) && prot & 2 != 0;
+                let r = if region.states.get(i).location == Location::System
+                    && populate_empty_block(self, uffd, region, page, write)
+                {
+                    Ok(PAGE_SIZE as usize)
+                } else if write {
                     os::uffd_copy(
                         uffd,
                         va,
