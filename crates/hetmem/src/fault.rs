@@ -98,7 +98,10 @@ pub(crate) fn populate_empty_block(
     // touch waits in this handler, a kernel access to a hole fails).
     let empty = || {
         let mut pm = [hetmem_sys::pagemap::PagemapEntry(0); N];
-        mm.pagemap.read(block.start().as_usize(), &mut pm).is_ok()
+        mm.pagemap
+            .read()
+            .read(block.start().as_usize(), &mut pm)
+            .is_ok()
             && pm.iter().all(|e| !e.present() && !e.swapped())
     };
     if !empty() {
