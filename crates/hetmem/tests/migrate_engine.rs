@@ -1,0 +1,243 @@
+//! The migration engine through its public API (`MigrateVma::setup` → `alloc_and_copy` →
+//! `pages` → `finalize`), against a minimal device defined here: rollback of a collected
+//! migration that is dropped, and partial migration with a per-page report (DESIGN.md
+//! invariant 3: a migration commits or rolls back page by page; pages that could not migrate stay
+//! valid where they were).
+
+use std::sync::Arc;
+
+use hetmem::{
+    migrate::{MigrateArgs, MigrateVma, ToSystem},
+    AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, Prot,
+};
+use hetmem_core::{
+    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason},
+    page_state::Location,
+    pool::MemoryKind,
+    DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
+};
+
+const OWNER: Owner = Owner(0x7e57_0001);
+
+/// The smallest device: memory, and `migrate_to_ram` through the common path.
+struct TestDevice {
+    mem: Arc<DeviceMemory>,
+}
+
+impl Device for TestDevice {
+    fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.mem
+    }
+    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)
+    }
+}
+
+/// Gives a destination frame to every migrating entry whose index `take` accepts.
+struct Driver<'a> {
+    mem: &'a DeviceMemory,
+    take: fn(usize) -> bool,
+}
+
+impl MigrateDriver for Driver<'_> {
+    fn alloc_and_copy(&self, _: PageRange, entries: &mut [MigrateEntry], _: &[bool]) {
+        let mut pool = self.mem.pool().lock();
+        for (k, e) in entries.iter_mut().enumerate() {
+            if e.migrates() && (self.take)(k) {
+                let frame = pool.alloc_page().expect("test device has room");
+                e.dst = Some(PageLoc::Device {
+                    dev: self.mem.id(),
+                    frame,
+                });
+            }
+        }
+    }
+    fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+}
+
+fn setup(npages: u64) -> (&'static Arc<AddressSpace>, Arc<TestDevice>, PageRange) {
+    let mm = AddressSpace::current().unwrap();
+    let dev = mm
+        .attach_device(|id: DeviceId| {
+            let mem = DeviceMemory::new(id, OWNER, MemoryKind::DevicePrivate, 8 << 20)
+                .map_err(hetmem::MmError::from)?;
+            Ok(Arc::new(TestDevice { mem: Arc::new(mem) }))
+        })
+        .unwrap();
+    let range = mm
+        .map_anonymous(npages * PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let pattern: Vec<u8> = (0..range.len_bytes()).map(|i| (i / 7) as u8).collect();
+    mm.cpu_write(range.start(), &pattern).unwrap();
+    (mm, dev, range)
+}
+
+fn pattern_intact(mm: &AddressSpace, range: PageRange) {
+    let mut buf = vec![0u8; range.len_bytes() as usize];
+    // Touch every page from the CPU first: device pages come back through the fault path.
+    for a in range.pages() {
+        hetmem::cpu_touch(a).unwrap();
+    }
+    mm.cpu_read(range.start(), &mut buf).unwrap();
+    for (i, b) in buf.iter().enumerate() {
+        assert_eq!(*b, (i / 7) as u8, "byte {i} lost");
+    }
+}
+
+fn location(mm: &AddressSpace, a: VirtAddr) -> Location {
+    let r = mm.region_of(a).unwrap();
+    r.states.get(r.index(a)).location
+}
+
+fn args(range: PageRange) -> MigrateArgs {
+    MigrateArgs {
+        range,
+        select: SelectFlags::SYSTEM,
+        owner: OWNER,
+        fault_page: None,
+    }
+}
+
+#[test]
+fn dropping_a_collected_migration_rolls_every_page_back() {
+    let (mm, dev, range) = setup(16);
+    {
+        let mut m = MigrateVma::setup(mm, args(range)).unwrap();
+        assert_eq!(m.cpages(), 16, "every populated page is collected");
+        m.alloc_and_copy(&Driver {
+            mem: &dev.mem,
+            take: |_| true,
+        });
+        assert_eq!(dev.mem.pool().lock().stats().pages_in_use, 16);
+        // Dropped here, before `pages()`: nothing was committed.
+    }
+    assert_eq!(
+        dev.mem.pool().lock().stats().pages_in_use,
+        0,
+        "destination frames freed by the rollback"
+    );
+    for a in range.pages() {
+        assert_eq!(
+            location(mm, a),
+            Location::System,
+            "{a} stayed in system memory"
+        );
+    }
+    // Unlocked: the next migration collects every page again.
+    let again = MigrateVma::setup(mm, args(range)).unwrap();
+    assert_eq!(again.cpages(), 16);
+    drop(again);
+    mm.check_invariants().unwrap();
+    pattern_intact(mm, range);
+}
+
+#[test]
+fn partial_migration_reports_why_each_page_stayed() {
+    let (mm, dev, range) = setup(16);
+    // Pages 4..8 are held by another migration in flight: they are skipped as locked.
+    let held = PageRange::from_pages(range.page(4).0, 4).unwrap();
+    let other = MigrateVma::setup(mm, args(held)).unwrap();
+    assert_eq!(other.cpages(), 4);
+
+    let mut m = MigrateVma::setup(mm, args(range)).unwrap();
+    // The driver declines odd pages (no destination: a failed device allocation).
+    m.alloc_and_copy(&Driver {
+        mem: &dev.mem,
+        take: |k| k % 2 == 0,
+    });
+    let committed = m.pages();
+    let entries = committed.entries().to_vec();
+    let summary = committed.finalize();
+    drop(other);
+
+    for (k, e) in entries.iter().enumerate() {
+        let a = range.page(k as u64);
+        let want = if (4..8).contains(&k) {
+            Some(SkipReason::Locked)
+        } else if k % 2 == 1 {
+            Some(SkipReason::NoDestination)
+        } else {
+            None
+        };
+        assert_eq!(e.skipped, want, "page {k}: reason");
+        assert_eq!(e.migrates(), want.is_none(), "page {k}: MIGRATE flag");
+        let on_device = matches!(location(mm, a), Location::Device { .. });
+        assert_eq!(on_device, want.is_none(), "page {k}: location");
+    }
+    let moved = entries.iter().filter(|e| e.migrates()).count() as u64;
+    assert_eq!(moved, 6, "pages 0, 2, 8, 10, 12, 14");
+    assert_eq!(summary.migrated, moved);
+    assert_eq!(dev.mem.pool().lock().stats().pages_in_use, moved);
+    mm.check_invariants().unwrap();
+    // Every byte is where the CPU can read it: device pages fault back.
+    pattern_intact(mm, range);
+    assert_eq!(dev.mem.pool().lock().stats().pages_in_use, 0);
+    mm.check_invariants().unwrap();
+}
+
+#[test]
+fn shared_pages_and_foreign_device_pages_are_not_collected() {
+    let (mm, dev, range) = setup(4);
+    let shared = mm
+        .map_anonymous(4 * PAGE_SIZE, Prot::READ | Prot::WRITE, true)
+        .unwrap();
+    mm.cpu_write(shared.start(), &[1u8; 4 * PAGE_SIZE as usize])
+        .unwrap();
+    let m = MigrateVma::setup(mm, args(shared)).unwrap();
+    assert_eq!(m.cpages(), 0);
+    assert!(m
+        .entries()
+        .iter()
+        .all(|e| e.skipped == Some(SkipReason::Shared)));
+    drop(m);
+
+    // Move the private range to the device, then ask for system pages only: nothing selected.
+    let mut m = MigrateVma::setup(mm, args(range)).unwrap();
+    m.alloc_and_copy(&Driver {
+        mem: &dev.mem,
+        take: |_| true,
+    });
+    m.pages().finalize();
+    let m = MigrateVma::setup(mm, args(range)).unwrap();
+    assert_eq!(m.cpages(), 0, "device pages are not SELECT_SYSTEM");
+    assert!(m
+        .entries()
+        .iter()
+        .all(|e| e.skipped == Some(SkipReason::NotSelected)));
+    drop(m);
+    // Another owner's private selection does not see them either.
+    let m = MigrateVma::setup(
+        mm,
+        MigrateArgs {
+            range,
+            select: SelectFlags::DEVICE_PRIVATE,
+            owner: Owner(0xdead),
+            fault_page: None,
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        m.cpages(),
+        0,
+        "a foreign owner's device pages are not collected"
+    );
+    drop(m);
+    pattern_intact(mm, range);
+    mm.check_invariants().unwrap();
+}
+
+#[test]
+fn migration_outside_managed_memory_is_a_typed_error() {
+    let (mm, _dev, range) = setup(2);
+    let outside = PageRange::new(range.end().0 + (1 << 30), PAGE_SIZE).unwrap();
+    assert!(matches!(
+        MigrateVma::setup(mm, args(outside)),
+        Err(MigrateError::NotManaged { .. })
+    ));
+    // Straddling the end of a region is not inside one region either.
+    let straddle = PageRange::new(range.start().0, range.len_bytes() + PAGE_SIZE).unwrap();
+    assert!(matches!(
+        MigrateVma::setup(mm, args(straddle)),
+        Err(MigrateError::NotManaged { .. })
+    ));
+}
