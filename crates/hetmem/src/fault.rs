@@ -228,11 +228,12 @@ impl AddressSpace {
                         }
                         return false;
                     }
+                    // The page is back, mapped with its protection: let the access re-execute.
+                    // (Had a concurrent migration kept it, the access faults again and waits.)
+                    return true;
                 }
                 Location::Exclusive { .. } => {
-                    if restore_exclusive(self, &region, page).is_err() {
-                        return false;
-                    }
+                    return restore_exclusive(self, &region, page).is_ok();
                 }
                 Location::System | Location::Device { coherent: true, .. } => {
                     return self.fault_system_page(&region, i, page, write, sig);
