@@ -110,7 +110,6 @@ variants! {
     migrate_anon_huge_fault => migrate_anon_huge_fault_private, migrate_anon_huge_fault_coherent;
     migrate_partial_unmap_fault => migrate_partial_unmap_fault_private, migrate_partial_unmap_fault_coherent;
     migrate_remap_fault => migrate_remap_fault_private, migrate_remap_fault_coherent;
-    #[ignore = "FAIL_ALLOC fallback fails (open bug)"]
     migrate_anon_huge_err => migrate_anon_huge_err_private, migrate_anon_huge_err_coherent;
     migrate_anon_huge_zero_err => migrate_anon_huge_zero_err_private, migrate_anon_huge_zero_err_coherent;
     benchmark_thp_migration=> benchmark_thp_migration_private, benchmark_thp_migration_coherent;
