@@ -9,11 +9,13 @@
 //! | [`range_fault`]| `hmm_range_fault`                               |
 //! | [`pool`]      | `ZONE_DEVICE` memory, `dev_pagemap`               |
 //! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
+//! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod link;
 pub mod migrate;
 pub mod notifier;
 pub mod page_state;
