@@ -770,10 +770,13 @@ impl LinkModel {
     ///
     /// Choice: **pipelined**. Each transfer pays the fixed latency once, but the latency of
     /// transfer `i + 1` (descriptor fetch, doorbell) overlaps the data phase of transfer `i`;
-    /// data phases never overlap each other (one link, one direction). So a batch costs at
-    /// least `latency + Σ data` and at most `Σ (latency + data)`, the latter when every data
-    /// phase is shorter than the latency; a batch of one costs [`LinkModel::transfer`]. Each
-    /// transfer's efficiency is that of its own size: batching hides latency, it does not merge
+    /// latencies run one after another, and so do data phases (one link, one direction). For
+    /// `n` transfers the batch takes `max over k of (k × latency + Σ_{i ≥ k} data_i)`: about
+    /// `latency + Σ data` when copies are larger than `latency × bandwidth` (data-bound), about
+    /// `n × latency` when they are smaller (setup-bound: at 0.5 µs, two million copies a
+    /// second). Never less than `latency + Σ data`, never more than the transfers one by one;
+    /// a batch of one costs [`LinkModel::transfer`]; zero-byte entries cost nothing. Each
+    /// transfer keeps the efficiency of its own size: batching hides latency, it does not merge
     /// small copies into a large one (hmm.rst: batch, or per-call overhead dominates).
     pub fn transfers(&self, dir: Direction, sizes: &[u64]) -> ModelTime {
         ModelTime::from_nanos_f64(self.transfers_ns(dir, sizes))
