@@ -10,12 +10,14 @@
 //! | [`pool`]      | `ZONE_DEVICE` memory, `dev_pagemap`               |
 //! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
 //! | [`fault_ring`]| replayable fault buffer (GET/PUT, overflow), UVM fault batching and replay policy |
+//! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod fault_ring;
+pub mod link;
 pub mod migrate;
 pub mod notifier;
 pub mod page_state;
