@@ -9,11 +9,13 @@
 //! | [`range_fault`]| `hmm_range_fault`                               |
 //! | [`pool`]      | `ZONE_DEVICE` memory, `dev_pagemap`               |
 //! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
+//! | [`device_mmu`]| GPU page table, per-CU TLBs, batched TLB invalidation |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod device_mmu;
 pub mod migrate;
 pub mod notifier;
 pub mod page_state;
