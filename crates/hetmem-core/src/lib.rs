@@ -11,6 +11,7 @@
 //! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
 //! | [`fault_ring`]| replayable fault buffer (GET/PUT, overflow), UVM fault batching and replay policy |
 //! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
+//! | [`device_mmu`]| GPU page table, per-CU TLBs, batched TLB invalidation |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
@@ -18,6 +19,7 @@
 pub mod addr;
 pub mod fault_ring;
 pub mod link;
+pub mod device_mmu;
 pub mod migrate;
 pub mod notifier;
 pub mod page_state;
