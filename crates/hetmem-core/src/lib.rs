@@ -17,9 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod device_mmu;
 pub mod fault_ring;
 pub mod link;
-pub mod device_mmu;
 pub mod migrate;
 pub mod notifier;
 pub mod page_state;

@@ -2,9 +2,11 @@
 //!
 //! [`mirror`] is the equivalent of the kernel's `lib/test_hmm.c` "dmirror" device: a device with
 //! its own page table mirroring the process's, used to check hetmem against the Linux HMM
-//! self-tests.
+//! self-tests. [`accel`] is the simulated accelerator: device MMU and TLBs, replayable fault
+//! ring, batched fault servicing, compute units running kernels, and the link model.
 #![forbid(unsafe_code)]
 
+pub mod accel;
 pub mod mirror;
 
 pub use mirror::{

@@ -1,0 +1,1136 @@
+//! The simulated accelerator: a device that runs kernels on the CPU behind hetmem's `Device`
+//! trait, with its own MMU (page table and per-compute-unit TLBs), a replayable fault ring, a
+//! fault-servicing thread and a link model that charges modelled time (issue 3; seed 002's
+//! replayable faults and fault buffer; DESIGN.md "Devices" and "Data flows").
+//!
+//! ```text
+//!  launch(kernel, threads)          compute units (one thread each), warps of 32 lanes
+//!        │                          a lane runs under the MMU lock: every access translates
+//!        ▼                          through its CU's TLB; stores are buffered and land only when
+//!   warp runs lanes ──miss──►       the lane completes, so a lane that misses has no effect and
+//!        │                          simply runs again after the replay
+//!        │  FaultEntry per page ──► SharedFaultRing ──► service thread: batch (256), merge
+//!        │                                              duplicates, group by 2 MiB block,
+//!        │                                              migrate to device memory (MigrateVma),
+//!        │                                              range fault, map under the notifier
+//!   stalled until replay ◄─────────────── replay ◄───── sequence check, charge the link model
+//! ```
+//!
+//! A lane is the unit of re-execution: kernels are written per thread index (`Kernel::thread`),
+//! read what they need, and write results; since a lane's stores are held back until it finished
+//! without a miss, running it again after a replay is exact, atomics included (the atomic's
+//! read-modify-write happens under the MMU lock, which every compute unit takes per warp, and a
+//! lane that misses after it discards it).
+//!
+//! Coherence (DESIGN.md invariant 1): the device subscribes an interval notifier over the whole
+//! address space; every invalidation (the CPU faulting a page back, munmap, mprotect, another
+//! device migrating, and this device's own migrations, which turn remote mappings of system pages
+//! into device frames) takes the MMU lock, so it waits for the warp in flight, unmaps the range,
+//! and dispatches the TLB invalidation before returning. The service thread maps a page only if
+//! the notifier sequence did not move since its range fault (`read_retry` under the MMU lock).
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Weak,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use hetmem::{
+    migrate::{MigrateArgs, MigrateVma, ToSystem},
+    AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
+};
+use hetmem_core::{
+    device_mmu::{Access, DeviceMmu, MmuConfig, MmuFault, PtePerms, PteTarget},
+    fault_ring::{
+        FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayPolicy,
+        ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
+    },
+    link::{Cause, ClockReport, DeviceClock, Direction, LinkModel, ModelTime},
+    migrate::{MigrateEntry, PageLoc, SelectFlags},
+    notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange},
+    pfn::HmmPfn,
+    pool::MemoryKind,
+    range_fault::{HmmRange, RangeFaultError},
+    DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
+};
+use parking_lot::{Condvar, Mutex};
+
+/// Lanes per warp.
+pub const WARP_SIZE: u64 = 32;
+
+/// How the accelerator is built.
+#[derive(Clone, Debug)]
+pub struct AccelConfig {
+    /// Device memory in bytes (rounded down to 2 MiB chunks).
+    pub memory_bytes: u64,
+    /// Compute units, each a host thread with its own TLB.
+    pub compute_units: usize,
+    /// Entries of each compute unit's TLB.
+    pub tlb_entries: usize,
+    /// Device virtual address width; an access beyond it is a fatal fault.
+    pub va_bits: u32,
+    /// Fault ring capacity (a power of two).
+    pub ring_capacity: usize,
+    /// Faults fetched per batch.
+    pub batch_size: usize,
+    /// When stalled warps are replayed.
+    pub replay: ReplayPolicy,
+    /// Faults are replayable (NVIDIA, AMD with XNACK on). Without retry (XNACK off) a miss is
+    /// fatal: ranges must be made resident before the launch ([`Accelerator::make_resident`]).
+    pub retry: bool,
+    /// The link model that charges modelled time.
+    pub link: LinkModel,
+}
+
+impl Default for AccelConfig {
+    fn default() -> Self {
+        AccelConfig {
+            memory_bytes: 256 << 20,
+            compute_units: 4,
+            tlb_entries: 64,
+            va_bits: 48,
+            ring_capacity: 4096,
+            batch_size: DEFAULT_BATCH_SIZE,
+            replay: ReplayPolicy::default(),
+            retry: true,
+            link: LinkModel::pcie4_x16(),
+        }
+    }
+}
+
+/// Errors of the accelerator's own API.
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    /// The address space or device attachment failed.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    /// A configuration value is unusable.
+    #[error("bad accelerator configuration: {0}")]
+    Config(String),
+    /// Making a range resident failed.
+    #[error("range at {addr} cannot be mapped on the device: {source}")]
+    Residency {
+        /// Start of the range.
+        addr: VirtAddr,
+        /// Why.
+        source: RangeFaultError,
+    },
+    /// A launch of zero threads.
+    #[error("a launch needs at least one thread")]
+    EmptyLaunch,
+}
+
+/// Why a launch failed: the fault the service cancelled, with the address and the access.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LaunchError {
+    /// A fault that cannot be serviced (no mapping, no permission, beyond the address width, a
+    /// miss without retry).
+    #[error("fatal {access:?} fault at {addr}: {reason}")]
+    Fatal {
+        /// The faulting address.
+        addr: VirtAddr,
+        /// The access.
+        access: FaultAccess,
+        /// Why it is fatal.
+        reason: String,
+    },
+    /// The accelerator was shut down with the launch in flight.
+    #[error("the accelerator shut down during the launch")]
+    Shutdown,
+}
+
+/// A marker that a lane missed: propagate it with `?`; the lane runs again after the replay.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Miss;
+
+/// A kernel: what one thread of the grid does.
+pub trait Kernel: Send + Sync {
+    /// Runs thread `tid`. Read and write device-visible memory only through `t`; return `Err`
+    /// (with `?`) as soon as an access misses.
+    fn thread(&self, tid: u64, t: &mut Thread<'_>) -> Result<(), Miss>;
+}
+
+impl<F> Kernel for F
+where
+    F: Fn(u64, &mut Thread<'_>) -> Result<(), Miss> + Send + Sync,
+{
+    fn thread(&self, tid: u64, t: &mut Thread<'_>) -> Result<(), Miss> {
+        self(tid, t)
+    }
+}
+
+/// Counters of the accelerator (issue 3 item 8).
+#[derive(Debug, Default)]
+struct Counters {
+    faults_read: AtomicU64,
+    faults_write: AtomicU64,
+    faults_atomic: AtomicU64,
+    faults_dropped: AtomicU64,
+    duplicates: AtomicU64,
+    fatal: AtomicU64,
+    batches: AtomicU64,
+    batched_faults: AtomicU64,
+    replays: AtomicU64,
+    pages_to_device: AtomicU64,
+    pages_mapped_remote: AtomicU64,
+    pages_to_host: AtomicU64,
+    tlb_invalidations: AtomicU64,
+    launches: AtomicU64,
+    lanes_run: AtomicU64,
+    lane_retries: AtomicU64,
+}
+
+/// A snapshot of the accelerator's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AccelStats {
+    /// Faults raised by loads.
+    pub faults_read: u64,
+    /// Faults raised by stores.
+    pub faults_write: u64,
+    /// Faults raised by atomics.
+    pub faults_atomic: u64,
+    /// Replayable faults the full ring dropped (raised again on replay).
+    pub faults_dropped: u64,
+    /// Faults merged into another of the same batch (same page).
+    pub duplicates: u64,
+    /// Fatal faults (launches failed).
+    pub fatal: u64,
+    /// Batches serviced.
+    pub batches: u64,
+    /// Faults fetched in those batches (mean batch size = this / batches).
+    pub batched_faults: u64,
+    /// Replays issued.
+    pub replays: u64,
+    /// Pages migrated into device memory by fault servicing.
+    pub pages_to_device: u64,
+    /// Pages mapped remotely (system memory over the link).
+    pub pages_mapped_remote: u64,
+    /// Pages brought back to system memory by CPU faults on device pages.
+    pub pages_to_host: u64,
+    /// TLB invalidations dispatched.
+    pub tlb_invalidations: u64,
+    /// Launches.
+    pub launches: u64,
+    /// Lane executions (first runs and re-runs).
+    pub lanes_run: u64,
+    /// Lane re-runs after a miss.
+    pub lane_retries: u64,
+}
+
+/// The device proper: what `AddressSpace` holds as a `Device`.
+pub struct SimDevice {
+    mm: &'static Arc<AddressSpace>,
+    mem: Arc<DeviceMemory>,
+    mmu: Mutex<DeviceMmu>,
+    ring: SharedFaultRing,
+    clock: DeviceClock,
+    config: AccelConfig,
+    sub: Mutex<Option<Arc<IntervalNotifier>>>,
+    /// Replay epoch: stalled warps wait for it to move.
+    epoch: Mutex<u64>,
+    replayed: Condvar,
+    /// The fatal fault of the launch in flight, if any (one launch at a time per device).
+    fatal: Mutex<Option<LaunchError>>,
+    active_launches: AtomicU64,
+    stop: AtomicBool,
+    counters: Counters,
+    started: Instant,
+}
+
+impl std::fmt::Debug for SimDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimDevice")
+            .field("id", &self.mem.id())
+            .field("compute_units", &self.config.compute_units)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Device for SimDevice {
+    fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.mem
+    }
+
+    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        // The notifier callback (Migrate event) unmaps the page from the device first.
+        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
+        self.counters.pages_to_host.fetch_add(1, Ordering::Relaxed);
+        self.clock.charge(Cause::CpuFault, self.config.link.cpu_fault());
+        self.clock.charge(
+            Cause::MigrateToHost,
+            self.config.link.transfer(Direction::DeviceToHost, PAGE_SIZE),
+        );
+        Ok(())
+    }
+}
+
+impl IntervalNotifierOps for SimDevice {
+    fn invalidate(&self, sub: &IntervalNotifier, range: &NotifierRange, cur_seq: u64) -> bool {
+        // Every event, this device's own migrations included: a page it mapped remotely that
+        // moves into its memory must lose the remote mapping.
+        let mut mmu = if range.blockable {
+            self.mmu.lock()
+        } else {
+            match self.mmu.try_lock() {
+                Some(g) => g,
+                None => return false,
+            }
+        };
+        sub.set_seq(cur_seq);
+        let end = range.end.0.min(1u64 << self.config.va_bits);
+        if let Ok(r) = PageRange::from_bounds(range.start.0, end) {
+            if mmu.unmap(r).is_ok_and(|rep| rep.pages > 0) {
+                let fence = mmu.dispatch();
+                // The frames belong to hetmem's page states, not to this table: nothing to free.
+                let _ = mmu.complete(fence);
+                self.counters
+                    .tlb_invalidations
+                    .fetch_add(1, Ordering::Relaxed);
+                self.clock
+                    .charge(Cause::TlbInvalidate, self.config.link.tlb_invalidate(1));
+            }
+        }
+        true
+    }
+}
+
+/// Allocates device frames for a fault-driven migration (the driver's `alloc_and_copy`): a page
+/// left without a frame (device memory full) stays in system memory and is mapped remotely.
+struct FaultDriver<'a> {
+    mem: &'a DeviceMemory,
+}
+
+impl MigrateDriver for FaultDriver<'_> {
+    fn alloc_and_copy(&self, _: PageRange, entries: &mut [MigrateEntry], compound: &[bool]) {
+        let mut pool = self.mem.pool().lock();
+        let mut k = 0;
+        while k < entries.len() {
+            if compound[k] {
+                if let Ok(base) = pool.alloc_huge() {
+                    for j in 0..hetmem_core::addr::PAGES_PER_HUGE as usize {
+                        entries[k + j].dst = Some(PageLoc::Device {
+                            dev: self.mem.id(),
+                            frame: hetmem_core::DevPfn(base.0 + j as u32),
+                        });
+                    }
+                    k += hetmem_core::addr::PAGES_PER_HUGE as usize;
+                    continue;
+                }
+            }
+            if entries[k].migrates() {
+                if let Ok(frame) = pool.alloc_page() {
+                    entries[k].dst = Some(PageLoc::Device {
+                        dev: self.mem.id(),
+                        frame,
+                    });
+                }
+            }
+            k += 1;
+        }
+    }
+    fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+}
+
+/// The accelerator as its user holds it: drop it to shut the device down (its pages come back to
+/// system memory, its threads end).
+pub struct Accelerator {
+    dev: Arc<SimDevice>,
+    service: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accelerator")
+            .field("dev", &self.dev)
+            .finish()
+    }
+}
+
+impl Accelerator {
+    /// Builds an accelerator in this process's address space and starts its fault service.
+    pub fn new(config: AccelConfig) -> Result<Accelerator, AccelError> {
+        if config.compute_units == 0 || config.compute_units > u16::MAX as usize {
+            return Err(AccelError::Config("compute_units must be 1..=65535".into()));
+        }
+        if config.batch_size == 0 {
+            return Err(AccelError::Config("batch_size must be at least 1".into()));
+        }
+        config
+            .link
+            .validate()
+            .map_err(|e| AccelError::Config(e.to_string()))?;
+        let ring = SharedFaultRing::new(config.ring_capacity)
+            .map_err(|e| AccelError::Config(e.to_string()))?;
+        let mm = AddressSpace::current()?;
+        let cfg = config.clone();
+        let dev = mm.attach_device(move |id: DeviceId| {
+            let owner = Owner(0xacce_0000 + id.0 as u64);
+            let mem = DeviceMemory::new(id, owner, MemoryKind::DevicePrivate, cfg.memory_bytes)?;
+            let mmu = DeviceMmu::new(MmuConfig {
+                dev: id,
+                va_bits: cfg.va_bits,
+                compute_units: cfg.compute_units,
+                tlb_entries: cfg.tlb_entries,
+            })
+            .map_err(|e| MmError::Backend(format!("device MMU: {e}")))?;
+            Ok(Arc::new(SimDevice {
+                mm,
+                mem: Arc::new(mem),
+                mmu: Mutex::new(mmu),
+                ring,
+                clock: DeviceClock::new(),
+                config: cfg,
+                sub: Mutex::new(None),
+                epoch: Mutex::new(0),
+                replayed: Condvar::new(),
+                fatal: Mutex::new(None),
+                active_launches: AtomicU64::new(0),
+                stop: AtomicBool::new(false),
+                counters: Counters::default(),
+                started: Instant::now(),
+            }))
+        })?;
+        let ops: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&dev) as Weak<SimDevice>;
+        let sub = mm.notifiers().insert(
+            VirtAddr(0),
+            VirtAddr(1u64 << config.va_bits.min(63)),
+            ops,
+        );
+        *dev.sub.lock() = Some(sub);
+        let d = Arc::clone(&dev);
+        let service = std::thread::Builder::new()
+            .name(format!("hetmem-accel{}-faults", dev.mem.id().0))
+            .spawn(move || d.service_loop())
+            .map_err(|e| AccelError::Config(format!("spawning the fault service: {e}")))?;
+        Ok(Accelerator {
+            dev,
+            service: Some(service),
+        })
+    }
+
+    /// The device id in the address space.
+    pub fn id(&self) -> DeviceId {
+        self.dev.mem.id()
+    }
+
+    /// The device's memory (pool statistics: pages in use, page_in, page_out).
+    pub fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.dev.mem
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> AccelStats {
+        let c = &self.dev.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        AccelStats {
+            faults_read: g(&c.faults_read),
+            faults_write: g(&c.faults_write),
+            faults_atomic: g(&c.faults_atomic),
+            faults_dropped: g(&c.faults_dropped),
+            duplicates: g(&c.duplicates),
+            fatal: g(&c.fatal),
+            batches: g(&c.batches),
+            batched_faults: g(&c.batched_faults),
+            replays: g(&c.replays),
+            pages_to_device: g(&c.pages_to_device),
+            pages_mapped_remote: g(&c.pages_mapped_remote),
+            pages_to_host: g(&c.pages_to_host),
+            tlb_invalidations: g(&c.tlb_invalidations),
+            launches: g(&c.launches),
+            lanes_run: g(&c.lanes_run),
+            lane_retries: g(&c.lane_retries),
+        }
+    }
+
+    /// Modelled time by cause.
+    pub fn clock(&self) -> ClockReport {
+        self.dev.clock.snapshot()
+    }
+
+    /// Checks the device MMU's invariants (page table, TLBs, pending invalidations).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.dev.mmu.lock().check_invariants()?;
+        self.dev.ring.check_invariants()
+    }
+
+    /// Makes `range` resident for the device before a launch, as a driver without retry (AMD's
+    /// XNACK off) must: migrates what it can into device memory and maps every page (writable
+    /// when `write`).
+    pub fn make_resident(&self, range: PageRange, write: bool) -> Result<(), AccelError> {
+        let access = if write {
+            FaultAccess::Write
+        } else {
+            FaultAccess::Read
+        };
+        for block in range.chunks(hetmem_core::HUGE_PAGE_SIZE) {
+            let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().map(|a| (a, access)).collect();
+            self.dev
+                .service_block(&pages)
+                .map_err(|(addr, _, source)| AccelError::Residency { addr, source })?;
+        }
+        Ok(())
+    }
+
+    /// Launches `kernel` over `threads` threads (warps of [`WARP_SIZE`] lanes spread over the
+    /// compute units). Returns at once; [`Launch::wait`] collects the result.
+    pub fn launch(&self, kernel: Arc<dyn Kernel>, threads: u64) -> Result<Launch, AccelError> {
+        if threads == 0 {
+            return Err(AccelError::EmptyLaunch);
+        }
+        *self.dev.fatal.lock() = None;
+        self.dev.counters.launches.fetch_add(1, Ordering::Relaxed);
+        self.dev.active_launches.fetch_add(1, Ordering::AcqRel);
+        let warps = threads.div_ceil(WARP_SIZE);
+        let units = self.dev.config.compute_units as u64;
+        let started = Instant::now();
+        let clock_before = self.dev.clock.snapshot();
+        let handles = (0..units.min(warps))
+            .map(|cu| {
+                let dev = Arc::clone(&self.dev);
+                let kernel = Arc::clone(&kernel);
+                std::thread::Builder::new()
+                    .name(format!("hetmem-accel-cu{cu}"))
+                    .spawn(move || dev.run_unit(cu as usize, &*kernel, threads))
+                    .expect("spawn a compute unit thread")
+            })
+            .collect();
+        Ok(Launch {
+            dev: Arc::clone(&self.dev),
+            handles,
+            started,
+            clock_before,
+        })
+    }
+}
+
+impl Drop for Accelerator {
+    fn drop(&mut self) {
+        self.dev.stop.store(true, Ordering::Release);
+        self.dev.replay();
+        if let Some(h) = self.service.take() {
+            let _ = h.join();
+        }
+        if let Some(sub) = self.dev.sub.lock().take() {
+            self.dev.mm.notifiers().remove(&sub);
+        }
+        if let Err(e) = self.dev.mm.detach_device(self.dev.mem.id()) {
+            tracing::error!(error = %e, "accelerator detach failed");
+        }
+    }
+}
+
+/// A launch in flight.
+#[derive(Debug)]
+pub struct Launch {
+    dev: Arc<SimDevice>,
+    handles: Vec<JoinHandle<Result<(), LaunchError>>>,
+    started: Instant,
+    clock_before: ClockReport,
+}
+
+/// What a finished launch reports.
+#[derive(Clone, Debug)]
+pub struct LaunchReport {
+    /// Wall-clock time of the launch.
+    pub wall: Duration,
+    /// Modelled time charged to the device clock during the launch.
+    pub modelled: ClockReport,
+}
+
+impl Launch {
+    /// Waits for every compute unit; the first fatal fault fails the launch.
+    pub fn wait(self) -> Result<LaunchReport, LaunchError> {
+        let mut result = Ok(());
+        for h in self.handles {
+            let r = h.join().unwrap_or(Err(LaunchError::Shutdown));
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        self.dev.active_launches.fetch_sub(1, Ordering::AcqRel);
+        if let Some(e) = self.dev.fatal.lock().take() {
+            result = Err(e);
+        }
+        result?;
+        Ok(LaunchReport {
+            wall: self.started.elapsed(),
+            modelled: self.dev.clock.snapshot().since(&self.clock_before),
+        })
+    }
+}
+
+/// One lane's view of memory during one execution.
+pub struct Thread<'a> {
+    dev: &'a SimDevice,
+    mmu: &'a mut DeviceMmu,
+    cu: usize,
+    /// Stores held back until the lane completes: (address, target page, bytes).
+    pending: Vec<(VirtAddr, PteTarget, Vec<u8>)>,
+    miss: Option<(VirtAddr, FaultAccess)>,
+    fatal: Option<LaunchError>,
+}
+
+impl std::fmt::Debug for Thread<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Thread").field("cu", &self.cu).finish()
+    }
+}
+
+fn fault_access(a: Access) -> FaultAccess {
+    match a {
+        Access::Read => FaultAccess::Read,
+        Access::Write => FaultAccess::Write,
+        Access::Atomic => FaultAccess::Atomic,
+    }
+}
+
+impl Thread<'_> {
+    fn translate(&mut self, va: VirtAddr, access: Access) -> Result<PteTarget, Miss> {
+        let mut unit = self.mmu.unit(self.cu).map_err(|_| Miss)?;
+        match unit.translate(va, access) {
+            Ok(t) => t.target(va).ok_or(Miss),
+            Err(f @ MmuFault::AddressWidth { .. }) => {
+                self.fatal = Some(LaunchError::Fatal {
+                    addr: va,
+                    access: fault_access(access),
+                    reason: f.to_string(),
+                });
+                Err(Miss)
+            }
+            Err(_) => {
+                self.miss = Some((va, fault_access(access)));
+                Err(Miss)
+            }
+        }
+    }
+
+    /// Reads `buf.len()` bytes at `va` (within one page).
+    pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Miss> {
+        let va = VirtAddr(va);
+        if va.0 % PAGE_SIZE + buf.len() as u64 > PAGE_SIZE {
+            return self.bad_access(va, FaultAccess::Read, "access crosses a page");
+        }
+        let target = self.translate(va, Access::Read)?;
+        self.read_target(va, target, buf)?;
+        // Store-to-load forwarding from this lane's own held-back stores.
+        for (a, _, data) in &self.pending {
+            let (s, e) = (a.0, a.0 + data.len() as u64);
+            let (rs, re) = (va.0, va.0 + buf.len() as u64);
+            if s < re && rs < e {
+                let from = s.max(rs);
+                let to = e.min(re);
+                buf[(from - rs) as usize..(to - rs) as usize]
+                    .copy_from_slice(&data[(from - s) as usize..(to - s) as usize]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `va` (within one page); it lands when the lane completes.
+    pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Miss> {
+        let va = VirtAddr(va);
+        if va.0 % PAGE_SIZE + data.len() as u64 > PAGE_SIZE {
+            return self.bad_access(va, FaultAccess::Write, "access crosses a page");
+        }
+        let target = self.translate(va, Access::Write)?;
+        self.pending.push((va, target, data.to_vec()));
+        Ok(())
+    }
+
+    /// Loads a `u32`.
+    pub fn load_u32(&mut self, va: u64) -> Result<u32, Miss> {
+        let mut b = [0u8; 4];
+        self.read(va, &mut b)?;
+        Ok(u32::from_ne_bytes(b))
+    }
+
+    /// Stores a `u32`.
+    pub fn store_u32(&mut self, va: u64, v: u32) -> Result<(), Miss> {
+        self.write(va, &v.to_ne_bytes())
+    }
+
+    /// Loads an `f32`.
+    pub fn load_f32(&mut self, va: u64) -> Result<f32, Miss> {
+        Ok(f32::from_bits(self.load_u32(va)?))
+    }
+
+    /// Stores an `f32`.
+    pub fn store_f32(&mut self, va: u64, v: f32) -> Result<(), Miss> {
+        self.store_u32(va, v.to_bits())
+    }
+
+    /// Atomically adds `v` to the `u32` at `va`; returns the old value. Runs under the MMU lock
+    /// like every access, so no other lane or compute unit interleaves; it lands with the lane.
+    pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, Miss> {
+        let a = VirtAddr(va);
+        if va % 4 != 0 {
+            return self.bad_access(a, FaultAccess::Atomic, "unaligned atomic");
+        }
+        self.translate(a, Access::Atomic)?;
+        let old = self.load_u32(va)?;
+        let target = self.translate(a, Access::Atomic)?;
+        self.pending
+            .push((a, target, old.wrapping_add(v).to_ne_bytes().to_vec()));
+        Ok(old)
+    }
+
+    fn bad_access<T>(&mut self, va: VirtAddr, access: FaultAccess, why: &str) -> Result<T, Miss> {
+        self.fatal = Some(LaunchError::Fatal {
+            addr: va,
+            access,
+            reason: why.to_string(),
+        });
+        Err(Miss)
+    }
+
+    fn read_target(&mut self, va: VirtAddr, target: PteTarget, buf: &mut [u8]) -> Result<(), Miss> {
+        let off = (va.0 % PAGE_SIZE) as usize;
+        let ok = match target {
+            PteTarget::Local(frame) => self
+                .dev
+                .mem
+                .arena()
+                .read(DeviceMemory::frame_offset(frame) + off, buf)
+                .is_ok(),
+            PteTarget::System => {
+                self.dev.clock.charge(
+                    Cause::RemoteAccess,
+                    self.dev
+                        .config
+                        .link
+                        .remote_access(Direction::DeviceToHost, buf.len() as u64),
+                );
+                hetmem_sys::dma::read_user(va.as_usize(), buf).is_ok()
+            }
+            PteTarget::Peer { dev, frame } => self.dev.mm.device(dev).is_some_and(|d| {
+                d.memory()
+                    .arena()
+                    .read(DeviceMemory::frame_offset(frame) + off, buf)
+                    .is_ok()
+            }),
+        };
+        if ok {
+            Ok(())
+        } else {
+            self.bad_access(va, FaultAccess::Read, "device read failed")
+        }
+    }
+
+    /// Applies the held-back stores (the lane completed).
+    fn commit(&mut self) -> Result<(), LaunchError> {
+        for (va, target, data) in std::mem::take(&mut self.pending) {
+            let off = (va.0 % PAGE_SIZE) as usize;
+            let ok = match target {
+                PteTarget::Local(frame) => self
+                    .dev
+                    .mem
+                    .arena()
+                    .write(DeviceMemory::frame_offset(frame) + off, &data)
+                    .is_ok(),
+                PteTarget::System => {
+                    self.dev.clock.charge(
+                        Cause::RemoteAccess,
+                        self.dev
+                            .config
+                            .link
+                            .remote_access(Direction::HostToDevice, data.len() as u64),
+                    );
+                    hetmem::write_user(va.as_usize(), &data).is_ok()
+                }
+                PteTarget::Peer { dev, frame } => self.dev.mm.device(dev).is_some_and(|d| {
+                    d.memory()
+                        .arena()
+                        .write(DeviceMemory::frame_offset(frame) + off, &data)
+                        .is_ok()
+                }),
+            };
+            if !ok {
+                return Err(LaunchError::Fatal {
+                    addr: va,
+                    access: FaultAccess::Write,
+                    reason: "device write failed".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A warp's progress on its compute unit.
+struct Warp {
+    id: u64,
+    /// Lanes (thread ids) still to complete.
+    pending: Vec<u64>,
+    /// Stalled since this replay epoch (a replay after it makes the warp ready).
+    stalled_at: Option<u64>,
+}
+
+impl SimDevice {
+    fn now_ns(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn replay(&self) {
+        *self.epoch.lock() += 1;
+        self.replayed.notify_all();
+    }
+
+    fn set_fatal(&self, e: LaunchError) {
+        self.counters.fatal.fetch_add(1, Ordering::Relaxed);
+        let mut f = self.fatal.lock();
+        if f.is_none() {
+            *f = Some(e);
+        }
+        drop(f);
+        self.replay();
+    }
+
+    /// A compute unit: runs its warps (every `units`-th warp from `cu`) until all completed or the
+    /// launch failed.
+    fn run_unit(&self, cu: usize, kernel: &dyn Kernel, threads: u64) -> Result<(), LaunchError> {
+        let units = self.config.compute_units as u64;
+        let warps_total = threads.div_ceil(WARP_SIZE);
+        let mut warps: Vec<Warp> = (cu as u64..warps_total)
+            .step_by(units as usize)
+            .map(|w| Warp {
+                id: w,
+                pending: (w * WARP_SIZE..((w + 1) * WARP_SIZE).min(threads)).collect(),
+                stalled_at: None,
+            })
+            .collect();
+        loop {
+            if self.fatal.lock().is_some() {
+                return Ok(()); // reported by Launch::wait
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return Err(LaunchError::Shutdown);
+            }
+            let epoch = *self.epoch.lock();
+            let mut ran = false;
+            for warp in warps.iter_mut() {
+                if warp.pending.is_empty() {
+                    continue;
+                }
+                if let Some(at) = warp.stalled_at {
+                    if epoch <= at {
+                        continue;
+                    }
+                }
+                ran = true;
+                warp.stalled_at = None;
+                self.run_warp(cu, kernel, warp, epoch)?;
+            }
+            if warps.iter().all(|w| w.pending.is_empty()) {
+                return Ok(());
+            }
+            if !ran {
+                // Every remaining warp is stalled: wait for a replay.
+                let mut e = self.epoch.lock();
+                if *e == epoch {
+                    self.replayed
+                        .wait_for(&mut e, Duration::from_millis(20));
+                }
+            }
+        }
+    }
+
+    fn run_warp(
+        &self,
+        cu: usize,
+        kernel: &dyn Kernel,
+        warp: &mut Warp,
+        epoch: u64,
+    ) -> Result<(), LaunchError> {
+        let mut misses: Vec<(VirtAddr, FaultAccess)> = Vec::new();
+        {
+            let mut mmu = self.mmu.lock();
+            let mut still = Vec::new();
+            for &tid in &warp.pending {
+                let mut t = Thread {
+                    dev: self,
+                    mmu: &mut mmu,
+                    cu,
+                    pending: Vec::new(),
+                    miss: None,
+                    fatal: None,
+                };
+                self.counters.lanes_run.fetch_add(1, Ordering::Relaxed);
+                let r = kernel.thread(tid, &mut t);
+                if let Some(e) = t.fatal.take() {
+                    drop(mmu);
+                    self.set_fatal(e);
+                    return Ok(());
+                }
+                match (r, t.miss) {
+                    (Ok(()), _) => t.commit().inspect_err(|e| self.set_fatal(e.clone()))?,
+                    (Err(Miss), Some(m)) => {
+                        still.push(tid);
+                        if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
+                            misses.push(m);
+                        }
+                    }
+                    (Err(Miss), None) => {
+                        // A kernel returned Miss without a miss: a kernel bug, fatal.
+                        drop(mmu);
+                        self.set_fatal(LaunchError::Fatal {
+                            addr: VirtAddr(0),
+                            access: FaultAccess::Read,
+                            reason: format!("thread {tid} returned Miss without a fault"),
+                        });
+                        return Ok(());
+                    }
+                }
+            }
+            if !still.is_empty() {
+                self.counters
+                    .lane_retries
+                    .fetch_add(still.len() as u64, Ordering::Relaxed);
+            }
+            warp.pending = still;
+        }
+        if misses.is_empty() {
+            return Ok(());
+        }
+        if !self.config.retry {
+            let (addr, access) = misses[0];
+            self.set_fatal(LaunchError::Fatal {
+                addr,
+                access,
+                reason: "miss without retry (XNACK off): the range was not made resident".into(),
+            });
+            return Ok(());
+        }
+        // Stalled from `epoch` (read before the faults are pushed, so a replay that services them
+        // cannot be missed).
+        warp.stalled_at = Some(epoch);
+        for (addr, access) in misses {
+            let c = match access {
+                FaultAccess::Write => &self.counters.faults_write,
+                FaultAccess::Atomic => &self.counters.faults_atomic,
+                _ => &self.counters.faults_read,
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let outcome = self.ring.push(FaultEntry {
+                addr,
+                access,
+                client: FaultClient {
+                    cu: cu as u16,
+                    warp: warp.id as u32,
+                },
+                timestamp: self.now_ns(),
+                replayable: true,
+            });
+            if outcome != PushOutcome::Queued {
+                self.counters.faults_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    /// The fault service thread: batches, services, replays.
+    fn service_loop(self: Arc<Self>) {
+        let mut entries = Vec::with_capacity(self.config.batch_size);
+        let mut scheduler = ReplayScheduler::new(self.config.replay);
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            entries.clear();
+            let n = self.ring.wait_fetch_batch(
+                self.config.batch_size,
+                &mut entries,
+                Duration::from_millis(5),
+            );
+            if n == 0 {
+                // Idle: replay whatever is owed (dropped faults re-raise), and keep stalled warps
+                // moving if a launch is active.
+                if scheduler.after_drain().replays()
+                    || self.active_launches.load(Ordering::Acquire) > 0
+                {
+                    self.replay();
+                }
+                continue;
+            }
+            if self.ring.stats().dropped_replayable > 0 {
+                scheduler.note_overflow();
+            }
+            self.service_batch(&entries, &mut scheduler);
+        }
+    }
+
+    fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
+        let batch = FaultBatch::from_entries(entries);
+        let stats = batch.stats();
+        self.counters.batches.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .batched_faults
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        self.counters
+            .duplicates
+            .fetch_add(stats.duplicates, Ordering::Relaxed);
+        self.clock.charge(
+            Cause::FaultService,
+            self.config
+                .link
+                .fault_service(stats.faults, stats.blocks),
+        );
+        tracing::debug!(
+            dev = self.mem.id().0,
+            faults = stats.faults,
+            pages = stats.pages,
+            blocks = stats.blocks,
+            duplicates = stats.duplicates,
+            "fault batch"
+        );
+        for block in batch.blocks() {
+            let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().collect();
+            if let Err((addr, access, e)) = self.service_block(&pages) {
+                self.set_fatal(LaunchError::Fatal {
+                    addr,
+                    access,
+                    reason: e.to_string(),
+                });
+            }
+            if scheduler.after_block().replays() {
+                self.replay_charged();
+            }
+        }
+        if scheduler.after_batch().replays() {
+            self.replay_charged();
+        }
+    }
+
+    fn replay_charged(&self) {
+        self.counters.replays.fetch_add(1, Ordering::Relaxed);
+        self.clock.charge(Cause::Replay, self.config.link.replay());
+        self.replay();
+    }
+
+    /// Services the faulted pages of one 2 MiB block: migrate them into device memory (what fits),
+    /// then range-fault them and map each on the device under the notifier sequence check.
+    fn service_block(
+        &self,
+        pages: &[(VirtAddr, FaultAccess)],
+    ) -> Result<(), (VirtAddr, FaultAccess, RangeFaultError)> {
+        let Some(&(first, _)) = pages.first() else {
+            return Ok(());
+        };
+        let last = pages.last().map_or(first, |p| p.0);
+        let span = PageRange::from_bounds(first.0, last.0 + PAGE_SIZE)
+            .map_err(|_| (first, pages[0].1, RangeFaultError::Invalid("range")))?;
+        // 1. Migration of the faulted span (pages that cannot move stay where they are: shared
+        //    memory, pages of other devices, a full device memory).
+        if self.mm.region_of(first).is_some() {
+            let args = MigrateArgs {
+                range: span,
+                select: SelectFlags::SYSTEM | SelectFlags::COMPOUND,
+                owner: self.mem.owner(),
+                fault_page: None,
+            };
+            if let Ok(mut m) = MigrateVma::setup(self.mm, args) {
+                if m.cpages() > 0 {
+                    m.alloc_and_copy(&FaultDriver { mem: &self.mem });
+                    let c = m.pages();
+                    let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
+                    c.finalize();
+                    if moved > 0 {
+                        self.counters
+                            .pages_to_device
+                            .fetch_add(moved, Ordering::Relaxed);
+                        self.clock.charge(
+                            Cause::MigrateToDevice,
+                            self.config
+                                .link
+                                .transfer(Direction::HostToDevice, moved * PAGE_SIZE),
+                        );
+                    }
+                }
+            }
+        }
+        // 2. Range fault and map, run by run of consecutive faulted pages.
+        let mut k = 0;
+        while k < pages.len() {
+            let mut end = k + 1;
+            while end < pages.len() && pages[end].0 .0 == pages[end - 1].0 .0 + PAGE_SIZE {
+                end += 1;
+            }
+            let run = PageRange::from_pages(pages[k].0 .0, (end - k) as u64)
+                .map_err(|_| (pages[k].0, pages[k].1, RangeFaultError::Invalid("range")))?;
+            let write = pages[k..end]
+                .iter()
+                .any(|p| p.1 >= FaultAccess::Write);
+            self.fault_and_map(run, write)
+                .map_err(|e| (pages[k].0, pages[k].1, e))?;
+            k = end;
+        }
+        Ok(())
+    }
+
+    /// `hmm_range_fault` over `run` and the device page-table update, retried while the notifier
+    /// sequence moves (seed 002's driver_populate_range).
+    fn fault_and_map(&self, run: PageRange, write: bool) -> Result<(), RangeFaultError> {
+        let sub = self
+            .sub
+            .lock()
+            .clone()
+            .ok_or(RangeFaultError::Invalid("device shut down"))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if Instant::now() > deadline {
+                return Err(RangeFaultError::Busy);
+            }
+            let mut flags = HmmPfn::REQ_FAULT;
+            if write {
+                flags |= HmmPfn::REQ_WRITE;
+            }
+            let mut r = HmmRange::new(&sub, run, flags);
+            r.dev_private_owner = Some(self.mem.owner());
+            r.notifier_seq = sub.read_begin();
+            match self.mm.range_fault(&mut r) {
+                Ok(_) => {}
+                Err(RangeFaultError::Busy) => continue,
+                Err(e) => return Err(e),
+            }
+            let mut mmu = self.mmu.lock();
+            if sub.read_retry(r.notifier_seq) {
+                continue;
+            }
+            let mut remote = 0;
+            for (k, pfn) in r.hmm_pfns.iter().enumerate() {
+                let a = run.page(k as u64);
+                let target = match pfn.device_frame() {
+                    Some((dev, frame, _)) if dev == self.mem.id() => PteTarget::Local(frame),
+                    Some((dev, frame, _)) => PteTarget::Peer { dev, frame },
+                    None => {
+                        remote += 1;
+                        PteTarget::System
+                    }
+                };
+                let mut perms = PtePerms::READ;
+                if pfn.is_write() {
+                    perms |= PtePerms::WRITE | PtePerms::ATOMIC;
+                }
+                let page = PageRange::new(a.0, PAGE_SIZE).expect("one page");
+                mmu.map(page, target, perms)
+                    .map_err(|_| RangeFaultError::Fault { addr: a })?;
+            }
+            // Mapping over stale leaves queued invalidations: send them before anyone reuses.
+            if !mmu.invalidator().pending().is_empty() {
+                let fence = mmu.dispatch();
+                let _ = mmu.complete(fence);
+            }
+            self.counters
+                .pages_mapped_remote
+                .fetch_add(remote, Ordering::Relaxed);
+            return Ok(());
+        }
+    }
+}
+
+/// Modelled time as a plain number, for reports.
+pub fn model_micros(t: ModelTime) -> f64 {
+    t.as_micros_f64()
+}

@@ -1,0 +1,237 @@
+//! The simulated accelerator end to end: kernels whose results equal the CPU's, on data that
+//! starts on the CPU, with faults batched and replayed, a full fault ring, atomics, fatal faults
+//! that name their address and access, and the no-retry mode.
+
+use std::sync::Arc;
+
+use hetmem::{AddressSpace, Prot};
+use hetmem_core::{fault_ring::FaultAccess, link::Cause, PageRange, VirtAddr, PAGE_SIZE};
+use hetmem_sim::accel::{AccelConfig, Accelerator, LaunchError, Miss, Thread};
+
+fn mm() -> &'static Arc<AddressSpace> {
+    AddressSpace::current().unwrap()
+}
+
+fn alloc_u32(n: u64, f: impl Fn(u64) -> u32) -> PageRange {
+    let bytes = (n * 4).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let r = mm()
+        .map_anonymous(bytes, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let data: Vec<u8> = (0..n).flat_map(|i| f(i).to_ne_bytes()).collect();
+    mm().cpu_write(r.start(), &data).unwrap();
+    r
+}
+
+fn read_u32(r: PageRange, n: u64) -> Vec<u32> {
+    for a in r.pages() {
+        hetmem::cpu_touch(a).unwrap();
+    }
+    let mut buf = vec![0u8; (n * 4) as usize];
+    mm().cpu_read(r.start(), &mut buf).unwrap();
+    buf.chunks_exact(4)
+        .map(|w| u32::from_ne_bytes(w.try_into().unwrap()))
+        .collect()
+}
+
+fn small() -> AccelConfig {
+    AccelConfig {
+        memory_bytes: 64 << 20,
+        compute_units: 2,
+        ..AccelConfig::default()
+    }
+}
+
+#[test]
+fn vector_add_equals_the_cpu_result_and_faults_in_batches() {
+    let n = 64 * 1024; // 256 KiB per array
+    let a = alloc_u32(n, |i| i as u32);
+    let b = alloc_u32(n, |i| 3 * i as u32 + 7);
+    let c = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(small()).unwrap();
+    let (pa, pb, pc) = (a.start().0, b.start().0, c.start().0);
+    let kernel = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        let y = t.load_u32(pb + 4 * i)?;
+        t.store_u32(pc + 4 * i, x.wrapping_add(y))
+    };
+    let report = acc.launch(Arc::new(kernel), n).unwrap().wait().unwrap();
+    let s = acc.stats();
+    assert!(s.faults_read > 0 && s.faults_write > 0, "{s:?}");
+    assert!(s.batches > 0 && s.replays > 0, "{s:?}");
+    assert!(
+        s.batched_faults >= s.batches,
+        "a batch holds at least one fault"
+    );
+    assert!(
+        s.pages_to_device >= 3 * 64,
+        "a, b and c moved into device memory: {s:?}"
+    );
+    assert!(report.modelled.get(Cause::FaultService).as_nanos() > 0);
+    assert!(report.modelled.get(Cause::MigrateToDevice).as_nanos() > 0);
+    acc.check_invariants().unwrap();
+    // The CPU reads the result: device pages come back on CPU faults.
+    let got = read_u32(c, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, (i as u32).wrapping_add(3 * i as u32 + 7), "c[{i}]");
+    }
+    assert!(acc.stats().pages_to_host >= 64, "{:?}", acc.stats());
+    mm().check_invariants().unwrap();
+}
+
+#[test]
+fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
+    let n = 8 * 1024;
+    let a = alloc_u32(n, |i| i as u32);
+    let out = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(small()).unwrap();
+    let (pa, po) = (a.start().0, out.start().0);
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(po + 4 * i, x * 2)
+    });
+    acc.launch(k.clone(), n).unwrap().wait().unwrap();
+    assert_eq!(read_u32(out, n)[100], 200);
+    // The CPU rewrites `a`, which lives in device memory now: its pages come back first, and
+    // the device's mappings are invalidated.
+    let data: Vec<u8> = (0..n).flat_map(|i| (i as u32 + 1000).to_ne_bytes()).collect();
+    for p in a.pages() {
+        hetmem::cpu_touch(p).unwrap();
+    }
+    mm().cpu_write(a.start(), &data).unwrap();
+    acc.launch(k, n).unwrap().wait().unwrap();
+    let got = read_u32(out, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, 2 * (i as u32 + 1000), "out[{i}]");
+    }
+    assert!(acc.stats().tlb_invalidations > 0);
+    acc.check_invariants().unwrap();
+}
+
+#[test]
+fn atomics_from_every_thread_sum_exactly() {
+    let n = 4096;
+    let counter = alloc_u32(1, |_| 5);
+    let acc = Accelerator::new(small()).unwrap();
+    let pc = counter.start().0;
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.atomic_add_u32(pc, 1)?;
+        Ok(())
+    };
+    acc.launch(Arc::new(k), n).unwrap().wait().unwrap();
+    assert_eq!(read_u32(counter, 1)[0], 5 + n as u32);
+    assert!(acc.stats().faults_atomic > 0);
+}
+
+#[test]
+fn a_full_fault_ring_drops_faults_that_come_back_on_replay() {
+    let n = 32 * 1024; // 128 KiB per array, 32 pages each: many warps fault at once
+    let a = alloc_u32(n, |i| i as u32 ^ 0x55);
+    let out = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(AccelConfig {
+        ring_capacity: 4,
+        batch_size: 2,
+        compute_units: 4,
+        ..small()
+    })
+    .unwrap();
+    let (pa, po) = (a.start().0, out.start().0);
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        // A strided walk so that every warp touches pages of its own.
+        let j = (i * 1021) % n;
+        let x = t.load_u32(pa + 4 * j)?;
+        t.store_u32(po + 4 * j, x + 1)
+    };
+    acc.launch(Arc::new(k), n).unwrap().wait().unwrap();
+    let got = read_u32(out, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, (i as u32 ^ 0x55) + 1, "out[{i}]");
+    }
+    let s = acc.stats();
+    assert!(s.faults_dropped > 0, "the 4-entry ring overflowed: {s:?}");
+    acc.check_invariants().unwrap();
+}
+
+#[test]
+fn a_fault_on_unmapped_memory_fails_the_launch_with_its_address_and_access() {
+    let acc = Accelerator::new(small()).unwrap();
+    // A hole: mapped, then unmapped again.
+    let r = mm()
+        .map_anonymous(PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    // SAFETY: nothing references the page.
+    unsafe { mm().unmap(r).unwrap() };
+    let bad = r.start().0 + 8;
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.store_u32(bad, 1)?;
+        Ok(())
+    };
+    let err = acc.launch(Arc::new(k), 1).unwrap().wait().unwrap_err();
+    match err {
+        LaunchError::Fatal { addr, access, .. } => {
+            assert_eq!(addr.page_down(), r.start());
+            assert_eq!(access, FaultAccess::Write);
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert_eq!(acc.stats().fatal, 1);
+}
+
+#[test]
+fn an_access_beyond_the_address_width_is_fatal() {
+    let acc = Accelerator::new(AccelConfig {
+        va_bits: 39,
+        ..small()
+    })
+    .unwrap();
+    let far = 1u64 << 40;
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.load_u32(far)?;
+        Ok(())
+    };
+    let err = acc.launch(Arc::new(k), 1).unwrap().wait().unwrap_err();
+    assert!(
+        matches!(err, LaunchError::Fatal { addr: VirtAddr(a), access: FaultAccess::Read, .. } if a == far),
+        "{err:?}"
+    );
+    // A read-only mapping written by the device is fatal as well.
+    let ro = alloc_u32(1024, |i| i as u32);
+    // SAFETY: no Rust reference into `ro`.
+    unsafe { mm().protect(ro, Prot::READ).unwrap() };
+    let p = ro.start().0;
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> { t.store_u32(p, 9) };
+    let err = acc.launch(Arc::new(k), 1).unwrap().wait().unwrap_err();
+    assert!(
+        matches!(err, LaunchError::Fatal { access: FaultAccess::Write, .. }),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn without_retry_ranges_must_be_resident_before_the_launch() {
+    let n = 4096;
+    let a = alloc_u32(n, |i| i as u32);
+    let acc = Accelerator::new(AccelConfig {
+        retry: false,
+        ..small()
+    })
+    .unwrap();
+    let pa = a.start().0;
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(pa + 4 * i, x + 1)
+    });
+    let err = acc.launch(k.clone(), n).unwrap().wait().unwrap_err();
+    assert!(matches!(err, LaunchError::Fatal { .. }), "{err:?}");
+    acc.make_resident(a, true).unwrap();
+    let faults_before = acc.stats().faults_read + acc.stats().faults_write;
+    acc.launch(k, n).unwrap().wait().unwrap();
+    assert_eq!(
+        acc.stats().faults_read + acc.stats().faults_write,
+        faults_before,
+        "no fault once resident"
+    );
+    let got = read_u32(a, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, i as u32 + 1, "a[{i}]");
+    }
+}
