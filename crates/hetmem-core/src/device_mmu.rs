@@ -452,7 +452,7 @@ pub struct Translation {
 impl Translation {
     /// One past the last address of the leaf.
     pub fn end(&self) -> VirtAddr {
-        VirtAddr(self.leaf.0 + self.size.bytes())
+        VirtAddr(self.leaf.0.saturating_add(self.size.bytes()))
     }
 
     /// Does the leaf map `va`?
@@ -462,8 +462,10 @@ impl Translation {
 
     /// Where the base page holding `va` points, if the leaf covers `va`.
     pub fn target(&self, va: VirtAddr) -> Option<PteTarget> {
-        self.covers(va)
-            .then(|| self.base.nth((va.0 - self.leaf.0) >> PAGE_SHIFT))
+        if !self.covers(va) {
+            return None;
+        }
+        self.base.offset((va.0 - self.leaf.0) >> PAGE_SHIFT)
     }
 
     fn overlaps(&self, range: &PageRange) -> bool {
@@ -710,13 +712,6 @@ impl fmt::Debug for DevicePageTable {
     }
 }
 
-/// Whether a walk may create the directories it misses.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Walk {
-    Existing,
-    Allocate,
-}
-
 impl DevicePageTable {
     /// An empty table of device `dev` for addresses below `2^va_bits`.
     pub fn new(dev: DeviceId, va_bits: u32) -> Result<Self, MmuError> {
@@ -843,8 +838,8 @@ impl DevicePageTable {
         old
     }
 
-    /// The level-1 table and index for `va`, creating missing directories if `walk` says so.
-    fn pmd_slot(&mut self, va: u64, walk: Walk) -> Option<(u32, usize)> {
+    /// The level-1 table and index for `va`, creating the directories on the way.
+    fn pmd_slot(&mut self, va: u64) -> (u32, usize) {
         let mut t = ROOT;
         for level in (2..self.levels).rev() {
             let i = index(va, level);
@@ -852,15 +847,36 @@ impl DevicePageTable {
             t = if e.is_valid() {
                 debug_assert!(!e.is_leaf(), "leaf at level {level}");
                 e.table_id()
-            } else if walk == Walk::Allocate {
+            } else {
                 let child = self.alloc_table(level - 1);
                 self.set(t, i, Pte::table(child));
                 child
-            } else {
-                return None;
             };
         }
-        Some((t, index(va, 1)))
+        (t, index(va, 1))
+    }
+
+    /// The first 2 MiB chunk of `[at, end)` whose level-1 table exists, with its slot there. An
+    /// empty directory entry skips its whole span at once, so an operation over a huge, sparse
+    /// range costs what is mapped in it, not its length (DESIGN.md, Scale).
+    fn next_pmd(&self, mut at: u64, end: u64) -> Option<(PageRange, u32, usize)> {
+        'search: while at < end {
+            let mut t = ROOT;
+            for level in (2..self.levels).rev() {
+                let e = self.entry(t, index(at, level));
+                if !e.is_valid() {
+                    let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * level);
+                    at = (at | (span - 1)).saturating_add(1);
+                    continue 'search;
+                }
+                t = e.table_id();
+            }
+            let chunk_end = ((at | (HUGE_PAGE_SIZE - 1)) + 1).min(end);
+            // Both ends are page aligned and ordered: this cannot fail.
+            let chunk = PageRange::from_bounds(at, chunk_end).ok()?;
+            return Some((chunk, t, index(at, 1)));
+        }
+        None
     }
 
     /// The table of 4 KiB leaves under PMD entry `i` of `pmd`, creating it, or splitting a 2 MiB
@@ -961,7 +977,8 @@ impl DevicePageTable {
         }
     }
 
-    /// The leaf mapping `va`, without touching its accessed or dirty bit.
+    /// The leaf mapping `va`, without touching its accessed or dirty bit (`None` beyond the
+    /// address width too).
     pub fn lookup(&self, va: VirtAddr) -> Option<Translation> {
         let (t, i, level) = self.find_leaf(va.0)?;
         Some(Self::translation(self.entry(t, i), level, va.0))
@@ -1003,7 +1020,8 @@ impl DevicePageTable {
     /// Maps `range` with 4 KiB leaves to consecutive frames from `base` (or to system memory),
     /// splitting any 2 MiB leaf it cuts into. A page already mapped to the same target keeps its
     /// accessed and dirty bits and gets `perms`; one mapped elsewhere is replaced, and its frame
-    /// goes to `release`.
+    /// goes to `release`. A device frame backs one page: mapping it at a second address is the
+    /// caller's bug, and [`DeviceMmu::check_invariants`] reports it once either copy is unmapped.
     pub fn map(
         &mut self,
         range: PageRange,
@@ -1050,9 +1068,7 @@ impl DevicePageTable {
         let mut report = MapReport::default();
         let mut k = 0u64;
         for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let (pmd, i) = self
-                .pmd_slot(chunk.start().0, Walk::Allocate)
-                .expect("allocating walks always reach the PMD");
+            let (pmd, i) = self.pmd_slot(chunk.start().0);
             let pt = self.pte_table(pmd, i);
             for va in chunk.pages() {
                 let new_target = target(k);
@@ -1108,9 +1124,7 @@ impl DevicePageTable {
         let mut report = MapReport::default();
         for (n, block) in range.chunks(HUGE_PAGE_SIZE).enumerate() {
             let new_target = base.nth(n as u64 * PAGES_PER_HUGE);
-            let (pmd, i) = self
-                .pmd_slot(block.start().0, Walk::Allocate)
-                .expect("allocating walks always reach the PMD");
+            let (pmd, i) = self.pmd_slot(block.start().0);
             let old = self.entry(pmd, i);
             let mut new = Pte::leaf(new_target, perms);
             if !old.is_valid() {
@@ -1163,10 +1177,9 @@ impl DevicePageTable {
     ) -> Result<UnmapReport, MmuError> {
         self.check_range(&range)?;
         let mut report = UnmapReport::default();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if !e.is_valid() {
                 continue;
@@ -1205,10 +1218,9 @@ impl DevicePageTable {
         self.check_range(&range)?;
         Self::check_perms(perms)?;
         let mut report = ProtectReport::default();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if !e.is_valid() || (e.is_leaf() && e.perms() == perms) {
                 continue;
@@ -1247,10 +1259,9 @@ impl DevicePageTable {
     pub fn clear_accessed(&mut self, range: PageRange) -> Result<Vec<PageRange>, MmuError> {
         self.check_range(&range)?;
         let mut runs = Vec::new();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if e.is_leaf() {
                 if e.accessed() {
@@ -2583,6 +2594,30 @@ mod tests {
         ok(&pt);
         // Slots are reused.
         pt.map(pages(BASE, 1), local(0), RW, &mut rel).unwrap();
+        ok(&pt);
+    }
+
+    #[test]
+    fn operations_over_a_huge_sparse_range_cost_what_is_mapped() {
+        // 2^36 blocks in the range: stepping through them one by one would not finish.
+        let mut pt = table(57);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 2), local(0), RW, &mut rel).unwrap();
+        pt.map_huge(pages(1 << 50, 512), local(512), RW, &mut rel)
+            .unwrap();
+        pt.translate(va(0), Access::Read).unwrap();
+        let everything = PageRange::new(0, 1 << 57).unwrap();
+        assert_eq!(pt.clear_accessed(everything).unwrap(), [pages(BASE, 1)]);
+        assert_eq!(
+            pt.protect(everything, PtePerms::READ).unwrap(),
+            ProtectReport {
+                changed: 514,
+                stale: 514
+            }
+        );
+        let r = pt.unmap(everything, &mut rel).unwrap();
+        assert_eq!((r.pages, r.huge_leaves, rel.len()), (514, 1, 3));
+        assert_eq!(pt.stats().tables, 1);
         ok(&pt);
     }
 
