@@ -94,8 +94,9 @@ pub const MIN_VA_BITS: u32 = 32;
 pub const MAX_VA_BITS: u32 = 57;
 /// Deepest table ([`MAX_VA_BITS`] needs five levels).
 const MAX_LEVELS: usize = 5;
-/// Past this many disjoint ranges a batch drops whole TLBs instead, as UVM's TLB batch falls back
-/// to a full invalidation when it runs out of entries: one big flush beats many small ones.
+/// Past this many disjoint ranges a batch drops whole TLBs instead: one big flush beats many small
+/// ones (UVM's `tlb_batch_should_invalidate_all`, uvm_tlb_batch.c, does the same past
+/// `UVM_TLB_BATCH_MAX_ENTRIES`).
 pub const BATCH_RANGES_MAX: usize = 32;
 
 /// The root table always sits in slot 0 of the table arena.
