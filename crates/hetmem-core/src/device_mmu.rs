@@ -94,8 +94,9 @@ pub const MIN_VA_BITS: u32 = 32;
 pub const MAX_VA_BITS: u32 = 57;
 /// Deepest table ([`MAX_VA_BITS`] needs five levels).
 const MAX_LEVELS: usize = 5;
-/// Past this many disjoint ranges a batch drops whole TLBs instead, as UVM's TLB batch falls back
-/// to a full invalidation when it runs out of entries: one big flush beats many small ones.
+/// Past this many disjoint ranges a batch drops whole TLBs instead: one big flush beats many small
+/// ones (UVM's `tlb_batch_should_invalidate_all`, uvm_tlb_batch.c, does the same past
+/// `UVM_TLB_BATCH_MAX_ENTRIES`).
 pub const BATCH_RANGES_MAX: usize = 32;
 
 /// The root table always sits in slot 0 of the table arena.
@@ -452,7 +453,7 @@ pub struct Translation {
 impl Translation {
     /// One past the last address of the leaf.
     pub fn end(&self) -> VirtAddr {
-        VirtAddr(self.leaf.0 + self.size.bytes())
+        VirtAddr(self.leaf.0.saturating_add(self.size.bytes()))
     }
 
     /// Does the leaf map `va`?
@@ -462,8 +463,10 @@ impl Translation {
 
     /// Where the base page holding `va` points, if the leaf covers `va`.
     pub fn target(&self, va: VirtAddr) -> Option<PteTarget> {
-        self.covers(va)
-            .then(|| self.base.nth((va.0 - self.leaf.0) >> PAGE_SHIFT))
+        if !self.covers(va) {
+            return None;
+        }
+        self.base.offset((va.0 - self.leaf.0) >> PAGE_SHIFT)
     }
 
     fn overlaps(&self, range: &PageRange) -> bool {
@@ -710,13 +713,6 @@ impl fmt::Debug for DevicePageTable {
     }
 }
 
-/// Whether a walk may create the directories it misses.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Walk {
-    Existing,
-    Allocate,
-}
-
 impl DevicePageTable {
     /// An empty table of device `dev` for addresses below `2^va_bits`.
     pub fn new(dev: DeviceId, va_bits: u32) -> Result<Self, MmuError> {
@@ -843,8 +839,8 @@ impl DevicePageTable {
         old
     }
 
-    /// The level-1 table and index for `va`, creating missing directories if `walk` says so.
-    fn pmd_slot(&mut self, va: u64, walk: Walk) -> Option<(u32, usize)> {
+    /// The level-1 table and index for `va`, creating the directories on the way.
+    fn pmd_slot(&mut self, va: u64) -> (u32, usize) {
         let mut t = ROOT;
         for level in (2..self.levels).rev() {
             let i = index(va, level);
@@ -852,15 +848,36 @@ impl DevicePageTable {
             t = if e.is_valid() {
                 debug_assert!(!e.is_leaf(), "leaf at level {level}");
                 e.table_id()
-            } else if walk == Walk::Allocate {
+            } else {
                 let child = self.alloc_table(level - 1);
                 self.set(t, i, Pte::table(child));
                 child
-            } else {
-                return None;
             };
         }
-        Some((t, index(va, 1)))
+        (t, index(va, 1))
+    }
+
+    /// The first 2 MiB chunk of `[at, end)` whose level-1 table exists, with its slot there. An
+    /// empty directory entry skips its whole span at once, so an operation over a huge, sparse
+    /// range costs what is mapped in it, not its length (DESIGN.md, Scale).
+    fn next_pmd(&self, mut at: u64, end: u64) -> Option<(PageRange, u32, usize)> {
+        'search: while at < end {
+            let mut t = ROOT;
+            for level in (2..self.levels).rev() {
+                let e = self.entry(t, index(at, level));
+                if !e.is_valid() {
+                    let span = 1u64 << (PAGE_SHIFT + LEVEL_BITS * level);
+                    at = (at | (span - 1)).saturating_add(1);
+                    continue 'search;
+                }
+                t = e.table_id();
+            }
+            let chunk_end = ((at | (HUGE_PAGE_SIZE - 1)) + 1).min(end);
+            // Both ends are page aligned and ordered: this cannot fail.
+            let chunk = PageRange::from_bounds(at, chunk_end).ok()?;
+            return Some((chunk, t, index(at, 1)));
+        }
+        None
     }
 
     /// The table of 4 KiB leaves under PMD entry `i` of `pmd`, creating it, or splitting a 2 MiB
@@ -961,7 +978,8 @@ impl DevicePageTable {
         }
     }
 
-    /// The leaf mapping `va`, without touching its accessed or dirty bit.
+    /// The leaf mapping `va`, without touching its accessed or dirty bit (`None` beyond the
+    /// address width too).
     pub fn lookup(&self, va: VirtAddr) -> Option<Translation> {
         let (t, i, level) = self.find_leaf(va.0)?;
         Some(Self::translation(self.entry(t, i), level, va.0))
@@ -1003,7 +1021,8 @@ impl DevicePageTable {
     /// Maps `range` with 4 KiB leaves to consecutive frames from `base` (or to system memory),
     /// splitting any 2 MiB leaf it cuts into. A page already mapped to the same target keeps its
     /// accessed and dirty bits and gets `perms`; one mapped elsewhere is replaced, and its frame
-    /// goes to `release`.
+    /// goes to `release`. A device frame backs one page: mapping it at a second address is the
+    /// caller's bug, and [`DeviceMmu::check_invariants`] reports it once either copy is unmapped.
     pub fn map(
         &mut self,
         range: PageRange,
@@ -1050,9 +1069,7 @@ impl DevicePageTable {
         let mut report = MapReport::default();
         let mut k = 0u64;
         for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let (pmd, i) = self
-                .pmd_slot(chunk.start().0, Walk::Allocate)
-                .expect("allocating walks always reach the PMD");
+            let (pmd, i) = self.pmd_slot(chunk.start().0);
             let pt = self.pte_table(pmd, i);
             for va in chunk.pages() {
                 let new_target = target(k);
@@ -1108,9 +1125,7 @@ impl DevicePageTable {
         let mut report = MapReport::default();
         for (n, block) in range.chunks(HUGE_PAGE_SIZE).enumerate() {
             let new_target = base.nth(n as u64 * PAGES_PER_HUGE);
-            let (pmd, i) = self
-                .pmd_slot(block.start().0, Walk::Allocate)
-                .expect("allocating walks always reach the PMD");
+            let (pmd, i) = self.pmd_slot(block.start().0);
             let old = self.entry(pmd, i);
             let mut new = Pte::leaf(new_target, perms);
             if !old.is_valid() {
@@ -1163,10 +1178,9 @@ impl DevicePageTable {
     ) -> Result<UnmapReport, MmuError> {
         self.check_range(&range)?;
         let mut report = UnmapReport::default();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if !e.is_valid() {
                 continue;
@@ -1205,10 +1219,9 @@ impl DevicePageTable {
         self.check_range(&range)?;
         Self::check_perms(perms)?;
         let mut report = ProtectReport::default();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if !e.is_valid() || (e.is_leaf() && e.perms() == perms) {
                 continue;
@@ -1247,10 +1260,9 @@ impl DevicePageTable {
     pub fn clear_accessed(&mut self, range: PageRange) -> Result<Vec<PageRange>, MmuError> {
         self.check_range(&range)?;
         let mut runs = Vec::new();
-        for chunk in range.chunks(HUGE_PAGE_SIZE) {
-            let Some((pmd, i)) = self.pmd_slot(chunk.start().0, Walk::Existing) else {
-                continue;
-            };
+        let mut at = range.start().0;
+        while let Some((chunk, pmd, i)) = self.next_pmd(at, range.end().0) {
+            at = chunk.end().0;
             let e = self.entry(pmd, i);
             if e.is_leaf() {
                 if e.accessed() {
@@ -2131,5 +2143,1314 @@ impl CuMmu<'_> {
     /// This unit's TLB.
     pub fn tlb(&self) -> &Tlb {
         &self.mmu.tlbs[self.cu]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::addr::Owner;
+    use crate::pool::{DevicePool, MemoryKind};
+
+    const DEV: DeviceId = DeviceId(0);
+    const PEER: DeviceId = DeviceId(1);
+    const RW: PtePerms = PtePerms::READ.union(PtePerms::WRITE);
+    const RWA: PtePerms = RW.union(PtePerms::ATOMIC);
+    /// A 2 MiB-aligned address away from zero, in the middle of a level-1 table.
+    const BASE: u64 = 0x7f00_0000_0000 + 64 * HUGE_PAGE_SIZE;
+
+    #[track_caller]
+    fn pages(start: u64, n: u64) -> PageRange {
+        PageRange::from_pages(start, n).unwrap()
+    }
+
+    #[track_caller]
+    fn table(va_bits: u32) -> DevicePageTable {
+        DevicePageTable::new(DEV, va_bits).unwrap()
+    }
+
+    #[track_caller]
+    fn mmu(compute_units: usize, tlb_entries: usize) -> DeviceMmu {
+        DeviceMmu::new(MmuConfig {
+            dev: DEV,
+            va_bits: 48,
+            compute_units,
+            tlb_entries,
+        })
+        .unwrap()
+    }
+
+    #[track_caller]
+    fn ok(pt: &DevicePageTable) {
+        pt.check_invariants().unwrap();
+    }
+
+    #[track_caller]
+    fn ok_mmu(m: &DeviceMmu) {
+        m.check_invariants().unwrap();
+    }
+
+    fn local(f: u32) -> PteTarget {
+        PteTarget::Local(DevPfn(f))
+    }
+
+    fn va(page: u64) -> VirtAddr {
+        VirtAddr(BASE + page * PAGE_SIZE)
+    }
+
+    #[test]
+    fn table_depth_follows_address_width() {
+        for (bits, levels, root) in [
+            (32, 3, 4),
+            (39, 3, 512),
+            (40, 4, 2),
+            (48, 4, 512),
+            (57, 5, 512),
+        ] {
+            let pt = table(bits);
+            assert_eq!(
+                (pt.levels(), pt.root_entries()),
+                (levels, root),
+                "{bits} bits"
+            );
+            ok(&pt);
+        }
+        for bits in [31, 58, 64] {
+            assert_eq!(
+                DevicePageTable::new(DEV, bits).unwrap_err(),
+                MmuError::InvalidAddressWidth { va_bits: bits }
+            );
+        }
+    }
+
+    #[test]
+    fn map_then_translate_reaches_each_frame() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        let r = pt.map(pages(BASE, 3), local(10), RW, &mut rel).unwrap();
+        assert_eq!((r.mapped, r.stale), (3, 0));
+        assert!(rel.is_empty());
+        for i in 0..3 {
+            let tr = pt.translate(VirtAddr(va(i).0 + 123), Access::Read).unwrap();
+            assert_eq!(tr.size, PageSize::Base);
+            assert_eq!(tr.leaf, va(i));
+            assert_eq!(
+                tr.target(VirtAddr(va(i).0 + 123)),
+                Some(local(10 + i as u32))
+            );
+        }
+        assert_eq!(pt.mapped_pages(), 3);
+        // Root, two directories, one table of 4 KiB leaves.
+        assert_eq!(pt.stats().tables, 4);
+        ok(&pt);
+    }
+
+    #[test]
+    fn system_and_peer_targets_translate_as_mapped() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 2), PteTarget::System, PtePerms::READ, &mut rel)
+            .unwrap();
+        let peer = PteTarget::Peer {
+            dev: PEER,
+            frame: DevPfn(7),
+        };
+        pt.map(pages(BASE + 2 * PAGE_SIZE, 2), peer, RW, &mut rel)
+            .unwrap();
+        let tr = pt.translate(va(1), Access::Read).unwrap();
+        assert_eq!(tr.target(va(1)), Some(PteTarget::System));
+        let tr = pt.translate(va(3), Access::Write).unwrap();
+        assert_eq!(
+            tr.target(va(3)),
+            Some(PteTarget::Peer {
+                dev: PEER,
+                frame: DevPfn(8)
+            })
+        );
+        let report = pt.unmap(pages(BASE, 4), &mut rel).unwrap();
+        assert_eq!((report.system_pages, report.device_pages), (2, 2));
+        assert_eq!(
+            rel.as_slice(),
+            &[
+                MappedFrame {
+                    dev: PEER,
+                    frame: DevPfn(7),
+                    size: PageSize::Base
+                },
+                MappedFrame {
+                    dev: PEER,
+                    frame: DevPfn(8),
+                    size: PageSize::Base
+                },
+            ]
+        );
+        ok(&pt);
+    }
+
+    #[test]
+    fn translate_beyond_address_width_is_fatal() {
+        let mut pt = table(39);
+        let fault = pt.translate(VirtAddr(1 << 39), Access::Read).unwrap_err();
+        assert_eq!(
+            fault,
+            MmuFault::AddressWidth {
+                va: VirtAddr(1 << 39),
+                va_bits: 39
+            }
+        );
+        assert!(fault.is_fatal());
+        assert_eq!(pt.lookup(VirtAddr(u64::MAX)), None);
+        let mut rel = DeferredFrames::new();
+        let across = pages((1 << 39) - PAGE_SIZE, 2);
+        assert!(matches!(
+            pt.map(across, local(0), RW, &mut rel),
+            Err(MmuError::BeyondAddressWidth { va_bits: 39, .. })
+        ));
+        assert!(matches!(
+            pt.unmap(across, &mut rel),
+            Err(MmuError::BeyondAddressWidth { .. })
+        ));
+        assert!(matches!(
+            pt.protect(across, RW),
+            Err(MmuError::BeyondAddressWidth { .. })
+        ));
+        assert!(matches!(
+            pt.clear_accessed(across),
+            Err(MmuError::BeyondAddressWidth { .. })
+        ));
+        // The last page below the width is fine.
+        pt.map(pages((1 << 39) - PAGE_SIZE, 1), local(0), RW, &mut rel)
+            .unwrap();
+        assert!(pt.translate(VirtAddr((1 << 39) - 1), Access::Write).is_ok());
+        assert_eq!(pt.stats().faults_address_width, 1);
+        ok(&pt);
+    }
+
+    #[test]
+    fn unmapped_address_is_not_present() {
+        let mut pt = table(48);
+        let fault = pt.translate(va(0), Access::Read).unwrap_err();
+        assert_eq!(fault, MmuFault::NotPresent { va: va(0) });
+        assert!(!fault.is_fatal());
+        assert_eq!(fault.va(), va(0));
+        assert_eq!(pt.stats().faults_not_present, 1);
+    }
+
+    #[test]
+    fn permission_faults_name_the_access() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 1), local(0), PtePerms::READ, &mut rel)
+            .unwrap();
+        pt.map(pages(BASE + PAGE_SIZE, 1), local(1), RW, &mut rel)
+            .unwrap();
+        pt.map(pages(BASE + 2 * PAGE_SIZE, 1), local(2), RWA, &mut rel)
+            .unwrap();
+        assert!(pt.translate(va(0), Access::Read).is_ok());
+        assert_eq!(
+            pt.translate(va(0), Access::Write),
+            Err(MmuFault::Permission {
+                va: va(0),
+                access: Access::Write,
+                perms: PtePerms::READ
+            })
+        );
+        assert!(matches!(
+            pt.translate(va(1), Access::Atomic),
+            Err(MmuFault::Permission {
+                access: Access::Atomic,
+                ..
+            })
+        ));
+        assert!(pt.translate(va(2), Access::Atomic).is_ok());
+        // A failed access marks nothing.
+        let tr = pt.lookup(va(1)).unwrap();
+        assert!(!tr.accessed && !tr.dirty);
+        assert_eq!(pt.stats().faults_permission, 2);
+    }
+
+    #[test]
+    fn translate_sets_accessed_and_write_sets_dirty() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 1), local(0), RWA, &mut rel).unwrap();
+        let tr = pt.lookup(va(0)).unwrap();
+        assert!(!tr.accessed && !tr.dirty);
+        assert!(
+            !pt.lookup(va(0)).unwrap().accessed,
+            "lookup has no side effect"
+        );
+        pt.translate(va(0), Access::Read).unwrap();
+        let tr = pt.lookup(va(0)).unwrap();
+        assert!(tr.accessed && !tr.dirty);
+        pt.translate(va(0), Access::Atomic).unwrap();
+        assert!(pt.lookup(va(0)).unwrap().dirty);
+        // Remapping the same frame keeps the history; another frame starts clean.
+        pt.map(pages(BASE, 1), local(0), PtePerms::READ, &mut rel)
+            .unwrap();
+        let tr = pt.lookup(va(0)).unwrap();
+        assert!(tr.accessed && tr.dirty && tr.perms == PtePerms::READ);
+        let r = pt.unmap(pages(BASE, 1), &mut rel).unwrap();
+        assert_eq!(r.dirty_pages, 1);
+    }
+
+    #[test]
+    fn map_huge_installs_one_leaf_at_the_pmd_level() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        let r = pt
+            .map_huge(pages(BASE, 1024), local(512), RW, &mut rel)
+            .unwrap();
+        assert_eq!((r.mapped, r.stale), (1024, 0));
+        assert_eq!((pt.huge_leaves(), pt.mapped_pages()), (2, 1024));
+        // Root and two directories: no table of 4 KiB leaves.
+        assert_eq!(pt.stats().tables, 3);
+        let probe = VirtAddr(BASE + HUGE_PAGE_SIZE + 5 * PAGE_SIZE + 17);
+        let tr = pt.translate(probe, Access::Write).unwrap();
+        assert_eq!(tr.size, PageSize::Huge);
+        assert_eq!(tr.leaf, VirtAddr(BASE + HUGE_PAGE_SIZE));
+        assert_eq!(tr.target(probe), Some(local(1024 + 5)));
+        assert_eq!(tr.target(VirtAddr(BASE)), None);
+        ok(&pt);
+    }
+
+    #[test]
+    fn mapping_a_page_inside_a_huge_leaf_splits_it() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map_huge(pages(BASE, 512), local(512), RW, &mut rel)
+            .unwrap();
+        pt.translate(va(0), Access::Write).unwrap();
+        let r = pt
+            .map(pages(BASE + 5 * PAGE_SIZE, 1), local(9), RW, &mut rel)
+            .unwrap();
+        assert_eq!((r.mapped, r.stale, r.displaced.pages), (0, 1, 1));
+        assert_eq!(
+            rel.as_slice(),
+            &[MappedFrame {
+                dev: DEV,
+                frame: DevPfn(517),
+                size: PageSize::Base
+            }]
+        );
+        assert_eq!((pt.huge_leaves(), pt.mapped_pages()), (0, 512));
+        assert_eq!(pt.stats().splits, 1);
+        assert_eq!(pt.lookup(va(5)).unwrap().base, local(9));
+        // The other 511 pages keep their frames and the leaf's history.
+        for i in [0, 4, 6, 511] {
+            let tr = pt.lookup(va(i)).unwrap();
+            assert_eq!((tr.size, tr.base), (PageSize::Base, local(512 + i as u32)));
+            assert!(tr.accessed && tr.dirty);
+        }
+        ok(&pt);
+    }
+
+    #[test]
+    fn unmapping_part_of_a_huge_leaf_splits_it_and_reports_single_frames() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map_huge(pages(BASE, 512), local(0), RW, &mut rel)
+            .unwrap();
+        let r = pt.unmap(pages(BASE + 3 * PAGE_SIZE, 2), &mut rel).unwrap();
+        assert_eq!((r.pages, r.huge_leaves, r.device_pages), (2, 0, 2));
+        let frames: Vec<_> = rel.as_slice().iter().map(|m| (m.frame, m.size)).collect();
+        assert_eq!(
+            frames,
+            [(DevPfn(3), PageSize::Base), (DevPfn(4), PageSize::Base)]
+        );
+        assert_eq!(pt.mapped_pages(), 510);
+        assert_eq!(pt.lookup(va(3)), None);
+        assert_eq!(pt.lookup(va(5)).unwrap().base, local(5));
+        ok(&pt);
+    }
+
+    #[test]
+    fn unmapping_a_whole_huge_leaf_reports_one_huge_frame_and_frees_the_tables() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map_huge(pages(BASE, 512), local(1536), RW, &mut rel)
+            .unwrap();
+        let r = pt.unmap(pages(BASE, 512), &mut rel).unwrap();
+        assert_eq!((r.pages, r.huge_leaves), (512, 1));
+        assert_eq!(
+            rel.as_slice(),
+            &[MappedFrame {
+                dev: DEV,
+                frame: DevPfn(1536),
+                size: PageSize::Huge
+            }]
+        );
+        assert_eq!(rel.as_slice()[0].frames().count(), 512);
+        assert_eq!(
+            (pt.stats().tables, pt.mapped_pages(), pt.huge_leaves()),
+            (1, 0, 0)
+        );
+        ok(&pt);
+    }
+
+    #[test]
+    fn map_huge_over_matching_pages_collapses_without_releasing_them() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        // 510 of the block's pages on the right frames, one on a wrong frame, one unmapped.
+        pt.map(pages(BASE, 510), local(1024), RW, &mut rel).unwrap();
+        pt.map(pages(BASE + 510 * PAGE_SIZE, 1), local(7), RW, &mut rel)
+            .unwrap();
+        pt.translate(va(100), Access::Write).unwrap();
+        let r = pt
+            .map_huge(pages(BASE, 512), local(1024), PtePerms::READ, &mut rel)
+            .unwrap();
+        // Every page narrowed from RW to R: all the mapped ones are stale.
+        assert_eq!((r.mapped, r.stale, r.displaced.pages), (1, 511, 1));
+        assert_eq!(
+            rel.as_slice(),
+            &[MappedFrame {
+                dev: DEV,
+                frame: DevPfn(7),
+                size: PageSize::Base
+            }]
+        );
+        let tr = pt.lookup(va(0)).unwrap();
+        assert_eq!(
+            (tr.size, tr.base, tr.perms),
+            (PageSize::Huge, local(1024), PtePerms::READ)
+        );
+        assert!(
+            tr.accessed && tr.dirty,
+            "the collapsed leaf keeps the pages' history"
+        );
+        assert_eq!(pt.stats().collapses, 1);
+        assert_eq!(pt.stats().tables, 3);
+        ok(&pt);
+    }
+
+    #[test]
+    fn protect_reports_stale_pages_only_when_permissions_shrink() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 4), local(0), RWA, &mut rel).unwrap();
+        let r = pt.protect(pages(BASE, 8), PtePerms::READ).unwrap();
+        assert_eq!(
+            r,
+            ProtectReport {
+                changed: 4,
+                stale: 4
+            }
+        );
+        let r = pt.protect(pages(BASE, 8), RW).unwrap();
+        assert_eq!(
+            r,
+            ProtectReport {
+                changed: 4,
+                stale: 0
+            }
+        );
+        assert_eq!(
+            pt.protect(pages(BASE, 8), RW).unwrap(),
+            ProtectReport::default()
+        );
+        assert_eq!(pt.lookup(va(4)), None, "protect maps nothing");
+        // Part of a 2 MiB leaf: split; all of it: no split.
+        let block = BASE + HUGE_PAGE_SIZE;
+        pt.map_huge(pages(block, 512), local(512), RW, &mut rel)
+            .unwrap();
+        assert_eq!(pt.protect(pages(block, 512), RW).unwrap().changed, 0);
+        assert_eq!(pt.protect(pages(block, 512), RWA).unwrap().changed, 512);
+        assert_eq!(pt.stats().splits, 0);
+        let r = pt
+            .protect(pages(block + PAGE_SIZE, 1), PtePerms::READ)
+            .unwrap();
+        assert_eq!(
+            r,
+            ProtectReport {
+                changed: 1,
+                stale: 1
+            }
+        );
+        assert_eq!(pt.stats().splits, 1);
+        assert_eq!(pt.lookup(VirtAddr(block)).unwrap().perms, RWA);
+        ok(&pt);
+    }
+
+    #[test]
+    fn empty_tables_are_freed() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        // Two far-apart regions: separate directories all the way up.
+        pt.map(pages(BASE, 3), local(0), RW, &mut rel).unwrap();
+        pt.map(pages(0x1000_0000, 600), local(100), RW, &mut rel)
+            .unwrap();
+        let busy = pt.stats().tables;
+        assert!(busy >= 7, "{busy}");
+        pt.unmap(pages(BASE, 1), &mut rel).unwrap();
+        assert_eq!(pt.stats().tables, busy, "a table with entries left stays");
+        pt.unmap(pages(BASE, 3), &mut rel).unwrap();
+        pt.unmap(pages(0x1000_0000, 600), &mut rel).unwrap();
+        assert_eq!(pt.stats().tables, 1);
+        assert_eq!(pt.stats().tables_freed, pt.stats().tables_allocated - 1);
+        ok(&pt);
+        // Slots are reused.
+        pt.map(pages(BASE, 1), local(0), RW, &mut rel).unwrap();
+        ok(&pt);
+    }
+
+    #[test]
+    fn operations_over_a_huge_sparse_range_cost_what_is_mapped() {
+        // 2^36 blocks in the range: stepping through them one by one would not finish.
+        let mut pt = table(57);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 2), local(0), RW, &mut rel).unwrap();
+        pt.map_huge(pages(1 << 50, 512), local(512), RW, &mut rel)
+            .unwrap();
+        pt.translate(va(0), Access::Read).unwrap();
+        let everything = PageRange::new(0, 1 << 57).unwrap();
+        assert_eq!(pt.clear_accessed(everything).unwrap(), [pages(BASE, 1)]);
+        assert_eq!(
+            pt.protect(everything, PtePerms::READ).unwrap(),
+            ProtectReport {
+                changed: 514,
+                stale: 514
+            }
+        );
+        let r = pt.unmap(everything, &mut rel).unwrap();
+        assert_eq!((r.pages, r.huge_leaves, rel.len()), (514, 1, 3));
+        assert_eq!(pt.stats().tables, 1);
+        ok(&pt);
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error_and_changes_nothing() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        let r = pages(BASE, 2);
+        assert_eq!(
+            pt.map(r, local(0), PtePerms::empty(), &mut rel),
+            Err(MmuError::NoPermissions)
+        );
+        assert_eq!(
+            pt.protect(r, PtePerms::empty()),
+            Err(MmuError::NoPermissions)
+        );
+        assert_eq!(
+            pt.map(r, local(u32::MAX), RW, &mut rel),
+            Err(MmuError::FrameOverflow {
+                first: DevPfn(u32::MAX),
+                pages: 2
+            })
+        );
+        assert_eq!(
+            pt.map(
+                r,
+                PteTarget::Peer {
+                    dev: DEV,
+                    frame: DevPfn(0)
+                },
+                RW,
+                &mut rel
+            ),
+            Err(MmuError::PeerIsSelf { dev: DEV })
+        );
+        assert_eq!(
+            pt.map_pages(r, &[local(0)], RW, &mut rel),
+            Err(MmuError::TargetCount { pages: 2, given: 1 })
+        );
+        assert_eq!(
+            pt.map_huge(pages(BASE + PAGE_SIZE, 512), local(0), RW, &mut rel),
+            Err(MmuError::UnalignedHuge {
+                addr: BASE + PAGE_SIZE
+            })
+        );
+        assert_eq!(
+            pt.map_huge(pages(BASE, 256), local(0), RW, &mut rel),
+            Err(MmuError::UnalignedHuge {
+                addr: 256 * PAGE_SIZE
+            })
+        );
+        assert_eq!(
+            pt.map_huge(pages(BASE, 512), local(1), RW, &mut rel),
+            Err(MmuError::UnalignedHugeFrame { frame: DevPfn(1) })
+        );
+        assert_eq!(
+            pt.map_huge(pages(BASE, 1024), local(u32::MAX - 511), RW, &mut rel),
+            Err(MmuError::FrameOverflow {
+                first: DevPfn(u32::MAX - 511),
+                pages: 1024
+            })
+        );
+        // The last aligned block of frames is fine.
+        let mut other = table(48);
+        other
+            .map_huge(pages(BASE, 512), local(u32::MAX - 511), RW, &mut rel)
+            .unwrap();
+        assert_eq!(
+            other
+                .lookup(VirtAddr(BASE + HUGE_PAGE_SIZE - 1))
+                .unwrap()
+                .target(VirtAddr(BASE + HUGE_PAGE_SIZE - 1)),
+            Some(local(u32::MAX))
+        );
+        // Range construction errors convert.
+        let e: MmuError = PageRange::new(1, PAGE_SIZE).unwrap_err().into();
+        assert_eq!(e, MmuError::Addr(AddrError::Unaligned { addr: 1 }));
+        assert!(rel.is_empty());
+        assert_eq!((pt.mapped_pages(), pt.stats().tables), (0, 1));
+        ok(&pt);
+        assert_eq!(Tlb::new(0).unwrap_err(), MmuError::EmptyTlb);
+        assert_eq!(
+            DeviceMmu::new(MmuConfig {
+                compute_units: 0,
+                ..MmuConfig::default()
+            })
+            .unwrap_err(),
+            MmuError::NoComputeUnits
+        );
+    }
+
+    #[test]
+    fn clear_accessed_reports_young_leaves_once() {
+        let mut pt = table(48);
+        let mut rel = DeferredFrames::new();
+        pt.map(pages(BASE, 4), local(0), RW, &mut rel).unwrap();
+        let block = BASE + HUGE_PAGE_SIZE;
+        pt.map_huge(pages(block, 512), local(512), RW, &mut rel)
+            .unwrap();
+        for i in [0, 1, 3] {
+            pt.translate(va(i), Access::Read).unwrap();
+        }
+        pt.translate(VirtAddr(block + 77 * PAGE_SIZE), Access::Read)
+            .unwrap();
+        // Part of the block is asked for; the whole leaf is reported.
+        let young = pt.clear_accessed(pages(BASE, 513)).unwrap();
+        assert_eq!(
+            young,
+            [
+                pages(BASE, 2),
+                pages(BASE + 3 * PAGE_SIZE, 1),
+                pages(block, 512)
+            ]
+        );
+        assert!(pt.clear_accessed(pages(BASE, 1024)).unwrap().is_empty());
+        assert!(!pt.lookup(va(0)).unwrap().accessed);
+        assert_eq!(pt.stats().accessed_cleared, 4);
+        ok(&pt);
+    }
+
+    #[test]
+    fn tlb_hits_after_fill() {
+        let mut m = mmu(1, 8);
+        m.map(pages(BASE, 1), local(3), RW).unwrap();
+        let mut cu = m.unit(0).unwrap();
+        let a = cu.translate(va(0), Access::Read).unwrap();
+        let b = cu.translate(VirtAddr(va(0).0 + 8), Access::Read).unwrap();
+        assert_eq!(a, b);
+        let s = cu.tlb().stats();
+        assert_eq!((s.misses, s.hits, s.fills), (1, 1, 1));
+        assert_eq!(m.page_table().stats().walks, 1);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn tlb_evicts_the_least_recently_used_entry() {
+        let mut tlb = Tlb::new(2).unwrap();
+        let tr = |page: u64| Translation {
+            leaf: va(page),
+            size: PageSize::Base,
+            base: local(page as u32),
+            perms: RW,
+            accessed: true,
+            dirty: false,
+        };
+        tlb.fill(tr(0));
+        tlb.fill(tr(1));
+        assert!(tlb.lookup(va(0), Access::Read).is_some());
+        tlb.fill(tr(2));
+        assert_eq!(tlb.stats().evictions, 1);
+        assert!(
+            tlb.lookup(va(1), Access::Read).is_none(),
+            "1 was least recently used"
+        );
+        assert!(tlb.lookup(va(0), Access::Read).is_some());
+        assert!(tlb.lookup(va(2), Access::Read).is_some());
+        assert_eq!(tlb.len(), tlb.capacity());
+        tlb.check_invariants().unwrap();
+        // A 2 MiB entry replaces the 4 KiB ones it covers.
+        tlb.fill(Translation {
+            leaf: VirtAddr(BASE),
+            size: PageSize::Huge,
+            ..tr(0)
+        });
+        assert_eq!(tlb.len(), 1);
+        tlb.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn one_huge_tlb_entry_serves_its_whole_block() {
+        let mut m = mmu(1, 4);
+        m.map_huge(pages(BASE, 512), local(0), RW).unwrap();
+        let mut cu = m.unit(0).unwrap();
+        for off in [0, 4096 * 100, HUGE_PAGE_SIZE - 1] {
+            let tr = cu.translate(VirtAddr(BASE + off), Access::Read).unwrap();
+            assert_eq!(tr.size, PageSize::Huge);
+        }
+        let s = cu.tlb().stats();
+        assert_eq!((s.misses, s.hits), (1, 2));
+        assert_eq!(cu.tlb().len(), 1);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn a_write_through_a_clean_tlb_entry_walks_to_set_dirty() {
+        let mut m = mmu(1, 4);
+        m.map(pages(BASE, 1), local(0), RW).unwrap();
+        let mut cu = m.unit(0).unwrap();
+        assert!(!cu.translate(va(0), Access::Read).unwrap().dirty);
+        assert!(cu.translate(va(0), Access::Write).unwrap().dirty);
+        assert!(cu.translate(va(0), Access::Write).unwrap().dirty);
+        let s = cu.tlb().stats();
+        assert_eq!((s.misses, s.hits), (2, 1));
+        assert!(m.page_table().lookup(va(0)).unwrap().dirty);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn more_permissions_need_no_flush_and_a_permission_miss_refills() {
+        let mut m = mmu(1, 4);
+        m.map(pages(BASE, 1), local(0), PtePerms::READ).unwrap();
+        m.unit(0).unwrap().translate(va(0), Access::Read).unwrap();
+        let r = m.map(pages(BASE, 1), local(0), RW).unwrap();
+        assert_eq!((r.mapped, r.stale), (0, 0));
+        assert!(m.invalidator().pending().is_empty());
+        ok_mmu(&m);
+        let tr = m.unit(0).unwrap().translate(va(0), Access::Write).unwrap();
+        assert_eq!(tr.perms, RW);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn queued_ranges_coalesce() {
+        let mut inv = TlbInvalidator::new();
+        inv.queue(pages(BASE + 4 * PAGE_SIZE, 2));
+        inv.queue(pages(BASE, 1));
+        inv.queue(pages(BASE + 10 * PAGE_SIZE, 1));
+        assert_eq!(inv.pending().ranges().len(), 3);
+        // Touches the first and overlaps the second: one range.
+        inv.queue(pages(BASE + PAGE_SIZE, 4));
+        assert_eq!(
+            inv.pending().ranges(),
+            &[pages(BASE, 6), pages(BASE + 10 * PAGE_SIZE, 1)]
+        );
+        inv.queue(pages(BASE, 20));
+        assert_eq!(inv.pending().ranges(), &[pages(BASE, 20)]);
+        assert!(inv.pending().covers(va(19)) && !inv.pending().covers(va(20)));
+        assert_eq!(inv.stats().ranges_queued, 5);
+        inv.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn too_many_ranges_fall_back_to_a_full_invalidation() {
+        let mut m = mmu(2, 64);
+        m.map(pages(BASE, 200), local(0), RW).unwrap();
+        for cu in 0..2 {
+            let mut u = m.unit(cu).unwrap();
+            for i in 0..40 {
+                u.translate(va(i * 2), Access::Read).unwrap();
+            }
+        }
+        for i in 0..=BATCH_RANGES_MAX as u64 {
+            m.protect(pages(va(i * 2).0, 1), PtePerms::READ).unwrap();
+        }
+        assert!(m.invalidator().pending().is_all());
+        assert!(m.invalidator().pending().covers(VirtAddr(0)));
+        ok_mmu(&m);
+        m.dispatch();
+        assert!(m.tlbs().iter().all(Tlb::is_empty));
+        assert_eq!(m.invalidator().stats().full_flushes, 1);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn a_fence_completes_only_after_dispatch_and_fences_complete_in_order() {
+        let mut m = mmu(1, 8);
+        assert!(m.invalidator().is_complete(TlbFence::default()));
+        assert_eq!(
+            m.dispatch(),
+            TlbFence::default(),
+            "nothing queued, nothing sent"
+        );
+        m.map(pages(BASE, 2), local(0), RW).unwrap();
+        m.unmap(pages(BASE, 1)).unwrap();
+        let f1 = m.dispatch();
+        m.unmap(pages(BASE + PAGE_SIZE, 1)).unwrap();
+        let f2 = m.dispatch();
+        assert_eq!((f1.seq(), f2.seq()), (1, 2));
+        assert_eq!(
+            m.complete(TlbFence(3)),
+            Err(MmuError::FenceNotDispatched {
+                fence: TlbFence(3),
+                dispatched: f2
+            })
+        );
+        assert_eq!(m.invalidator().in_flight_frames().count(), 2);
+        let both = m.complete(f2).unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(m.invalidator().is_complete(f1));
+        assert!(
+            m.complete(f1).unwrap().is_empty(),
+            "each frame comes back once"
+        );
+        assert_eq!(m.invalidator().last_completed(), f2);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn stale_tlb_entry_is_removed_by_dispatch() {
+        let mut m = mmu(2, 8);
+        m.map(pages(BASE, 2), local(40), RW).unwrap();
+        for cu in 0..2 {
+            m.unit(cu).unwrap().translate(va(0), Access::Write).unwrap();
+        }
+        m.unmap(pages(BASE, 1)).unwrap();
+        // Queued, not dispatched: the TLBs may still serve the old translation, and may: its frame
+        // is held back until the flush.
+        let stale = m.unit(1).unwrap().translate(va(0), Access::Read).unwrap();
+        assert_eq!(stale.target(va(0)), Some(local(40)));
+        ok_mmu(&m);
+        m.dispatch();
+        for cu in 0..2 {
+            let fault = m
+                .unit(cu)
+                .unwrap()
+                .translate(va(0), Access::Read)
+                .unwrap_err();
+            assert_eq!(fault, MmuFault::NotPresent { va: va(0) });
+        }
+        assert_eq!(
+            m.tlbs().iter().map(|t| t.stats().invalidated).sum::<u64>(),
+            2
+        );
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn frames_go_back_to_the_pool_only_after_their_fence_completes() {
+        let mut pool = DevicePool::new(DEV, Owner(1), MemoryKind::DevicePrivate, 2048);
+        let mut m = mmu(2, 16);
+        let small: Vec<_> = (0..3).map(|_| pool.alloc_page().unwrap()).collect();
+        let targets: Vec<_> = small.iter().map(|&f| PteTarget::Local(f)).collect();
+        m.map_pages(pages(BASE, 3), &targets, RW).unwrap();
+        let huge = pool.alloc_huge().unwrap();
+        m.map_huge(
+            pages(BASE + HUGE_PAGE_SIZE, 512),
+            PteTarget::Local(huge),
+            RW,
+        )
+        .unwrap();
+        m.unit(0).unwrap().translate(va(1), Access::Read).unwrap();
+        m.unit(1)
+            .unwrap()
+            .translate(VirtAddr(BASE + HUGE_PAGE_SIZE), Access::Read)
+            .unwrap();
+
+        let r = m.unmap(pages(BASE, 1024)).unwrap();
+        assert_eq!((r.pages, r.huge_leaves), (515, 1));
+        // Nothing dispatched: completing what was dispatched gives nothing back.
+        let last = m.invalidator().last_dispatched();
+        assert!(m.complete(last).unwrap().is_empty());
+        assert_eq!(m.invalidator().pending().frames().len(), 4);
+        ok_mmu(&m);
+
+        let fence = m.dispatch();
+        assert!(!m.invalidator().is_complete(fence));
+        assert_eq!(m.invalidator().in_flight_frames().count(), 4);
+        ok_mmu(&m);
+        for f in m.complete(fence).unwrap() {
+            assert_eq!(f.dev, DEV);
+            match f.size {
+                PageSize::Base => pool.free_page(f.frame).unwrap(),
+                PageSize::Huge => pool.free_huge(f.frame).unwrap(),
+            }
+        }
+        assert_eq!(pool.stats().pages_in_use, 0);
+        pool.check_invariants().unwrap();
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn a_released_frame_is_never_held_by_any_tlb() {
+        let mut m = mmu(4, 8);
+        m.map(pages(BASE, 64), local(0), RW).unwrap();
+        m.map_huge(pages(BASE + HUGE_PAGE_SIZE, 512), local(512), RW)
+            .unwrap();
+        for cu in 0..4 {
+            let mut u = m.unit(cu).unwrap();
+            for i in 0..12 {
+                u.translate(va(cu as u64 * 7 + i), Access::Read).unwrap();
+            }
+            u.translate(VirtAddr(BASE + HUGE_PAGE_SIZE), Access::Read)
+                .unwrap();
+        }
+        m.unmap(pages(BASE + 8 * PAGE_SIZE, 16)).unwrap();
+        m.unmap(pages(BASE + HUGE_PAGE_SIZE + 7 * PAGE_SIZE, 1))
+            .unwrap();
+        let fence = m.dispatch();
+        let released = m.complete(fence).unwrap();
+        assert_eq!(released.len(), 17);
+        for f in &released {
+            for tlb in m.tlbs() {
+                for tr in tlb.entries() {
+                    let first = tr.base.frame().unwrap().0;
+                    let held = first..first + tr.size.pages() as u32;
+                    assert!(
+                        !held.contains(&f.frame.0),
+                        "{f:?} still reachable through {tr:?}"
+                    );
+                }
+            }
+        }
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn check_invariants_catches_a_change_nobody_invalidated() {
+        let mut m = mmu(1, 8);
+        m.map(pages(BASE, 2), local(10), RW).unwrap();
+        m.unit(0).unwrap().translate(va(0), Access::Read).unwrap();
+        // Behind the invalidator's back: the TLB entry goes stale with nothing queued.
+        let mut rel = DeferredFrames::new();
+        m.table.unmap(pages(BASE, 1), &mut rel).unwrap();
+        let e = m.check_invariants().unwrap_err();
+        assert!(e.contains("stale TLB entry"), "{e}");
+        // A frame pending release and mapped again is caught too.
+        let mut m = mmu(1, 8);
+        m.map(pages(BASE, 1), local(10), RW).unwrap();
+        m.unmap(pages(BASE, 1)).unwrap();
+        m.table
+            .map(pages(BASE + PAGE_SIZE, 1), local(10), RW, &mut rel)
+            .unwrap();
+        let e = m.check_invariants().unwrap_err();
+        assert!(e.contains("mapped and pending release"), "{e}");
+    }
+
+    #[test]
+    fn clear_accessed_flushes_so_the_next_access_marks_it_again() {
+        let mut m = mmu(1, 8);
+        m.map(pages(BASE, 1), local(0), RW).unwrap();
+        m.unit(0).unwrap().translate(va(0), Access::Read).unwrap();
+        assert_eq!(m.clear_accessed(pages(BASE, 1)).unwrap(), [pages(BASE, 1)]);
+        assert!(m.invalidator().pending().covers(va(0)));
+        m.dispatch();
+        m.unit(0).unwrap().translate(va(0), Access::Read).unwrap();
+        assert!(m.page_table().lookup(va(0)).unwrap().accessed);
+        ok_mmu(&m);
+    }
+
+    #[test]
+    fn an_unknown_compute_unit_is_an_error() {
+        let mut m = mmu(2, 8);
+        assert_eq!(
+            m.unit(2).unwrap_err(),
+            MmuError::NoSuchUnit { cu: 2, units: 2 }
+        );
+    }
+
+    #[test]
+    fn every_counter_moves() {
+        let mut m = mmu(1, 1);
+        m.map(pages(BASE, 2), local(0), RW).unwrap();
+        m.map_huge(pages(BASE + HUGE_PAGE_SIZE, 512), local(512), RW)
+            .unwrap();
+        {
+            let mut u = m.unit(0).unwrap();
+            u.translate(va(0), Access::Read).unwrap();
+            u.translate(va(0), Access::Read).unwrap();
+            u.translate(va(1), Access::Read).unwrap();
+            assert!(u.translate(va(2), Access::Read).is_err());
+            assert!(u.translate(va(0), Access::Atomic).is_err());
+            assert!(u.translate(VirtAddr(1 << 48), Access::Read).is_err());
+        }
+        m.clear_accessed(pages(BASE, 2)).unwrap();
+        m.map(pages(BASE + HUGE_PAGE_SIZE, 1), local(512), RW)
+            .unwrap();
+        m.map_huge(pages(BASE + HUGE_PAGE_SIZE, 512), local(512), RW)
+            .unwrap();
+        m.unmap(pages(BASE, 1)).unwrap();
+        let f = m.dispatch();
+        m.complete(f).unwrap();
+        for _ in 0..=BATCH_RANGES_MAX {
+            m.unit(0).unwrap().translate(va(1), Access::Read).unwrap();
+            m.invalidator.queue_all();
+            m.dispatch();
+        }
+        let p = m.page_table().stats();
+        let t = m.tlbs()[0].stats();
+        let i = m.invalidator().stats();
+        let all = [
+            p.mapped_pages,
+            p.huge_leaves,
+            p.tables,
+            p.tables_allocated,
+            p.tables_freed,
+            p.splits,
+            p.collapses,
+            p.walks,
+            p.faults_not_present,
+            p.faults_permission,
+            p.faults_address_width,
+            p.accessed_cleared,
+            t.hits,
+            t.misses,
+            t.fills,
+            t.evictions,
+            t.invalidated,
+            i.ranges_queued,
+            i.dispatches,
+            i.full_flushes,
+            i.frames_deferred,
+            i.frames_released,
+        ];
+        assert!(all.iter().all(|&c| c > 0), "{p:?} {t:?} {i:?}");
+        ok_mmu(&m);
+    }
+
+    // ---- model test ----------------------------------------------------------------------------
+
+    /// Region 0 straddles a 1 GiB boundary (two level-1 tables); region 1 ends one 2 MiB block
+    /// beyond the 39-bit width.
+    const REGIONS: [(u64, u64); 2] = [
+        ((1 << 30) - 2 * HUGE_PAGE_SIZE, 4 * PAGES_PER_HUGE),
+        ((1 << 39) - 2 * HUGE_PAGE_SIZE, 3 * PAGES_PER_HUGE),
+    ];
+    const MODEL_VA_BITS: u32 = 39;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Map {
+            region: usize,
+            start: u64,
+            len: u64,
+            kind: u8,
+            perms: u8,
+        },
+        MapHuge {
+            region: usize,
+            block: u64,
+            kind: u8,
+            perms: u8,
+        },
+        Unmap {
+            region: usize,
+            start: u64,
+            len: u64,
+        },
+        Protect {
+            region: usize,
+            start: u64,
+            len: u64,
+            perms: u8,
+        },
+        Translate {
+            cu: usize,
+            region: usize,
+            page: u64,
+            access: u8,
+        },
+        ClearAccessed {
+            region: usize,
+            start: u64,
+            len: u64,
+        },
+        Dispatch,
+        Complete,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let region = 0..2usize;
+        let start = 0..2048u64;
+        let len = prop_oneof![1..8u64, 1..700u64];
+        let perms = 1..8u8;
+        prop_oneof![
+            3 => (region.clone(), start.clone(), len.clone(), 0..3u8, perms.clone())
+                .prop_map(|(region, start, len, kind, perms)| Op::Map { region, start, len, kind, perms }),
+            2 => (region.clone(), 0..4u64, 0..3u8, perms.clone())
+                .prop_map(|(region, block, kind, perms)| Op::MapHuge { region, block, kind, perms }),
+            2 => (region.clone(), start.clone(), len.clone())
+                .prop_map(|(region, start, len)| Op::Unmap { region, start, len }),
+            2 => (region.clone(), start.clone(), len.clone(), perms)
+                .prop_map(|(region, start, len, perms)| Op::Protect { region, start, len, perms }),
+            6 => (0..3usize, region.clone(), start.clone(), 0..3u8)
+                .prop_map(|(cu, region, page, access)| Op::Translate { cu, region, page, access }),
+            1 => (region, start, len)
+                .prop_map(|(region, start, len)| Op::ClearAccessed { region, start, len }),
+            2 => Just(Op::Dispatch),
+            2 => Just(Op::Complete),
+        ]
+    }
+
+    /// The page range an op names, clipped to its region.
+    fn model_range(region: usize, start: u64, len: u64) -> PageRange {
+        let (base, npages) = REGIONS[region];
+        let start = start % npages;
+        let len = len.min(npages - start);
+        pages(base + start * PAGE_SIZE, len)
+    }
+
+    struct Model {
+        pages: BTreeMap<u64, (PteTarget, PtePerms)>,
+        next_local: u32,
+        next_peer: u32,
+        /// Frames taken out of the model's mappings, not yet handed back.
+        awaiting: HashSet<(DeviceId, DevPfn)>,
+    }
+
+    impl Model {
+        fn fresh(&mut self, kind: u8, n: u64, align: u32) -> PteTarget {
+            let next = if kind == 0 {
+                &mut self.next_local
+            } else {
+                &mut self.next_peer
+            };
+            let first = next.div_ceil(align) * align;
+            *next = first + n as u32;
+            match kind {
+                0 => PteTarget::Local(DevPfn(first)),
+                _ => PteTarget::Peer {
+                    dev: PEER,
+                    frame: DevPfn(first),
+                },
+            }
+        }
+
+        fn set(&mut self, va: VirtAddr, entry: Option<(PteTarget, PtePerms)>) {
+            let old = match entry {
+                Some(e) => self.pages.insert(va.0, e),
+                None => self.pages.remove(&va.0),
+            };
+            if let Some((old, _)) = old {
+                if entry.map(|e| e.0) != Some(old) {
+                    if let Some(f) = old.owned_frame(DEV) {
+                        assert!(self.awaiting.insert(f), "{f:?} taken out twice");
+                    }
+                }
+            }
+        }
+    }
+
+    fn beyond(range: &PageRange) -> bool {
+        range.end().0 > 1 << MODEL_VA_BITS
+    }
+
+    fn run_model(ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let mut m = DeviceMmu::new(MmuConfig {
+            dev: DEV,
+            va_bits: MODEL_VA_BITS,
+            compute_units: 3,
+            tlb_entries: 6,
+        })
+        .unwrap();
+        let mut model = Model {
+            pages: BTreeMap::new(),
+            next_local: 0,
+            next_peer: 0,
+            awaiting: HashSet::new(),
+        };
+        let accesses = [Access::Read, Access::Write, Access::Atomic];
+        for op in ops {
+            match op {
+                Op::Map {
+                    region,
+                    start,
+                    len,
+                    kind,
+                    perms,
+                } => {
+                    let r = model_range(region, start, len);
+                    let perms = PtePerms::from_bits_truncate(perms);
+                    let base = if kind == 2 {
+                        PteTarget::System
+                    } else {
+                        model.fresh(kind, r.npages(), 1)
+                    };
+                    let res = m.map(r, base, perms);
+                    if beyond(&r) {
+                        prop_assert!(
+                            matches!(res, Err(MmuError::BeyondAddressWidth { .. })),
+                            "{:?}",
+                            res
+                        );
+                    } else {
+                        res.unwrap();
+                        for (k, p) in r.pages().enumerate() {
+                            model.set(p, Some((base.offset(k as u64).unwrap(), perms)));
+                        }
+                    }
+                }
+                Op::MapHuge {
+                    region,
+                    block,
+                    kind,
+                    perms,
+                } => {
+                    let (rbase, npages) = REGIONS[region];
+                    let block = block % (npages / PAGES_PER_HUGE);
+                    let r = pages(rbase + block * HUGE_PAGE_SIZE, PAGES_PER_HUGE);
+                    let perms = PtePerms::from_bits_truncate(perms);
+                    let base = if kind == 2 {
+                        PteTarget::System
+                    } else {
+                        model.fresh(kind, 512, 512)
+                    };
+                    let res = m.map_huge(r, base, perms);
+                    if beyond(&r) {
+                        prop_assert!(
+                            matches!(res, Err(MmuError::BeyondAddressWidth { .. })),
+                            "{:?}",
+                            res
+                        );
+                    } else {
+                        res.unwrap();
+                        for (k, p) in r.pages().enumerate() {
+                            model.set(p, Some((base.offset(k as u64).unwrap(), perms)));
+                        }
+                    }
+                }
+                Op::Unmap { region, start, len } => {
+                    let r = model_range(region, start, len);
+                    let res = m.unmap(r);
+                    if beyond(&r) {
+                        prop_assert!(res.is_err());
+                    } else {
+                        let report = res.unwrap();
+                        let before = model.pages.len();
+                        for p in r.pages() {
+                            model.set(p, None);
+                        }
+                        prop_assert_eq!(report.pages, (before - model.pages.len()) as u64);
+                    }
+                }
+                Op::Protect {
+                    region,
+                    start,
+                    len,
+                    perms,
+                } => {
+                    let r = model_range(region, start, len);
+                    let perms = PtePerms::from_bits_truncate(perms);
+                    let res = m.protect(r, perms);
+                    if beyond(&r) {
+                        prop_assert!(res.is_err());
+                    } else {
+                        res.unwrap();
+                        for p in r.pages() {
+                            if let Some(e) = model.pages.get_mut(&p.0) {
+                                e.1 = perms;
+                            }
+                        }
+                    }
+                }
+                Op::Translate {
+                    cu,
+                    region,
+                    page,
+                    access,
+                } => {
+                    let (base, npages) = REGIONS[region];
+                    let va = VirtAddr(base + (page % npages) * PAGE_SIZE + 8);
+                    let access = accesses[access as usize];
+                    let pending = m.invalidator().pending().covers(va);
+                    let got = m.unit(cu).unwrap().translate(va, access);
+                    if va.0 >> MODEL_VA_BITS != 0 {
+                        prop_assert!(
+                            matches!(got, Err(MmuFault::AddressWidth { .. })),
+                            "{:?}",
+                            got
+                        );
+                    } else if !pending {
+                        // No invalidation queued here: the TLB must answer as the table does.
+                        let want = model.pages.get(&va.page_down().0);
+                        match (want, got) {
+                            (Some(&(t, p)), Ok(tr)) => {
+                                prop_assert!(p.contains(access.required()));
+                                prop_assert_eq!(tr.target(va), Some(t));
+                                let now = m.page_table().lookup(va).unwrap();
+                                prop_assert!(now.accessed && (now.dirty || !access.writes()));
+                            }
+                            (Some(&(_, p)), Err(MmuFault::Permission { .. })) => {
+                                prop_assert!(!p.contains(access.required()));
+                            }
+                            (None, Err(MmuFault::NotPresent { .. })) => {}
+                            (want, got) => prop_assert!(false, "model {want:?}, mmu {got:?}"),
+                        }
+                    }
+                }
+                Op::ClearAccessed { region, start, len } => {
+                    let r = model_range(region, start, len);
+                    let res = m.clear_accessed(r);
+                    prop_assert_eq!(res.is_err(), beyond(&r));
+                }
+                Op::Dispatch => {
+                    m.dispatch();
+                }
+                Op::Complete => {
+                    let fence = m.invalidator().last_dispatched();
+                    for f in m.complete(fence).unwrap() {
+                        for frame in f.frames() {
+                            prop_assert!(
+                                model.awaiting.remove(&(f.dev, frame)),
+                                "{frame:?} of {:?} released but not taken out (or twice)",
+                                f.dev
+                            );
+                            for tlb in m.tlbs() {
+                                prop_assert!(
+                                    !tlb.entries().any(|tr| {
+                                        tr.base.owned_frame(DEV).is_some_and(|(d, first)| {
+                                            d == f.dev
+                                                && (first.0..first.0 + tr.size.pages() as u32)
+                                                    .contains(&frame.0)
+                                        })
+                                    }),
+                                    "released {frame:?} is still in a TLB"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+            prop_assert!(m.check_invariants().is_ok(), "{:?}", m.check_invariants());
+            prop_assert_eq!(m.page_table().mapped_pages(), model.pages.len() as u64);
+            for (&p, &(t, perms)) in &model.pages {
+                let tr = m.page_table().lookup(VirtAddr(p));
+                prop_assert_eq!(
+                    tr.map(|tr| (tr.target(VirtAddr(p)), tr.perms)),
+                    Some((Some(t), perms))
+                );
+            }
+        }
+        // Flush everything: every frame taken out comes back, exactly once.
+        let fence = m.dispatch();
+        for f in m.complete(fence).unwrap() {
+            for frame in f.frames() {
+                prop_assert!(model.awaiting.remove(&(f.dev, frame)), "{:?} twice", frame);
+            }
+        }
+        prop_assert!(m.invalidator().in_flight_frames().next().is_none());
+        prop_assert!(
+            model.awaiting.is_empty(),
+            "never released: {:?}",
+            model.awaiting
+        );
+        prop_assert!(m.check_invariants().is_ok(), "{:?}", m.check_invariants());
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        #[test]
+        fn random_operations_match_a_btreemap_model(ops in proptest::collection::vec(op(), 1..80)) {
+            run_model(ops)?;
+        }
     }
 }
