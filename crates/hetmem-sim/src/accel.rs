@@ -258,10 +258,13 @@ impl Device for SimDevice {
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
         self.counters.pages_to_host.fetch_add(1, Ordering::Relaxed);
-        self.clock.charge(Cause::CpuFault, self.config.link.cpu_fault());
+        self.clock
+            .charge(Cause::CpuFault, self.config.link.cpu_fault());
         self.clock.charge(
             Cause::MigrateToHost,
-            self.config.link.transfer(Direction::DeviceToHost, PAGE_SIZE),
+            self.config
+                .link
+                .transfer(Direction::DeviceToHost, PAGE_SIZE),
         );
         Ok(())
     }
@@ -394,11 +397,9 @@ impl Accelerator {
             }))
         })?;
         let ops: Weak<dyn IntervalNotifierOps> = Arc::downgrade(&dev) as Weak<SimDevice>;
-        let sub = mm.notifiers().insert(
-            VirtAddr(0),
-            VirtAddr(1u64 << config.va_bits.min(63)),
-            ops,
-        );
+        let sub = mm
+            .notifiers()
+            .insert(VirtAddr(0), VirtAddr(1u64 << config.va_bits.min(63)), ops);
         *dev.sub.lock() = Some(sub);
         let d = Arc::clone(&dev);
         let service = std::thread::Builder::new()
@@ -666,7 +667,7 @@ impl Thread<'_> {
     /// like every access, so no other lane or compute unit interleaves; it lands with the lane.
     pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, Miss> {
         let a = VirtAddr(va);
-        if va % 4 != 0 {
+        if !va.is_multiple_of(4) {
             return self.bad_access(a, FaultAccess::Atomic, "unaligned atomic");
         }
         self.translate(a, Access::Atomic)?;
@@ -830,8 +831,7 @@ impl SimDevice {
                 // Every remaining warp is stalled: wait for a replay.
                 let mut e = self.epoch.lock();
                 if *e == epoch {
-                    self.replayed
-                        .wait_for(&mut e, Duration::from_millis(20));
+                    self.replayed.wait_for(&mut e, Duration::from_millis(20));
                 }
             }
         }
@@ -973,9 +973,7 @@ impl SimDevice {
             .fetch_add(stats.duplicates, Ordering::Relaxed);
         self.clock.charge(
             Cause::FaultService,
-            self.config
-                .link
-                .fault_service(stats.faults, stats.blocks),
+            self.config.link.fault_service(stats.faults, stats.blocks),
         );
         tracing::debug!(
             dev = self.mem.id().0,
@@ -1023,9 +1021,13 @@ impl SimDevice {
             .map_err(|_| (first, pages[0].1, RangeFaultError::Invalid("range")))?;
         // 1. Migration of the faulted span (pages that cannot move stay where they are: shared
         //    memory, pages of other devices, a full device memory).
-        if self.mm.region_of(first).is_some() {
+        // A block may hold pages of several regions: one migration per region.
+        for region in self.mm.regions_in(span) {
+            let Some(sub) = region.range().intersect(&span) else {
+                continue;
+            };
             let args = MigrateArgs {
-                range: span,
+                range: sub,
                 select: SelectFlags::SYSTEM | SelectFlags::COMPOUND,
                 owner: self.mem.owner(),
                 fault_page: None,
@@ -1059,9 +1061,7 @@ impl SimDevice {
             }
             let run = PageRange::from_pages(pages[k].0 .0, (end - k) as u64)
                 .map_err(|_| (pages[k].0, pages[k].1, RangeFaultError::Invalid("range")))?;
-            let write = pages[k..end]
-                .iter()
-                .any(|p| p.1 >= FaultAccess::Write);
+            let write = pages[k..end].iter().any(|p| p.1 >= FaultAccess::Write);
             self.fault_and_map(run, write)
                 .map_err(|e| (pages[k].0, pages[k].1, e))?;
             k = end;

@@ -93,7 +93,9 @@ fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
     assert_eq!(read_u32(out, n)[100], 200);
     // The CPU rewrites `a`, which lives in device memory now: its pages come back first, and
     // the device's mappings are invalidated.
-    let data: Vec<u8> = (0..n).flat_map(|i| (i as u32 + 1000).to_ne_bytes()).collect();
+    let data: Vec<u8> = (0..n)
+        .flat_map(|i| (i as u32 + 1000).to_ne_bytes())
+        .collect();
     for p in a.pages() {
         hetmem::cpu_touch(p).unwrap();
     }
@@ -201,7 +203,13 @@ fn an_access_beyond_the_address_width_is_fatal() {
     let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> { t.store_u32(p, 9) };
     let err = acc.launch(Arc::new(k), 1).unwrap().wait().unwrap_err();
     assert!(
-        matches!(err, LaunchError::Fatal { access: FaultAccess::Write, .. }),
+        matches!(
+            err,
+            LaunchError::Fatal {
+                access: FaultAccess::Write,
+                ..
+            }
+        ),
         "{err:?}"
     );
 }
