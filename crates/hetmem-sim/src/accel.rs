@@ -985,7 +985,12 @@ impl SimDevice {
         );
         for block in batch.blocks() {
             let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().collect();
-            if let Err((addr, access, e)) = self.service_block(&pages) {
+            if let Err((page, access, e)) = self.service_block(&pages) {
+                // Name the exact address a warp faulted on, not just its page.
+                let addr = entries
+                    .iter()
+                    .find(|x| x.addr.page_down() == page.page_down())
+                    .map_or(page, |x| x.addr);
                 self.set_fatal(LaunchError::Fatal {
                     addr,
                     access,
@@ -1016,6 +1021,10 @@ impl SimDevice {
         let Some(&(first, _)) = pages.first() else {
             return Ok(());
         };
+        // Isolation (DESIGN.md invariant 5): the device reaches only memory hetmem manages.
+        if let Some(&(a, access)) = pages.iter().find(|p| self.mm.region_of(p.0).is_none()) {
+            return Err((a, access, RangeFaultError::Fault { addr: a }));
+        }
         let last = pages.last().map_or(first, |p| p.0);
         let span = PageRange::from_bounds(first.0, last.0 + PAGE_SIZE)
             .map_err(|_| (first, pages[0].1, RangeFaultError::Invalid("range")))?;

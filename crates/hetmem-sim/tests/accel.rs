@@ -243,3 +243,64 @@ fn without_retry_ranges_must_be_resident_before_the_launch() {
         assert_eq!(*v, i as u32 + 1, "a[{i}]");
     }
 }
+
+#[test]
+fn a_kernel_cannot_reach_memory_hetmem_does_not_manage() {
+    let acc = Accelerator::new(small()).unwrap();
+    // Ordinary heap memory of the process: mapped, readable, but not managed.
+    let secret = vec![0x5a5a_5a5au32; 4096];
+    let p = secret.as_ptr() as u64;
+    let out = alloc_u32(1, |_| 0);
+    let po = out.start().0;
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(p)?;
+        t.store_u32(po, x)
+    };
+    let err = acc.launch(Arc::new(k), 1).unwrap().wait().unwrap_err();
+    match err {
+        LaunchError::Fatal { addr, access, .. } => {
+            assert_eq!(addr.0, p, "the fatal fault names the address");
+            assert_eq!(access, FaultAccess::Read);
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert_eq!(
+        read_u32(out, 1)[0],
+        0,
+        "nothing was read from unmanaged memory"
+    );
+    assert_eq!(secret[0], 0x5a5a_5a5a);
+}
+
+#[test]
+fn data_split_between_device_and_cpu_gives_the_cpu_result() {
+    let n = 16 * 1024; // 16 pages per array
+    let a = alloc_u32(n, |i| i as u32 * 7);
+    let sum = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(small()).unwrap();
+    // The first half of `a` starts on the device, the second half on the CPU.
+    let half = PageRange::from_pages(a.start().0, a.npages() / 2).unwrap();
+    acc.make_resident(half, false).unwrap();
+    let (pa, ps) = (a.start().0, sum.start().0);
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        let y = t.load_u32(ps + 4 * i)?;
+        t.store_u32(ps + 4 * i, y.wrapping_add(x))
+    });
+    let mut expect = vec![0u32; n as usize];
+    for round in 0..3u32 {
+        acc.launch(k.clone(), n).unwrap().wait().unwrap();
+        for (i, e) in expect.iter_mut().enumerate() {
+            *e = e.wrapping_add((i as u32 * 7).wrapping_add(round));
+        }
+        // Between launches the CPU reads the result and adds 1 to every element of `a`: the
+        // pages it touches come back from the device, the next launch faults them in again.
+        let got = read_u32(sum, n);
+        assert_eq!(got, expect, "round {round}");
+        let next: Vec<u32> = read_u32(a, n).iter().map(|v| v.wrapping_add(1)).collect();
+        let bytes: Vec<u8> = next.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        mm().cpu_write(a.start(), &bytes).unwrap();
+    }
+    acc.check_invariants().unwrap();
+    mm().check_invariants().unwrap();
+}
