@@ -50,6 +50,16 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// Micro-benchmarks of the simulated accelerator (fault servicing rate, batching, TLB hit
+    /// path), with the link model off.
+    BenchDevice {
+        /// MiB streamed through the device (one fault-driven pass).
+        #[arg(long, default_value_t = 64)]
+        mib: u64,
+        /// Repetitions (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -70,7 +80,99 @@ fn main() -> Result<()> {
             fault_pages,
             reps,
         } => bench(mm, mib, fault_pages, reps),
+        Cmd::BenchDevice { mib, reps } => bench_device(mm, mib, reps),
     }
+}
+
+fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
+    use hetmem_core::link::LinkModel;
+    use hetmem_sim::accel::{AccelConfig, Accelerator, Miss, Thread};
+    println!(
+        "hetmem bench-device: backend {:?}, link model off, median of {reps} runs",
+        mm.backend()
+    );
+    let bytes = mib << 20;
+    let words = bytes / 4;
+    let mut rate = Vec::new();
+    let mut batch = Vec::new();
+    let mut dups = Vec::new();
+    let mut hit = Vec::new();
+    let mut plain = Vec::new();
+    for _ in 0..reps {
+        let acc = Accelerator::new(AccelConfig {
+            memory_bytes: 2 * bytes + (64 << 20),
+            link: LinkModel::off(),
+            ..AccelConfig::default()
+        })?;
+        let a = mm.map_anonymous(bytes, Prot::READ | Prot::WRITE, false)?;
+        fill(a, 3)?;
+        // 1. Streaming: one thread per word reads it; every page faults once (in batches).
+        let pa = a.start().0;
+        let stream = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            t.load_u32(pa + 4 * i).map(|_| ())
+        };
+        let before = acc.stats();
+        let t = Instant::now();
+        acc.launch(Arc::new(stream), words)?.wait()?;
+        let dt = t.elapsed();
+        let s = acc.stats();
+        let pages = (s.pages_to_device + s.pages_mapped_remote)
+            - (before.pages_to_device + before.pages_mapped_remote);
+        rate.push(pages as f64 / dt.as_secs_f64());
+        batch.push((s.batched_faults as f64 / s.batches.max(1) as f64, s.batches));
+        dups.push(s.duplicates as f64 / s.batched_faults.max(1) as f64);
+        // 2. TLB hit path: the same data again, resident now; 64 loads per thread.
+        let loads = 64u64;
+        let threads = (words / loads).max(1);
+        let hits = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            let mut x = 0u32;
+            for k in 0..loads {
+                x = x.wrapping_add(t.load_u32(pa + 4 * ((i * loads + k) % words))?);
+            }
+            std::hint::black_box(x);
+            Ok(())
+        };
+        let t = Instant::now();
+        acc.launch(Arc::new(hits), threads)?.wait()?;
+        hit.push(t.elapsed().as_secs_f64() / (threads * loads) as f64);
+        let v: Vec<u32> = (0..words as u32).collect();
+        let t = Instant::now();
+        let mut x = 0u32;
+        for w in &v {
+            x = x.wrapping_add(std::hint::black_box(*w));
+        }
+        std::hint::black_box(x);
+        plain.push(t.elapsed().as_secs_f64() / words as f64);
+        drop(acc);
+        #[allow(unsafe_code)]
+        // SAFETY: the buffer is only reached through hetmem calls above, none of which holds a
+        // reference.
+        unsafe {
+            mm.unmap(a)?
+        };
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!(
+        "fault servicing, streaming kernel   {:>10.0} pages/s (one service thread; target >= 1,000,000)",
+        med(rate)
+    );
+    batch.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let (mean, n) = batch[batch.len() / 2];
+    println!(
+        "mean batch size                     {mean:>10.1} faults ({n} batches), duplicates {:.0}% of faults",
+        100.0 * med(dups)
+    );
+    let (h, p) = (med(hit), med(plain));
+    println!(
+        "TLB hit path per access             {:>10.1} ns   plain load {:.2} ns   ratio {:.0}x",
+        h * 1e9,
+        p * 1e9,
+        h / p
+    );
+    Ok(())
 }
 
 fn fill(range: PageRange, seed: u32) -> Result<()> {

@@ -68,6 +68,9 @@ pub struct AccelConfig {
     pub memory_bytes: u64,
     /// Compute units, each a host thread with its own TLB.
     pub compute_units: usize,
+    /// Warps resident on a compute unit at a time (the grid runs in waves, as on a GPU where an
+    /// SM holds 32-64 warps): a stalled warp holds its slot until its fault is serviced.
+    pub warps_per_cu: usize,
     /// Entries of each compute unit's TLB.
     pub tlb_entries: usize,
     /// Device virtual address width; an access beyond it is a fatal fault.
@@ -90,6 +93,7 @@ impl Default for AccelConfig {
         AccelConfig {
             memory_bytes: 256 << 20,
             compute_units: 4,
+            warps_per_cu: 48,
             tlb_entries: 64,
             va_bits: 48,
             ring_capacity: 4096,
@@ -357,6 +361,9 @@ impl Accelerator {
     pub fn new(config: AccelConfig) -> Result<Accelerator, AccelError> {
         if config.compute_units == 0 || config.compute_units > u16::MAX as usize {
             return Err(AccelError::Config("compute_units must be 1..=65535".into()));
+        }
+        if config.warps_per_cu == 0 {
+            return Err(AccelError::Config("warps_per_cu must be at least 1".into()));
         }
         if config.batch_size == 0 {
             return Err(AccelError::Config("batch_size must be at least 1".into()));
@@ -794,15 +801,23 @@ impl SimDevice {
     fn run_unit(&self, cu: usize, kernel: &dyn Kernel, threads: u64) -> Result<(), LaunchError> {
         let units = self.config.compute_units as u64;
         let warps_total = threads.div_ceil(WARP_SIZE);
-        let mut warps: Vec<Warp> = (cu as u64..warps_total)
+        let mut queued = (cu as u64..warps_total)
             .step_by(units as usize)
             .map(|w| Warp {
                 id: w,
                 pending: (w * WARP_SIZE..((w + 1) * WARP_SIZE).min(threads)).collect(),
                 stalled_at: None,
-            })
-            .collect();
+            });
+        let mut warps: Vec<Warp> = Vec::with_capacity(self.config.warps_per_cu);
         loop {
+            // Completed warps leave; queued ones take their slots.
+            warps.retain(|w| !w.pending.is_empty());
+            while warps.len() < self.config.warps_per_cu {
+                match queued.next() {
+                    Some(w) => warps.push(w),
+                    None => break,
+                }
+            }
             if self.fatal.lock().is_some() {
                 return Ok(()); // reported by Launch::wait
             }
@@ -825,7 +840,14 @@ impl SimDevice {
                 self.run_warp(cu, kernel, warp, epoch)?;
             }
             if warps.iter().all(|w| w.pending.is_empty()) {
-                return Ok(());
+                warps.clear();
+                match queued.next() {
+                    Some(w) => {
+                        warps.push(w);
+                        continue;
+                    }
+                    None => return Ok(()),
+                }
             }
             if !ran {
                 // Every remaining warp is stalled: wait for a replay.
