@@ -1469,6 +1469,9 @@ struct TlbSlot {
 pub struct Tlb {
     capacity: usize,
     slots: Vec<TlbSlot>,
+    /// Index of the slot that served the last hit, tried first (a hint: whatever slot sits there
+    /// now is checked like any other, so it needs no upkeep when slots move).
+    mru: usize,
     clock: u64,
     stats: TlbStats,
 }
@@ -1482,6 +1485,7 @@ impl Tlb {
         Ok(Tlb {
             capacity,
             slots: Vec::with_capacity(capacity),
+            mru: 0,
             clock: 0,
             stats: TlbStats::default(),
         })
@@ -1512,18 +1516,21 @@ impl Tlb {
     /// write, is already dirty. Anything else is a miss, and the caller walks the table.
     pub fn lookup(&mut self, va: VirtAddr, access: Access) -> Option<Translation> {
         let need = access.required();
-        let hit = self
-            .slots
-            .iter_mut()
-            .find(|s| s.tr.covers(va))
-            .and_then(|s| {
-                let serves = s.tr.perms.contains(need) && (s.tr.dirty || !access.writes());
-                serves.then(|| {
-                    self.clock += 1;
-                    s.last_use = self.clock;
-                    s.tr
-                })
-            });
+        let slot = match self.slots.get(self.mru) {
+            Some(s) if s.tr.covers(va) => Some(self.mru),
+            _ => self.slots.iter().position(|s| s.tr.covers(va)),
+        };
+        if let Some(i) = slot {
+            self.mru = i;
+        }
+        let hit = slot.map(|i| &mut self.slots[i]).and_then(|s| {
+            let serves = s.tr.perms.contains(need) && (s.tr.dirty || !access.writes());
+            serves.then(|| {
+                self.clock += 1;
+                s.last_use = self.clock;
+                s.tr
+            })
+        });
         if hit.is_some() {
             self.stats.hits += 1;
         } else {
