@@ -99,8 +99,12 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
     let mut hit = Vec::new();
     let mut plain = Vec::new();
     for _ in 0..reps {
+        // Enough warps in flight to fill a 256-fault batch with distinct pages, as the thousands
+        // of resident warps of a GPU do (8 units x 64 warps x 128 bytes = 16 pages a wave).
         let acc = Accelerator::new(AccelConfig {
             memory_bytes: 2 * bytes + (64 << 20),
+            compute_units: 8,
+            warps_per_cu: 64,
             link: LinkModel::off(),
             ..AccelConfig::default()
         })?;
