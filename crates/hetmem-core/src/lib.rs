@@ -11,11 +11,13 @@
 //! | [`migrate`]   | `migrate_vma_*` flags and reports                 |
 //! | [`fault_ring`]| replayable fault buffer (GET/PUT, overflow), UVM fault batching and replay policy |
 //! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
+//! | [`copy_engine`]| SDMA copy queues, GART windows, `dma_fence`      |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod copy_engine;
 pub mod fault_ring;
 pub mod link;
 pub mod migrate;
