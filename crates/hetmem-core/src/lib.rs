@@ -12,11 +12,13 @@
 //! | [`fault_ring`]| replayable fault buffer (GET/PUT, overflow), UVM fault batching and replay policy |
 //! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
 //! | [`device_mmu`]| GPU page table, per-CU TLBs, batched TLB invalidation |
+//! | [`copy_engine`]| SDMA copy queues, GART windows, `dma_fence`      |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod copy_engine;
 pub mod device_mmu;
 pub mod fault_ring;
 pub mod link;
