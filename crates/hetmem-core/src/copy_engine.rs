@@ -14,19 +14,25 @@
 //! copied; then the batch's [`Release`] payloads run.
 //!
 //! ```text
-//!   migration k    collect ─ submit ─┐                                  wait ─ finalize
-//!                                    v                                   ^
-//!   queue (H2D)          [ w0 | w1 | w2 ]  (windows of <= window_bytes)  │ fence k
-//!                                    └──────────────────────────────────-┘   then release k
-//!   migration k+1           collect ─ submit ─┐    (collecting k+1 overlaps the copy of k)
-//!                                             v
-//!   queue (H2D)                         [ w0 | w1 ] ──> fence k+1 (signals after fence k)
+//!   caller:  collect k ─ submit k ─ collect k+1 ─ submit k+1 ─ pages k ─ wait k ─ finalize k
+//!                            │                        │                    ▲
+//!                            ▼                        ▼                    │
+//!   queue:          [k.w0 | k.w1 | k.w2] ─ fence k ─ release k ─ [k+1.w0 | k+1.w1] ─ fence k+1
+//!                                            └─────────────────────────────┘
+//!            (windows of at most window_bytes; fences of one queue signal in order)
 //! ```
 //!
 //! This is seed 003's two-phase commit (`svm_migrate_ram_to_vram`): the copy is submitted
 //! (`svm_migrate_copy_to_vram` returns an `mfence`), the page tables are updated
 //! (`migrate_vma_pages`), and only then does the driver wait on the fence
 //! (`svm_migrate_copy_done`) before `migrate_vma_finalize` releases what the copy read.
+//!
+//! Modelled time: each window that succeeds is charged once, as one transfer
+//! ([`LinkModel::transfer`]: fixed latency plus the data phase), in the direction its endpoints
+//! give ([`CopyDirection`]); failed and cancelled windows are not charged. Windows are charged
+//! one by one, not as a pipelined batch: at the default 256 MiB a window's latency is noise, and
+//! with small test windows every latency is paid, which errs on the slow side. As everywhere on
+//! the [`DeviceClock`], two queues charging at once are summed, not overlapped.
 //!
 //! Neighbours: [`crate::link`] (the [`LinkModel`] and [`DeviceClock`] each window is charged to,
 //! as [`Cause::MigrateToDevice`] / [`Cause::MigrateToHost`]); the migration engine
@@ -86,9 +92,8 @@
 //!     }
 //! }
 //!
-//! let engine =
-//!     CopyEngine::new(CopyEngineConfig::default(), Arc::new(Nothing), Arc::new(DeviceClock::new()))
-//!         .unwrap();
+//! let clock = Arc::new(DeviceClock::new());
+//! let engine = CopyEngine::new(CopyEngineConfig::default(), Arc::new(Nothing), clock).unwrap();
 //! let batch = CopyBatch::new().with_request(CopyRequest::new(
 //!     Endpoint::System(VirtAddr(0x10000)),
 //!     Endpoint::Device { dev: DeviceId(0), frame: DevPfn(3) },
@@ -664,8 +669,9 @@ impl ReleaseWhen {
 pub type ReleaseFn = Box<dyn FnOnce(&FenceResult) + Send + 'static>;
 
 /// Something a batch holds until its copy is over (STYLE.md rule 9, DESIGN.md invariant 3): run
-/// after the batch's fence has signalled, on the queue's worker, before the queue's next batch
-/// starts.
+/// after the batch's fence has signalled, on the queue's worker (or, if the worker died, on the
+/// thread stopping the engine), before the queue's next batch starts. A release that panics is
+/// caught and logged; the queue goes on.
 pub enum Release {
     /// Device frames handed to the engine's [`FrameSink`] if `when` holds.
     Frames {
