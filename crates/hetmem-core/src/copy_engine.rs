@@ -612,6 +612,32 @@ impl CopyReport {
     }
 }
 
+/// A batch [`CopyEngine::submit`] refused, handed back as it was given: nothing of it was
+/// queued and none of its releases ran (a release that unlocks pages must not be lost). Fix it,
+/// or after [`CopyError::QueueFull`] wait on an earlier fence and submit it again.
+#[derive(Debug, thiserror::Error)]
+#[error("copy batch refused: {error}")]
+pub struct SubmitError {
+    /// Why.
+    pub error: CopyError,
+    /// The batch (boxed: a refusal is the rare path, the `Result` stays small).
+    pub batch: Box<CopyBatch>,
+}
+
+impl SubmitError {
+    /// The batch, to submit again.
+    pub fn into_batch(self) -> CopyBatch {
+        *self.batch
+    }
+}
+
+impl From<SubmitError> for CopyError {
+    /// The reason alone; the batch (and whatever its releases hold) is dropped.
+    fn from(e: SubmitError) -> CopyError {
+        e.error
+    }
+}
+
 /// What a fence reports: the batch's report, or why there is no complete one.
 pub type FenceResult = Result<CopyReport, CopyError>;
 
@@ -1304,30 +1330,27 @@ impl CopyEngine {
     /// Queues a batch and returns its fence at once (the copy runs on the queue's worker). Bad
     /// input is refused whole, before anything is queued: an invalid request, a release naming
     /// no request, frames to release without a sink, a queue the engine lacks. A full queue
-    /// answers [`CopyError::QueueFull`] (busy, retry).
-    pub fn submit(&self, batch: CopyBatch) -> Result<Fence, CopyError> {
-        batch.validate()?;
-        if self.shared.sink.is_none() && batch.releases_frames() {
-            return Err(CopyError::NoFrameSink);
-        }
-        let queue = batch.queue.unwrap_or_else(|| {
-            batch
-                .requests
-                .first()
-                .map_or(QueueId(0), |r| self.queue_for(r.direction()))
-        });
-        let Some(q) = self.shared.queues.get(queue.0) else {
-            return Err(CopyError::NoSuchQueue {
-                queue,
-                queues: self.queues(),
-            });
+    /// answers [`CopyError::QueueFull`] (busy, retry). A refused batch comes back in the
+    /// [`SubmitError`], its releases not run, so that nothing it holds is lost.
+    pub fn submit(&self, batch: CopyBatch) -> Result<Fence, SubmitError> {
+        let (queue, q) = match self.admit(&batch) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                return Err(SubmitError {
+                    error,
+                    batch: Box::new(batch),
+                })
+            }
         };
         let mut st = q.state.lock();
         if st.pending.len() >= self.shared.config.max_queued_batches {
             let depth = st.pending.len();
             drop(st);
             q.stats.lock().rejected_full += 1;
-            return Err(CopyError::QueueFull { queue, depth });
+            return Err(SubmitError {
+                error: CopyError::QueueFull { queue, depth },
+                batch: Box::new(batch),
+            });
         }
         let seqno = st.next_seqno;
         st.next_seqno += 1;
@@ -1360,6 +1383,27 @@ impl CopyEngine {
             "copy engine: batch submitted"
         );
         Ok(Fence(fence))
+    }
+
+    /// Checks a batch and picks its queue.
+    fn admit(&self, batch: &CopyBatch) -> Result<(QueueId, &Queue), CopyError> {
+        batch.validate()?;
+        if self.shared.sink.is_none() && batch.releases_frames() {
+            return Err(CopyError::NoFrameSink);
+        }
+        let queue = batch.queue.unwrap_or_else(|| {
+            batch
+                .requests
+                .first()
+                .map_or(QueueId(0), |r| self.queue_for(r.direction()))
+        });
+        match self.shared.queues.get(queue.0) {
+            Some(q) => Ok((queue, q)),
+            None => Err(CopyError::NoSuchQueue {
+                queue,
+                queues: self.queues(),
+            }),
+        }
     }
 
     /// Replaces the fault plan; windows are counted from zero on every queue from now on.
@@ -2680,21 +2724,30 @@ mod tests {
         backend.wait_entered(1); // a runs, held at the gate
         let b = e.submit(one()).unwrap();
         let c = e.submit(one()).unwrap();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let refused = e.submit(one().with_release(tag(&ran, 4))).unwrap_err();
         assert_eq!(
-            e.submit(one()).unwrap_err(),
+            refused.error,
             CopyError::QueueFull {
                 queue: QueueId(0),
                 depth: 2
             }
         );
+        assert!(refused.to_string().contains("full"), "{refused}");
         e.check_invariants().unwrap();
         backend.open();
         for f in [&a, &b, &c] {
             wait(f).unwrap();
         }
-        wait(&e.submit(one()).unwrap()).unwrap();
+        // The refused batch came back whole, its release not run; retried, it runs.
+        assert!(ran.lock().is_empty());
+        let batch = refused.into_batch();
+        assert_eq!(batch.requests().len(), 1);
+        wait(&e.submit(batch).unwrap()).unwrap();
+        wait(&e.submit(CopyBatch::new()).unwrap()).unwrap();
+        assert_eq!(*ran.lock(), [4]);
         let s = e.stats();
-        assert_eq!((s.rejected_full, s.queue_high_water, s.batches), (1, 3, 4));
+        assert_eq!((s.rejected_full, s.queue_high_water, s.batches), (1, 3, 5));
         e.check_invariants().unwrap();
     }
 
@@ -2778,6 +2831,7 @@ mod tests {
                     .with_request(r),
             )
             .unwrap_err()
+            .error
         };
         assert_eq!(
             submit(CopyRequest::new(sys(0), dev(0, 0), 0)),
@@ -2818,7 +2872,8 @@ mod tests {
         let one = CopyRequest::pages(sys(0), dev(0, 0), 1);
         assert_eq!(
             e.submit(CopyBatch::new().with_request(one).on_queue(QueueId(2)))
-                .unwrap_err(),
+                .unwrap_err()
+                .error,
             CopyError::NoSuchQueue {
                 queue: QueueId(2),
                 queues: 2
@@ -2834,7 +2889,8 @@ mod tests {
                         when: ReleaseWhen::Always
                     })
             )
-            .unwrap_err(),
+            .unwrap_err()
+            .error,
             CopyError::NoFrameSink
         );
         let (with_sink, _) = engine_with(config(PAGE), &backend);
@@ -2849,10 +2905,20 @@ mod tests {
                             when: ReleaseWhen::NotDone(1)
                         })
                 )
-                .unwrap_err(),
+                .unwrap_err()
+                .error,
             CopyError::ReleaseOutOfRange {
                 request: 1,
                 requests: 1
+            }
+        );
+        // `?` into a CopyError keeps the reason and drops the batch.
+        let as_copy_error = |b: CopyBatch| -> Result<Fence, CopyError> { Ok(e.submit(b)?) };
+        assert_eq!(
+            as_copy_error(CopyBatch::new().on_queue(QueueId(9))).unwrap_err(),
+            CopyError::NoSuchQueue {
+                queue: QueueId(9),
+                queues: 2
             }
         );
         // Nothing was queued by the refused submissions.
