@@ -14,19 +14,25 @@
 //! copied; then the batch's [`Release`] payloads run.
 //!
 //! ```text
-//!   migration k    collect ─ submit ─┐                                  wait ─ finalize
-//!                                    v                                   ^
-//!   queue (H2D)          [ w0 | w1 | w2 ]  (windows of <= window_bytes)  │ fence k
-//!                                    └──────────────────────────────────-┘   then release k
-//!   migration k+1           collect ─ submit ─┐    (collecting k+1 overlaps the copy of k)
-//!                                             v
-//!   queue (H2D)                         [ w0 | w1 ] ──> fence k+1 (signals after fence k)
+//!   caller:  collect k ─ submit k ─ collect k+1 ─ submit k+1 ─ pages k ─ wait k ─ finalize k
+//!                            │                        │                    ▲
+//!                            ▼                        ▼                    │
+//!   queue:          [k.w0 | k.w1 | k.w2] ─ fence k ─ release k ─ [k+1.w0 | k+1.w1] ─ fence k+1
+//!                                            └─────────────────────────────┘
+//!            (windows of at most window_bytes; fences of one queue signal in order)
 //! ```
 //!
 //! This is seed 003's two-phase commit (`svm_migrate_ram_to_vram`): the copy is submitted
 //! (`svm_migrate_copy_to_vram` returns an `mfence`), the page tables are updated
 //! (`migrate_vma_pages`), and only then does the driver wait on the fence
 //! (`svm_migrate_copy_done`) before `migrate_vma_finalize` releases what the copy read.
+//!
+//! Modelled time: each window that succeeds is charged once, as one transfer
+//! ([`LinkModel::transfer`]: fixed latency plus the data phase), in the direction its endpoints
+//! give ([`CopyDirection`]); failed and cancelled windows are not charged. Windows are charged
+//! one by one, not as a pipelined batch: at the default 256 MiB a window's latency is noise, and
+//! with small test windows every latency is paid, which errs on the slow side. As everywhere on
+//! the [`DeviceClock`], two queues charging at once are summed, not overlapped.
 //!
 //! Neighbours: [`crate::link`] (the [`LinkModel`] and [`DeviceClock`] each window is charged to,
 //! as [`Cause::MigrateToDevice`] / [`Cause::MigrateToHost`]); the migration engine
@@ -86,9 +92,8 @@
 //!     }
 //! }
 //!
-//! let engine =
-//!     CopyEngine::new(CopyEngineConfig::default(), Arc::new(Nothing), Arc::new(DeviceClock::new()))
-//!         .unwrap();
+//! let clock = Arc::new(DeviceClock::new());
+//! let engine = CopyEngine::new(CopyEngineConfig::default(), Arc::new(Nothing), clock).unwrap();
 //! let batch = CopyBatch::new().with_request(CopyRequest::new(
 //!     Endpoint::System(VirtAddr(0x10000)),
 //!     Endpoint::Device { dev: DeviceId(0), frame: DevPfn(3) },
@@ -607,6 +612,32 @@ impl CopyReport {
     }
 }
 
+/// A batch [`CopyEngine::submit`] refused, handed back as it was given: nothing of it was
+/// queued and none of its releases ran (a release that unlocks pages must not be lost). Fix it,
+/// or after [`CopyError::QueueFull`] wait on an earlier fence and submit it again.
+#[derive(Debug, thiserror::Error)]
+#[error("copy batch refused: {error}")]
+pub struct SubmitError {
+    /// Why.
+    pub error: CopyError,
+    /// The batch (boxed: a refusal is the rare path, the `Result` stays small).
+    pub batch: Box<CopyBatch>,
+}
+
+impl SubmitError {
+    /// The batch, to submit again.
+    pub fn into_batch(self) -> CopyBatch {
+        *self.batch
+    }
+}
+
+impl From<SubmitError> for CopyError {
+    /// The reason alone; the batch (and whatever its releases hold) is dropped.
+    fn from(e: SubmitError) -> CopyError {
+        e.error
+    }
+}
+
 /// What a fence reports: the batch's report, or why there is no complete one.
 pub type FenceResult = Result<CopyReport, CopyError>;
 
@@ -664,8 +695,9 @@ impl ReleaseWhen {
 pub type ReleaseFn = Box<dyn FnOnce(&FenceResult) + Send + 'static>;
 
 /// Something a batch holds until its copy is over (STYLE.md rule 9, DESIGN.md invariant 3): run
-/// after the batch's fence has signalled, on the queue's worker, before the queue's next batch
-/// starts.
+/// after the batch's fence has signalled, on the queue's worker (or, if the worker died, on the
+/// thread stopping the engine), before the queue's next batch starts. A release that panics is
+/// caught and logged; the queue goes on.
 pub enum Release {
     /// Device frames handed to the engine's [`FrameSink`] if `when` holds.
     Frames {
@@ -1298,30 +1330,27 @@ impl CopyEngine {
     /// Queues a batch and returns its fence at once (the copy runs on the queue's worker). Bad
     /// input is refused whole, before anything is queued: an invalid request, a release naming
     /// no request, frames to release without a sink, a queue the engine lacks. A full queue
-    /// answers [`CopyError::QueueFull`] (busy, retry).
-    pub fn submit(&self, batch: CopyBatch) -> Result<Fence, CopyError> {
-        batch.validate()?;
-        if self.shared.sink.is_none() && batch.releases_frames() {
-            return Err(CopyError::NoFrameSink);
-        }
-        let queue = batch.queue.unwrap_or_else(|| {
-            batch
-                .requests
-                .first()
-                .map_or(QueueId(0), |r| self.queue_for(r.direction()))
-        });
-        let Some(q) = self.shared.queues.get(queue.0) else {
-            return Err(CopyError::NoSuchQueue {
-                queue,
-                queues: self.queues(),
-            });
+    /// answers [`CopyError::QueueFull`] (busy, retry). A refused batch comes back in the
+    /// [`SubmitError`], its releases not run, so that nothing it holds is lost.
+    pub fn submit(&self, batch: CopyBatch) -> Result<Fence, SubmitError> {
+        let (queue, q) = match self.admit(&batch) {
+            Ok(admitted) => admitted,
+            Err(error) => {
+                return Err(SubmitError {
+                    error,
+                    batch: Box::new(batch),
+                })
+            }
         };
         let mut st = q.state.lock();
         if st.pending.len() >= self.shared.config.max_queued_batches {
             let depth = st.pending.len();
             drop(st);
             q.stats.lock().rejected_full += 1;
-            return Err(CopyError::QueueFull { queue, depth });
+            return Err(SubmitError {
+                error: CopyError::QueueFull { queue, depth },
+                batch: Box::new(batch),
+            });
         }
         let seqno = st.next_seqno;
         st.next_seqno += 1;
@@ -1354,6 +1383,27 @@ impl CopyEngine {
             "copy engine: batch submitted"
         );
         Ok(Fence(fence))
+    }
+
+    /// Checks a batch and picks its queue.
+    fn admit(&self, batch: &CopyBatch) -> Result<(QueueId, &Queue), CopyError> {
+        batch.validate()?;
+        if self.shared.sink.is_none() && batch.releases_frames() {
+            return Err(CopyError::NoFrameSink);
+        }
+        let queue = batch.queue.unwrap_or_else(|| {
+            batch
+                .requests
+                .first()
+                .map_or(QueueId(0), |r| self.queue_for(r.direction()))
+        });
+        match self.shared.queues.get(queue.0) {
+            Some(q) => Ok((queue, q)),
+            None => Err(CopyError::NoSuchQueue {
+                queue,
+                queues: self.queues(),
+            }),
+        }
     }
 
     /// Replaces the fault plan; windows are counted from zero on every queue from now on.
@@ -1780,5 +1830,1315 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "(non-string panic payload)".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::LinkModel;
+    use proptest::prelude::*;
+
+    const SYS_BASE: u64 = 0x10_0000;
+    const SYS_BYTES: usize = 256 << 10;
+    const DEV_FRAMES: usize = 16;
+    const DEVICES: usize = 2;
+    const T: Duration = Duration::from_secs(5);
+    const PAGE: u64 = PAGE_SIZE;
+
+    fn sys(off: u64) -> Endpoint {
+        Endpoint::System(VirtAddr(SYS_BASE + off))
+    }
+    fn dev(d: u8, frame: u32) -> Endpoint {
+        Endpoint::Device {
+            dev: DeviceId(d),
+            frame: DevPfn(frame),
+        }
+    }
+
+    /// What the fakes were asked, in order.
+    #[derive(Clone, Debug, PartialEq)]
+    enum Event {
+        /// A window the backend completed.
+        Copied(CopyWindow),
+        /// Frames handed to the sink.
+        Freed(DeviceId, Vec<DevPfn>),
+        /// A release callback ran, with a tag.
+        Released(u64),
+    }
+
+    /// System memory and device memories as plain byte arrays.
+    #[derive(Clone, Debug, PartialEq)]
+    struct Memory {
+        sys: Vec<u8>,
+        devs: Vec<Vec<u8>>,
+    }
+
+    impl Memory {
+        fn new(seed: u8) -> Self {
+            let fill = |n: usize, k: u8| -> Vec<u8> {
+                (0..n)
+                    .map(|i| (i as u8).wrapping_mul(31).wrapping_add(k) ^ seed)
+                    .collect()
+            };
+            Memory {
+                sys: fill(SYS_BYTES, 1),
+                devs: (0..DEVICES)
+                    .map(|d| fill(DEV_FRAMES * PAGE as usize, 7 + d as u8 * 13))
+                    .collect(),
+            }
+        }
+
+        fn bytes(&mut self, space: Space, addr: u64, len: u64) -> Result<&mut [u8], CopyFault> {
+            let (buf, off, err) = match space {
+                Space::System => (
+                    &mut self.sys,
+                    addr.wrapping_sub(SYS_BASE),
+                    CopyFault::SystemAccess {
+                        addr: VirtAddr(addr),
+                        len,
+                    },
+                ),
+                Space::Device(d) => (
+                    self.devs
+                        .get_mut(d.0 as usize)
+                        .ok_or(CopyFault::NoSuchDevice { dev: d })?,
+                    addr,
+                    CopyFault::DeviceAccess {
+                        dev: d,
+                        offset: addr,
+                        len,
+                    },
+                ),
+            };
+            match off.checked_add(len) {
+                Some(end) if end <= buf.len() as u64 => Ok(&mut buf[off as usize..end as usize]),
+                _ => Err(err),
+            }
+        }
+
+        /// Copies `len` bytes at `offset` of a request (the model does whole prefixes).
+        fn copy(&mut self, req: &CopyRequest, offset: u64, len: u64) -> Result<(), CopyFault> {
+            let data = self
+                .bytes(req.src.space(), req.src.base() + offset, len)?
+                .to_vec();
+            self.bytes(req.dst.space(), req.dst.base() + offset, len)?
+                .copy_from_slice(&data);
+            Ok(())
+        }
+    }
+
+    /// A backend over [`Memory`] that records every window and every release, and can hold the
+    /// windows of one queue at a gate (a number of permits; `u64::MAX` is open).
+    struct FakeBackend {
+        mem: Mutex<Memory>,
+        log: Mutex<Vec<Event>>,
+        gated: Option<QueueId>,
+        permits: Mutex<u64>,
+        permits_cv: Condvar,
+        entered: Mutex<u64>,
+        entered_cv: Condvar,
+        panic_on: Option<(u64, usize)>,
+    }
+
+    impl FakeBackend {
+        fn new() -> Arc<Self> {
+            Self::build(None, None)
+        }
+        /// Windows on `queue` wait for a permit; none at first.
+        fn gated(queue: usize) -> Arc<Self> {
+            Self::build(Some(QueueId(queue)), None)
+        }
+        fn build(gated: Option<QueueId>, panic_on: Option<(u64, usize)>) -> Arc<Self> {
+            Arc::new(FakeBackend {
+                mem: Mutex::new(Memory::new(0)),
+                log: Mutex::new(Vec::new()),
+                gated,
+                permits: Mutex::new(0),
+                permits_cv: Condvar::new(),
+                entered: Mutex::new(0),
+                entered_cv: Condvar::new(),
+                panic_on,
+            })
+        }
+        fn allow(&self, n: u64) {
+            let mut p = self.permits.lock();
+            *p = p.saturating_add(n);
+            self.permits_cv.notify_all();
+        }
+        fn open(&self) {
+            self.allow(u64::MAX);
+        }
+        /// Waits until `n` gated windows have reached the gate.
+        fn wait_entered(&self, n: u64) {
+            let deadline = Instant::now() + T;
+            let mut e = self.entered.lock();
+            while *e < n {
+                assert!(
+                    !self.entered_cv.wait_until(&mut e, deadline).timed_out(),
+                    "only {} of {n} windows reached the gate",
+                    *e
+                );
+            }
+        }
+        fn log(&self) -> Vec<Event> {
+            self.log.lock().clone()
+        }
+        fn copies(&self) -> Vec<CopyWindow> {
+            self.log()
+                .into_iter()
+                .filter_map(|e| match e {
+                    Event::Copied(w) => Some(w),
+                    _ => None,
+                })
+                .collect()
+        }
+        fn memory(&self) -> Memory {
+            self.mem.lock().clone()
+        }
+    }
+
+    impl CopyBackend for FakeBackend {
+        fn copy(&self, w: &CopyWindow) -> Result<(), CopyFault> {
+            if Some(w.queue) == self.gated {
+                {
+                    let mut e = self.entered.lock();
+                    *e += 1;
+                    self.entered_cv.notify_all();
+                }
+                let mut p = self.permits.lock();
+                while *p == 0 {
+                    self.permits_cv.wait(&mut p);
+                }
+                if *p != u64::MAX {
+                    *p -= 1;
+                }
+            }
+            if self.panic_on == Some((w.seqno, w.request)) {
+                panic!("boom in window {w:?}");
+            }
+            {
+                let mut mem = self.mem.lock();
+                let data = mem.bytes(w.src.space(), w.src_addr(), w.len)?.to_vec();
+                mem.bytes(w.dst.space(), w.dst_addr(), w.len)?
+                    .copy_from_slice(&data);
+            }
+            self.log.lock().push(Event::Copied(*w));
+            Ok(())
+        }
+    }
+
+    impl FrameSink for FakeBackend {
+        fn release_frames(&self, dev: DeviceId, frames: &[DevPfn]) {
+            self.log.lock().push(Event::Freed(dev, frames.to_vec()));
+        }
+    }
+
+    fn config(window_bytes: u64) -> CopyEngineConfig {
+        CopyEngineConfig {
+            window_bytes,
+            ..CopyEngineConfig::default()
+        }
+    }
+
+    fn engine_with(
+        config: CopyEngineConfig,
+        backend: &Arc<FakeBackend>,
+    ) -> (CopyEngine, Arc<DeviceClock>) {
+        let clock = Arc::new(DeviceClock::new());
+        let engine = CopyEngine::with_frame_sink(
+            config,
+            Arc::clone(backend) as Arc<dyn CopyBackend>,
+            Arc::clone(&clock),
+            Arc::clone(backend) as Arc<dyn FrameSink>,
+        )
+        .unwrap();
+        (engine, clock)
+    }
+
+    fn engine(window_bytes: u64, backend: &Arc<FakeBackend>) -> CopyEngine {
+        engine_with(config(window_bytes), backend).0
+    }
+
+    fn wait(f: &Fence) -> FenceResult {
+        f.wait_timeout(T).expect("fence did not signal")
+    }
+
+    fn tag(log: &Arc<Mutex<Vec<u64>>>, t: u64) -> Release {
+        let log = Arc::clone(log);
+        Release::callback(move |_| log.lock().push(t))
+    }
+
+    #[test]
+    fn windows_never_exceed_window_bytes_and_cover_each_request_once() {
+        const W: u64 = 3000;
+        let backend = FakeBackend::new();
+        let e = engine(W, &backend);
+        let lens = [1, W - 1, W, W + 1, 3 * W, 3 * PAGE];
+        let mut batch = CopyBatch::new();
+        for (i, &len) in lens.iter().enumerate() {
+            let i = i as u64;
+            batch.push(CopyRequest::new(
+                sys(i * 4 * PAGE),
+                dev(0, i as u32 * 2),
+                len,
+            ));
+        }
+        let requests = batch.requests().to_vec();
+        let report = wait(&e.submit(batch).unwrap()).unwrap();
+        assert!(report.is_complete());
+        let copies = backend.copies();
+        // In order: request by request, offset by offset.
+        let mut expect = Vec::new();
+        for (i, r) in requests.iter().enumerate() {
+            let mut at = 0;
+            for (offset, len) in r.split(NonZeroU64::new(W).unwrap()) {
+                assert_eq!(offset, at);
+                assert!(len > 0 && len <= W, "window of {len}");
+                expect.push((i, offset, len));
+                at += len;
+            }
+            assert_eq!(at, r.len, "request {i} covered");
+        }
+        let got: Vec<_> = copies
+            .iter()
+            .map(|w| (w.request, w.offset, w.len))
+            .collect();
+        assert_eq!(got, expect);
+        let windows: u64 = requests
+            .iter()
+            .map(|r| r.windows(NonZeroU64::new(W).unwrap()))
+            .sum();
+        assert_eq!(report.windows, windows);
+        assert_eq!(e.stats().windows(), windows);
+        assert_eq!(report.bytes, lens.iter().sum::<u64>());
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn copied_data_equals_source() {
+        let backend = FakeBackend::new();
+        let e = engine(PAGE, &backend);
+        let before = backend.memory();
+        let reqs = [
+            CopyRequest::pages(sys(0), dev(0, 0), 3),             // H2D
+            CopyRequest::new(dev(1, 2), sys(8 * PAGE + 5), 5000), // D2H
+            CopyRequest::pages(dev(0, 8), dev(0, 12), 2),         // device-local
+            CopyRequest::new(dev(1, 4), dev(0, 4), PAGE + 17),    // peer
+            CopyRequest::new(sys(20 * PAGE), sys(30 * PAGE), 12345), // host-local
+        ];
+        let mut batch = CopyBatch::new();
+        for r in reqs {
+            batch.push(r);
+        }
+        assert!(wait(&e.submit(batch).unwrap()).unwrap().is_complete());
+        let mut want = before.clone();
+        for r in &reqs {
+            want.copy(r, 0, r.len).unwrap();
+        }
+        let mut after = backend.memory();
+        assert_eq!(after, want);
+        for r in &reqs {
+            let mut src = before.clone();
+            let s = src
+                .bytes(r.src.space(), r.src.base(), r.len)
+                .unwrap()
+                .to_vec();
+            let d = after
+                .bytes(r.dst.space(), r.dst.base(), r.len)
+                .unwrap()
+                .to_vec();
+            assert_eq!(s, d, "{r:?}");
+        }
+        let stats = e.stats();
+        for dir in CopyDirection::ALL {
+            let want: u64 = reqs
+                .iter()
+                .filter(|r| r.direction() == dir)
+                .map(|r| r.len)
+                .sum();
+            assert_eq!(stats.direction(dir).bytes, want, "{dir}");
+        }
+    }
+
+    #[test]
+    fn fence_waits_for_every_window() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        backend.allow(3);
+        let fence = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 0), 4)))
+            .unwrap();
+        // Three windows done, the fourth held at the gate: the fence has not signalled.
+        backend.wait_entered(4);
+        assert_eq!(backend.copies().len(), 3);
+        assert!(!fence.is_signalled());
+        assert!(fence.poll().is_none());
+        assert!(fence.wait_timeout(Duration::from_millis(20)).is_none());
+        e.check_invariants().unwrap();
+        backend.allow(1);
+        let report = wait(&fence).unwrap();
+        assert_eq!(report.windows, 4);
+        assert_eq!(backend.copies().len(), 4);
+        assert!(fence.is_signalled());
+        assert_eq!(fence.poll(), Some(Ok(report)));
+    }
+
+    #[test]
+    fn submit_returns_before_the_copy_runs_so_collecting_the_next_overlaps_it() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let first = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 0), 2)))
+            .unwrap();
+        // The copy of the first migration is in flight (held at the gate) while the next one is
+        // collected and submitted.
+        backend.wait_entered(1);
+        assert!(!first.is_signalled());
+        let second = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(1, 0), 2)))
+            .unwrap();
+        assert!(backend.copies().is_empty());
+        backend.open();
+        // Finalisation waits on the fence.
+        assert!(wait(&second).unwrap().is_complete());
+        assert!(first.is_signalled());
+        let seqnos: Vec<_> = backend.copies().iter().map(|w| w.seqno).collect();
+        assert_eq!(seqnos, [1, 1, 2, 2]);
+    }
+
+    #[test]
+    fn fences_on_one_queue_signal_in_order() {
+        let backend = FakeBackend::new();
+        let e = engine(PAGE, &backend);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let fences: Vec<Fence> = (0..30u64)
+            .map(|i| {
+                let batch = CopyBatch::new()
+                    .with_request(CopyRequest::new(sys(i * 100), dev(0, 0), 100 + i))
+                    .with_release(tag(&order, i + 1))
+                    .on_queue(QueueId(0));
+                e.submit(batch).unwrap()
+            })
+            .collect();
+        for (i, f) in fences.iter().enumerate() {
+            assert_eq!(f.seqno(), i as u64 + 1);
+            assert_eq!(f.queue(), QueueId(0));
+        }
+        // Waiting on the last one: every earlier one has signalled too.
+        wait(&fences[29]).unwrap();
+        assert!(fences.iter().all(Fence::is_signalled));
+        // Releases ran in fence order; a barrier behind them sees them all.
+        wait(&e.submit(CopyBatch::new()).unwrap()).unwrap();
+        assert_eq!(*order.lock(), (1..=30).collect::<Vec<u64>>());
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn a_failed_window_fails_exactly_its_request() {
+        let backend = FakeBackend::new();
+        let (e, _) = engine_with(
+            CopyEngineConfig {
+                faults: FaultPlan::Nth {
+                    queue: QueueId(0),
+                    n: 4,
+                },
+                ..config(PAGE)
+            },
+            &backend,
+        );
+        let before = backend.memory();
+        // Windows 0-2 are request 0, 3-5 request 1, 6-8 request 2: window 4 is request 1's second.
+        let reqs = [
+            CopyRequest::pages(sys(0), dev(0, 0), 3),
+            CopyRequest::pages(sys(3 * PAGE), dev(0, 3), 3),
+            CopyRequest::pages(sys(6 * PAGE), dev(0, 6), 3),
+        ];
+        let mut batch = CopyBatch::new();
+        reqs.iter().for_each(|&r| {
+            batch.push(r);
+        });
+        let report = wait(&e.submit(batch).unwrap()).unwrap();
+        let fault = CopyFault::Injected {
+            queue: QueueId(0),
+            window: 4,
+        };
+        assert_eq!(
+            report.outcomes,
+            [
+                RequestOutcome::Done,
+                RequestOutcome::Failed {
+                    offset: PAGE,
+                    fault: fault.clone()
+                },
+                RequestOutcome::Done
+            ]
+        );
+        assert_eq!(report.failed().collect::<Vec<_>>(), [1]);
+        assert_eq!(report.not_done().collect::<Vec<_>>(), [1]);
+        assert_eq!(report.done().collect::<Vec<_>>(), [0, 2]);
+        assert!(!report.is_complete());
+        assert_eq!(report.outcomes[1].copied_bytes(3 * PAGE), PAGE);
+        assert_eq!(report.windows, 7);
+        // Exactly the prefix before the failed window reached the destination.
+        let mut want = before.clone();
+        want.copy(&reqs[0], 0, 3 * PAGE).unwrap();
+        want.copy(&reqs[1], 0, PAGE).unwrap();
+        want.copy(&reqs[2], 0, 3 * PAGE).unwrap();
+        assert_eq!(backend.memory(), want);
+        let s = e.stats();
+        assert_eq!(
+            (
+                s.windows_failed,
+                s.windows_injected,
+                s.windows_skipped,
+                s.requests_failed
+            ),
+            (1, 1, 1, 1)
+        );
+        assert!(fault.to_string().contains("window 4"));
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn release_payloads_run_only_after_the_fence() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let slot: Arc<Mutex<Option<Fence>>> = Arc::new(Mutex::new(None));
+        let saw_signalled = Arc::new(AtomicBool::new(false));
+        let release = {
+            let (slot, saw, backend) = (
+                Arc::clone(&slot),
+                Arc::clone(&saw_signalled),
+                Arc::clone(&backend),
+            );
+            Release::callback(move |result| {
+                let fence = slot.lock().clone().expect("fence stored");
+                saw.store(fence.is_signalled(), Ordering::SeqCst);
+                assert_eq!(fence.poll().as_ref(), Some(result));
+                backend.log.lock().push(Event::Released(7));
+            })
+        };
+        let batch = CopyBatch::new()
+            .with_request(CopyRequest::pages(dev(0, 4), sys(0), 3))
+            .on_queue(QueueId(0))
+            .with_release(Release::Frames {
+                dev: DeviceId(0),
+                frames: vec![DevPfn(4), DevPfn(5), DevPfn(6)],
+                when: ReleaseWhen::Always,
+            })
+            .with_release(release);
+        let fence = e.submit(batch).unwrap();
+        *slot.lock() = Some(fence.clone());
+        backend.allow(2);
+        backend.wait_entered(3);
+        // Two of three windows have read the frames; nothing is released yet.
+        assert!(backend
+            .log()
+            .iter()
+            .all(|ev| matches!(ev, Event::Copied(_))));
+        backend.open();
+        wait(&fence).unwrap();
+        wait(&e.submit(CopyBatch::new().on_queue(QueueId(0))).unwrap()).unwrap();
+        let log = backend.log();
+        assert_eq!(log.len(), 5, "{log:?}");
+        assert!(log[..3].iter().all(|ev| matches!(ev, Event::Copied(_))));
+        assert_eq!(
+            log[3],
+            Event::Freed(DeviceId(0), vec![DevPfn(4), DevPfn(5), DevPfn(6)])
+        );
+        assert_eq!(log[4], Event::Released(7));
+        assert!(saw_signalled.load(Ordering::SeqCst));
+        assert_eq!(e.stats().frames_released, 3);
+    }
+
+    #[test]
+    fn released_frames_follow_each_requests_outcome() {
+        let backend = FakeBackend::new();
+        let (e, _) = engine_with(
+            CopyEngineConfig {
+                faults: FaultPlan::Nth {
+                    queue: QueueId(1),
+                    n: 1,
+                },
+                ..config(PAGE)
+            },
+            &backend,
+        );
+        let frames = |f: u32, when| Release::Frames {
+            dev: DeviceId(1),
+            frames: vec![DevPfn(f)],
+            when,
+        };
+        // An eviction of two frames; the second copy fails.
+        let batch = CopyBatch::new()
+            .with_request(CopyRequest::pages(dev(1, 0), sys(0), 1))
+            .with_request(CopyRequest::pages(dev(1, 1), sys(PAGE), 1))
+            .with_release(frames(0, ReleaseWhen::Done(0)))
+            .with_release(frames(1, ReleaseWhen::Done(1)))
+            .with_release(frames(10, ReleaseWhen::NotDone(0)))
+            .with_release(frames(11, ReleaseWhen::NotDone(1)))
+            .with_release(frames(12, ReleaseWhen::Always));
+        let fence = e.submit(batch).unwrap();
+        assert_eq!(fence.queue(), QueueId(1), "device-to-host picks queue 1");
+        let report = wait(&fence).unwrap();
+        assert_eq!(report.not_done().collect::<Vec<_>>(), [1]);
+        wait(&e.submit(CopyBatch::new().on_queue(QueueId(1))).unwrap()).unwrap();
+        let freed: Vec<_> = backend
+            .log()
+            .into_iter()
+            .filter_map(|ev| match ev {
+                Event::Freed(_, f) => Some(f[0].0),
+                _ => None,
+            })
+            .collect();
+        // Source frame 0 is freed (its data is home), frame 1 is kept (the page stays valid on
+        // the device).
+        assert_eq!(freed, [0, 11, 12]);
+        let s = e.stats();
+        assert_eq!((s.frames_released, s.frames_kept), (3, 2));
+    }
+
+    #[test]
+    fn two_queues_run_concurrently() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let slow = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 0), 2)))
+            .unwrap();
+        backend.wait_entered(1);
+        let fast = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(dev(1, 0), sys(8 * PAGE), 4)))
+            .unwrap();
+        assert_eq!((slow.queue(), fast.queue()), (QueueId(0), QueueId(1)));
+        // Queue 1 finishes while queue 0 is held inside its first window.
+        assert!(wait(&fast).unwrap().is_complete());
+        assert!(!slow.is_signalled());
+        backend.open();
+        assert!(wait(&slow).unwrap().is_complete());
+        assert_eq!(e.queue_stats(QueueId(1)).unwrap().windows(), 4);
+        assert_eq!(e.queue_stats(QueueId(0)).unwrap().windows(), 2);
+        assert_eq!(e.queue_stats(QueueId(2)), None);
+    }
+
+    #[test]
+    fn windows_charge_the_clock_at_the_link_models_transfer_time() {
+        let link = LinkModel::pcie4_x16();
+        let local = Bandwidth::from_gb_per_sec(100.0);
+        let backend = FakeBackend::new();
+        let (e, clock) = engine_with(
+            CopyEngineConfig {
+                link: link.clone(),
+                local_bandwidth: Some(local),
+                ..config(PAGE)
+            },
+            &backend,
+        );
+        let batch = CopyBatch::new()
+            .with_request(CopyRequest::new(sys(0), dev(0, 0), 10_000)) // 4096 + 4096 + 1808
+            .with_request(CopyRequest::pages(dev(0, 4), sys(4 * PAGE), 1))
+            .with_request(CopyRequest::pages(dev(0, 8), dev(0, 12), 2))
+            .with_request(CopyRequest::pages(dev(1, 0), dev(0, 15), 1))
+            .with_request(CopyRequest::pages(sys(8 * PAGE), sys(12 * PAGE), 1));
+        let report = wait(&e.submit(batch).unwrap()).unwrap();
+        let (h2d, d2h) = (Direction::HostToDevice, Direction::DeviceToHost);
+        let page_local = ModelTime::from_nanos((PAGE as f64 / 100.0).round() as u64);
+        assert_eq!(time_at(local, PAGE), page_local);
+        let sum = |ts: &[ModelTime]| ts.iter().copied().sum::<ModelTime>();
+        let to_device = sum(&[
+            link.transfer(h2d, PAGE).saturating_mul(2),
+            link.transfer(h2d, 1808),
+            page_local.saturating_mul(2),
+            link.transfer(h2d, PAGE),
+        ]);
+        let to_host = link.transfer(d2h, PAGE).saturating_mul(2);
+        let r = clock.snapshot();
+        assert_eq!(r.get(Cause::MigrateToDevice), to_device);
+        assert_eq!(r.get(Cause::MigrateToHost), to_host);
+        assert_eq!(r.charges_of(Cause::MigrateToDevice), 3 + 2 + 1);
+        assert_eq!(r.charges_of(Cause::MigrateToHost), 2);
+        assert_eq!(report.modelled, sum(&[to_device, to_host]));
+        let s = e.stats();
+        assert_eq!(s.modelled, report.modelled);
+        assert_eq!(
+            s.direction(CopyDirection::HostToDevice),
+            DirectionStats {
+                bytes: 10_000,
+                windows: 3,
+                modelled: sum(&[
+                    link.transfer(h2d, PAGE).saturating_mul(2),
+                    link.transfer(h2d, 1808)
+                ]),
+            }
+        );
+        assert_eq!(
+            s.direction(CopyDirection::PeerToPeer).modelled,
+            sum(&[link.transfer(d2h, PAGE), link.transfer(h2d, PAGE)])
+        );
+        assert_eq!(
+            s.direction(CopyDirection::HostLocal),
+            DirectionStats {
+                bytes: PAGE,
+                windows: 1,
+                modelled: ModelTime::ZERO
+            }
+        );
+        e.check_invariants().unwrap();
+
+        // Without a local bandwidth, copies inside a device are free and not charged.
+        let (free, clock) = engine_with(config(PAGE), &backend);
+        let b = CopyBatch::new().with_request(CopyRequest::pages(dev(0, 0), dev(0, 2), 2));
+        assert_eq!(
+            wait(&free.submit(b).unwrap()).unwrap().modelled,
+            ModelTime::ZERO
+        );
+        assert_eq!(clock.snapshot().charges_of(Cause::MigrateToDevice), 0);
+    }
+
+    #[test]
+    fn dropping_the_engine_signals_every_fence() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let shared = Arc::clone(&e.shared);
+        let released = Arc::new(Mutex::new(Vec::new()));
+        let first = e
+            .submit(
+                CopyBatch::new()
+                    .with_request(CopyRequest::pages(sys(0), dev(0, 0), 3))
+                    .with_release(tag(&released, 1)),
+            )
+            .unwrap();
+        let rest: Vec<Fence> = (2..=5)
+            .map(|i| {
+                let batch = CopyBatch::new()
+                    .with_request(CopyRequest::pages(dev(0, 8), sys(8 * PAGE), 1))
+                    .with_release(Release::Frames {
+                        dev: DeviceId(0),
+                        frames: vec![DevPfn(8)],
+                        when: ReleaseWhen::Done(0),
+                    })
+                    .with_release(tag(&released, i))
+                    .on_queue(QueueId(0));
+                e.submit(batch).unwrap()
+            })
+            .collect();
+        backend.allow(1);
+        backend.wait_entered(2); // window 0 done, window 1 in flight at the gate
+        let dropper = thread::spawn(move || drop(e));
+        while !shared.cancel.load(Ordering::Acquire) {
+            thread::yield_now();
+        }
+        backend.open(); // the window in flight finishes; nothing further starts
+        dropper.join().unwrap();
+
+        let Err(CopyError::Cancelled { report }) = first.poll().expect("signalled") else {
+            panic!("first batch not cancelled: {first:?}");
+        };
+        assert_eq!(
+            report.outcomes,
+            [RequestOutcome::Cancelled { offset: 2 * PAGE }]
+        );
+        assert_eq!((report.windows, report.bytes), (2, 2 * PAGE));
+        for f in &rest {
+            let Some(Err(CopyError::Cancelled { report })) = f.poll() else {
+                panic!("{f:?} not cancelled");
+            };
+            assert_eq!(report.outcomes, [RequestOutcome::Cancelled { offset: 0 }]);
+            assert_eq!(report.windows, 0);
+        }
+        assert_eq!(backend.copies().len(), 2);
+        // Every release ran, in order; no frame whose copy did not complete was freed.
+        assert_eq!(*released.lock(), [1, 2, 3, 4, 5]);
+        assert!(!backend
+            .log()
+            .iter()
+            .any(|ev| matches!(ev, Event::Freed(..))));
+        let s = *shared.queues[0].stats.lock();
+        assert_eq!(
+            (s.batches, s.batches_cancelled, s.requests_cancelled),
+            (5, 5, 5)
+        );
+        assert_eq!(s.frames_kept, 4);
+    }
+
+    #[test]
+    fn shutdown_drain_runs_every_queued_batch() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let shared = Arc::clone(&e.shared);
+        let fences: Vec<Fence> = (0..5u64)
+            .map(|i| {
+                e.submit(CopyBatch::new().with_request(CopyRequest::pages(
+                    sys(i * PAGE),
+                    dev(0, 0),
+                    1,
+                )))
+                .unwrap()
+            })
+            .collect();
+        backend.wait_entered(1);
+        let stopper = thread::spawn(move || e.shutdown(ShutdownMode::Drain));
+        while !shared.queues[0].state.lock().stopping {
+            thread::yield_now();
+        }
+        backend.open();
+        let stats = stopper.join().unwrap();
+        for f in &fences {
+            assert!(f.poll().expect("signalled").unwrap().is_complete());
+        }
+        assert_eq!((stats.batches, stats.batches_cancelled), (5, 0));
+        assert_eq!(stats.queue_high_water, 5);
+    }
+
+    #[test]
+    fn an_engine_dropped_from_its_own_release_does_not_hang() {
+        let backend = FakeBackend::gated(0);
+        let e = Arc::new(engine(PAGE, &backend));
+        let slot = Arc::new(Mutex::new(Some(Arc::clone(&e))));
+        let first = {
+            let slot = Arc::clone(&slot);
+            e.submit(
+                CopyBatch::new()
+                    .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+                    .with_release(Release::callback(move |_| drop(slot.lock().take()))),
+            )
+            .unwrap()
+        };
+        let second = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 1), 1)))
+            .unwrap();
+        drop(e); // the release callback now holds the last reference
+        backend.open();
+        assert!(wait(&first).unwrap().is_complete());
+        assert!(matches!(wait(&second), Err(CopyError::Cancelled { .. })));
+    }
+
+    #[test]
+    fn waiting_on_its_own_queue_from_a_worker_is_refused() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let slot: Arc<Mutex<Vec<Fence>>> = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let callback = {
+            let (slot, seen) = (Arc::clone(&slot), Arc::clone(&seen));
+            Release::callback(move |_| {
+                let fences = slot.lock().clone();
+                let mut seen = seen.lock();
+                // Its own fence has signalled: fine. The next one on the same queue cannot
+                // signal while this worker waits: refused. Another queue's: fine.
+                seen.push(fences[0].wait().map(|r| r.seqno));
+                seen.push(fences[1].wait().map(|r| r.seqno));
+                seen.push(
+                    fences[1]
+                        .wait_timeout(Duration::from_secs(60))
+                        .unwrap()
+                        .map(|r| r.seqno),
+                );
+                seen.push(fences[2].wait().map(|r| r.seqno));
+            })
+        };
+        let f1 = e
+            .submit(
+                CopyBatch::new()
+                    .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+                    .with_release(callback),
+            )
+            .unwrap();
+        let f2 = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 1), 1)))
+            .unwrap();
+        let other = e
+            .submit(CopyBatch::new().with_request(CopyRequest::pages(dev(0, 0), sys(0), 1)))
+            .unwrap();
+        *slot.lock() = vec![f1.clone(), f2.clone(), other];
+        backend.open();
+        wait(&f2).unwrap();
+        let refused = Err(CopyError::WouldDeadlock { queue: QueueId(0) });
+        assert_eq!(*seen.lock(), [Ok(1), refused.clone(), refused, Ok(1)]);
+    }
+
+    #[test]
+    fn a_panicking_backend_fails_its_window_not_the_queue() {
+        let backend = FakeBackend::build(None, Some((1, 1)));
+        let e = engine(PAGE, &backend);
+        let batch = CopyBatch::new()
+            .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+            .with_request(CopyRequest::pages(sys(PAGE), dev(0, 1), 2))
+            .with_request(CopyRequest::pages(sys(3 * PAGE), dev(0, 3), 1));
+        let report = wait(&e.submit(batch).unwrap()).unwrap();
+        assert_eq!(report.failed().collect::<Vec<_>>(), [1]);
+        let Some(RequestOutcome::Failed {
+            offset: 0,
+            fault: CopyFault::BackendPanicked { message },
+        }) = report.outcome(1)
+        else {
+            panic!("{report:?}");
+        };
+        assert!(message.contains("boom"), "{message}");
+        // The queue still works.
+        let next = CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 0), 1));
+        assert!(wait(&e.submit(next).unwrap()).unwrap().is_complete());
+        let s = e.stats();
+        assert_eq!(
+            (s.backend_panics, s.windows_failed, s.windows_skipped),
+            (1, 1, 1)
+        );
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn an_empty_batch_is_a_barrier() {
+        let backend = FakeBackend::gated(0);
+        let e = engine(PAGE, &backend);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let copy = e
+            .submit(
+                CopyBatch::new()
+                    .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+                    .with_release(tag(&order, 1)),
+            )
+            .unwrap();
+        let barrier = e.submit(CopyBatch::new()).unwrap();
+        assert_eq!(barrier.queue(), QueueId(0));
+        backend.wait_entered(1);
+        assert!(barrier.wait_timeout(Duration::from_millis(20)).is_none());
+        backend.open();
+        let report = wait(&barrier).unwrap();
+        assert!(report.is_complete() && report.outcomes.is_empty());
+        assert!(copy.is_signalled());
+        assert_eq!(*order.lock(), [1]);
+    }
+
+    #[test]
+    fn a_full_queue_answers_busy_retry() {
+        let backend = FakeBackend::gated(0);
+        let (e, _) = engine_with(
+            CopyEngineConfig {
+                max_queued_batches: 2,
+                ..config(PAGE)
+            },
+            &backend,
+        );
+        let one = || CopyBatch::new().with_request(CopyRequest::pages(sys(0), dev(0, 0), 1));
+        let a = e.submit(one()).unwrap();
+        backend.wait_entered(1); // a runs, held at the gate
+        let b = e.submit(one()).unwrap();
+        let c = e.submit(one()).unwrap();
+        let ran = Arc::new(Mutex::new(Vec::new()));
+        let refused = e.submit(one().with_release(tag(&ran, 4))).unwrap_err();
+        assert_eq!(
+            refused.error,
+            CopyError::QueueFull {
+                queue: QueueId(0),
+                depth: 2
+            }
+        );
+        assert!(refused.to_string().contains("full"), "{refused}");
+        e.check_invariants().unwrap();
+        backend.open();
+        for f in [&a, &b, &c] {
+            wait(f).unwrap();
+        }
+        // The refused batch came back whole, its release not run; retried, it runs.
+        assert!(ran.lock().is_empty());
+        let batch = refused.into_batch();
+        assert_eq!(batch.requests().len(), 1);
+        wait(&e.submit(batch).unwrap()).unwrap();
+        wait(&e.submit(CopyBatch::new()).unwrap()).unwrap();
+        assert_eq!(*ran.lock(), [4]);
+        let s = e.stats();
+        assert_eq!((s.rejected_full, s.queue_high_water, s.batches), (1, 3, 5));
+        e.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        let backend = FakeBackend::new();
+        let bad_config = |c: CopyEngineConfig| {
+            CopyEngine::new(c, backend.clone(), Arc::new(DeviceClock::new())).unwrap_err()
+        };
+        assert_eq!(bad_config(config(0)), CopyError::ZeroWindow);
+        for queues in [0, MAX_QUEUES + 1] {
+            assert_eq!(
+                bad_config(CopyEngineConfig {
+                    queues,
+                    ..config(PAGE)
+                }),
+                CopyError::InvalidQueueCount { queues }
+            );
+        }
+        assert_eq!(
+            bad_config(CopyEngineConfig {
+                max_queued_batches: 0,
+                ..config(PAGE)
+            }),
+            CopyError::ZeroQueueDepth
+        );
+        let mut link = LinkModel::pcie3_x16();
+        link.remote_line_bytes = 0;
+        assert_eq!(
+            bad_config(CopyEngineConfig {
+                link,
+                ..config(PAGE)
+            }),
+            CopyError::InvalidLink(LinkError::ZeroRemoteLine)
+        );
+        for bps in [0.0, -1.0, f64::NAN] {
+            let err = bad_config(CopyEngineConfig {
+                local_bandwidth: Some(Bandwidth::from_bytes_per_sec(bps)),
+                ..config(PAGE)
+            });
+            assert!(
+                matches!(err, CopyError::InvalidLocalBandwidth { .. }),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            bad_config(CopyEngineConfig {
+                faults: FaultPlan::Fraction {
+                    seed: 1,
+                    per_million: 1_000_001
+                },
+                ..config(PAGE)
+            }),
+            CopyError::InvalidFaultFraction {
+                per_million: 1_000_001
+            }
+        );
+        let nth3 = FaultPlan::Nth {
+            queue: QueueId(3),
+            n: 0,
+        };
+        let no_queue_3 = CopyError::NoSuchQueue {
+            queue: QueueId(3),
+            queues: 2,
+        };
+        assert_eq!(
+            bad_config(CopyEngineConfig {
+                faults: nth3,
+                ..config(PAGE)
+            }),
+            no_queue_3
+        );
+
+        let e =
+            CopyEngine::new(config(PAGE), backend.clone(), Arc::new(DeviceClock::new())).unwrap();
+        assert_eq!(e.set_fault_plan(nth3), Err(no_queue_3.clone()));
+        let submit = |r: CopyRequest| {
+            e.submit(
+                CopyBatch::new()
+                    .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+                    .with_request(r),
+            )
+            .unwrap_err()
+            .error
+        };
+        assert_eq!(
+            submit(CopyRequest::new(sys(0), dev(0, 0), 0)),
+            CopyError::ZeroLength { request: 1 }
+        );
+        assert_eq!(
+            submit(CopyRequest::new(sys(0), sys(100), 200)),
+            CopyError::Overlap { request: 1 }
+        );
+        assert_eq!(
+            submit(CopyRequest::pages(dev(1, 3), dev(1, 2), 2)),
+            CopyError::Overlap { request: 1 }
+        );
+        assert_eq!(
+            submit(CopyRequest::new(sys(0), sys(0), 1)),
+            CopyError::Overlap { request: 1 }
+        );
+        assert_eq!(
+            submit(CopyRequest::new(
+                Endpoint::System(VirtAddr(u64::MAX - 10)),
+                dev(0, 0),
+                100
+            )),
+            CopyError::Overflow {
+                request: 1,
+                len: 100
+            }
+        );
+        assert!(matches!(
+            submit(CopyRequest::pages(sys(0), dev(0, 0), u64::MAX)),
+            CopyError::Overflow { request: 1, .. }
+        ));
+        // Adjacent ranges in one space, and the same addresses in different spaces, are fine.
+        CopyRequest::new(sys(0), sys(100), 100).validate(0).unwrap();
+        CopyRequest::pages(dev(0, 0), dev(1, 0), 4)
+            .validate(0)
+            .unwrap();
+        let one = CopyRequest::pages(sys(0), dev(0, 0), 1);
+        assert_eq!(
+            e.submit(CopyBatch::new().with_request(one).on_queue(QueueId(2)))
+                .unwrap_err()
+                .error,
+            CopyError::NoSuchQueue {
+                queue: QueueId(2),
+                queues: 2
+            }
+        );
+        assert_eq!(
+            e.submit(
+                CopyBatch::new()
+                    .with_request(one)
+                    .with_release(Release::Frames {
+                        dev: DeviceId(0),
+                        frames: vec![DevPfn(0)],
+                        when: ReleaseWhen::Always
+                    })
+            )
+            .unwrap_err()
+            .error,
+            CopyError::NoFrameSink
+        );
+        let (with_sink, _) = engine_with(config(PAGE), &backend);
+        assert_eq!(
+            with_sink
+                .submit(
+                    CopyBatch::new()
+                        .with_request(one)
+                        .with_release(Release::Frames {
+                            dev: DeviceId(0),
+                            frames: vec![DevPfn(0)],
+                            when: ReleaseWhen::NotDone(1)
+                        })
+                )
+                .unwrap_err()
+                .error,
+            CopyError::ReleaseOutOfRange {
+                request: 1,
+                requests: 1
+            }
+        );
+        // `?` into a CopyError keeps the reason and drops the batch.
+        let as_copy_error = |b: CopyBatch| -> Result<Fence, CopyError> { Ok(e.submit(b)?) };
+        assert_eq!(
+            as_copy_error(CopyBatch::new().on_queue(QueueId(9))).unwrap_err(),
+            CopyError::NoSuchQueue {
+                queue: QueueId(9),
+                queues: 2
+            }
+        );
+        // Nothing was queued by the refused submissions.
+        assert_eq!(e.stats(), CopyStats::default());
+        e.check_invariants().unwrap();
+        // A backend error is a failed window, not a panic.
+        let out_of_range = CopyRequest::pages(sys(0), dev(0, DEV_FRAMES as u32), 1);
+        let report = wait(
+            &e.submit(CopyBatch::new().with_request(out_of_range))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(
+            report.outcome(0),
+            Some(RequestOutcome::Failed {
+                fault: CopyFault::DeviceAccess { .. },
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn queue_for_picks_a_queue_per_direction() {
+        let backend = FakeBackend::new();
+        for (queues, want) in [
+            (1, [0, 0, 0, 0, 0]),
+            (2, [0, 1, 0, 0, 0]),
+            (3, [0, 1, 2, 2, 2]),
+        ] {
+            let (e, _) = engine_with(
+                CopyEngineConfig {
+                    queues,
+                    ..config(PAGE)
+                },
+                &backend,
+            );
+            let got: Vec<usize> = CopyDirection::ALL
+                .iter()
+                .map(|&d| e.queue_for(d).0)
+                .collect();
+            assert_eq!(got, want, "{queues} queues");
+            assert_eq!(e.queues(), queues);
+        }
+        assert_eq!(
+            CopyDirection::of(sys(0), dev(0, 0)),
+            CopyDirection::HostToDevice
+        );
+        assert_eq!(
+            CopyDirection::of(dev(0, 0), sys(0)),
+            CopyDirection::DeviceToHost
+        );
+        assert_eq!(
+            CopyDirection::of(dev(0, 0), dev(0, 1)),
+            CopyDirection::DeviceLocal
+        );
+        assert_eq!(
+            CopyDirection::of(dev(0, 0), dev(1, 0)),
+            CopyDirection::PeerToPeer
+        );
+        assert_eq!(CopyDirection::of(sys(0), sys(9)), CopyDirection::HostLocal);
+        for (i, d) in CopyDirection::ALL.iter().enumerate() {
+            assert_eq!(d.index(), i);
+        }
+    }
+
+    #[test]
+    fn a_fault_fraction_is_deterministic_for_a_seed() {
+        let failed_with = |seed: u64| {
+            let backend = FakeBackend::new();
+            let (e, _) = engine_with(
+                CopyEngineConfig {
+                    queues: 1,
+                    faults: FaultPlan::Fraction {
+                        seed,
+                        per_million: 300_000,
+                    },
+                    ..config(PAGE)
+                },
+                &backend,
+            );
+            let mut batch = CopyBatch::new();
+            for i in 0..40u64 {
+                batch.push(CopyRequest::pages(sys(i * PAGE), dev(0, 0), 1));
+            }
+            let report = wait(&e.submit(batch).unwrap()).unwrap();
+            assert_eq!(e.stats().windows_injected, report.failed().count() as u64);
+            report.failed().collect::<Vec<_>>()
+        };
+        let a = failed_with(42);
+        assert_eq!(a, failed_with(42));
+        assert!(!a.is_empty() && a.len() < 40, "{a:?}");
+        assert_ne!(a, failed_with(43));
+
+        // A plan installed later counts windows from then on.
+        let backend = FakeBackend::new();
+        let e = engine(PAGE, &backend);
+        let two = CopyBatch::new()
+            .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+            .with_request(CopyRequest::pages(sys(0), dev(0, 1), 1));
+        wait(&e.submit(two).unwrap()).unwrap();
+        e.set_fault_plan(FaultPlan::Nth {
+            queue: QueueId(0),
+            n: 1,
+        })
+        .unwrap();
+        let two = CopyBatch::new()
+            .with_request(CopyRequest::pages(sys(0), dev(0, 0), 1))
+            .with_request(CopyRequest::pages(sys(0), dev(0, 1), 1));
+        let report = wait(&e.submit(two).unwrap()).unwrap();
+        assert_eq!(report.failed().collect::<Vec<_>>(), [1]);
+        e.set_fault_plan(FaultPlan::None).unwrap();
+    }
+
+    proptest! {
+        #[test]
+        fn split_covers_a_request_exactly_once(len in 1u64..(1 << 40), w in 1u64..(1 << 34)) {
+            let r = CopyRequest::new(sys(0), dev(0, 0), len);
+            let w = NonZeroU64::new(w).unwrap();
+            let n = r.windows(w);
+            prop_assume!(n <= 100_000);
+            let mut at = 0;
+            let mut count = 0;
+            for (offset, l) in r.split(w) {
+                prop_assert_eq!(offset, at);
+                prop_assert!(l >= 1 && l <= w.get());
+                at += l;
+                count += 1;
+            }
+            prop_assert_eq!(at, len);
+            prop_assert_eq!(count, n);
+        }
+    }
+
+    /// A random valid request inside the fake memories.
+    fn arb_request() -> impl Strategy<Value = CopyRequest> {
+        let space = prop_oneof![Just(None), Just(Some(0u8)), Just(Some(1u8))];
+        (
+            space.clone(),
+            space,
+            1u64..12_000,
+            0u64..(1 << 16),
+            0u64..(1 << 16),
+        )
+            .prop_map(|(s, d, len, a, b)| {
+                let dev_bytes = DEV_FRAMES as u64 * PAGE;
+                let end = |space: Option<u8>, pick: u64| match space {
+                    None => sys(pick % (SYS_BYTES as u64 - len + 1)),
+                    Some(d) => dev(d, (pick % ((dev_bytes - len) / PAGE + 1)) as u32),
+                };
+                CopyRequest::new(end(s, a), end(d, b), len)
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random batches on random queues, with random window sizes and injected failures,
+        /// against a plain byte-array model that applies each request's reported prefix in
+        /// order: every byte equal at the end.
+        #[test]
+        fn random_batches_match_a_byte_array_model(
+            window in 1u64..9_000,
+            per_million in prop_oneof![Just(0u32), 0u32..400_000],
+            seed in any::<u64>(),
+            batches in proptest::collection::vec(
+                (0usize..2, proptest::collection::vec(arb_request(), 0..6)),
+                1..8,
+            ),
+        ) {
+            let backend = FakeBackend::new();
+            let (e, clock) = engine_with(
+                CopyEngineConfig {
+                    faults: FaultPlan::Fraction { seed, per_million },
+                    link: LinkModel::pcie4_x16(),
+                    ..config(window)
+                },
+                &backend,
+            );
+            let mut model = backend.memory();
+            let mut outstanding: Vec<(Vec<CopyRequest>, Fence)> = Vec::new();
+            let mut last_queue = None;
+            let settle = |outstanding: &mut Vec<(Vec<CopyRequest>, Fence)>,
+                              model: &mut Memory|
+             -> Result<(), TestCaseError> {
+                for (reqs, fence) in outstanding.drain(..) {
+                    let report = wait(&fence).unwrap();
+                    prop_assert_eq!(report.outcomes.len(), reqs.len());
+                    for (r, o) in reqs.iter().zip(&report.outcomes) {
+                        let cancelled = matches!(o, RequestOutcome::Cancelled { .. });
+                        prop_assert!(!cancelled, "cancelled without a shutdown");
+                        model.copy(r, 0, o.copied_bytes(r.len)).unwrap();
+                    }
+                    if per_million == 0 {
+                        prop_assert!(report.is_complete());
+                    }
+                }
+                Ok(())
+            };
+            for (queue, reqs) in batches {
+                let reqs: Vec<_> =
+                    reqs.into_iter().filter(|r| r.validate(0).is_ok()).collect();
+                // Batches on one queue run in order; across queues, wait before switching so
+                // that the model's order is the engine's.
+                if last_queue.is_some_and(|q| q != queue) {
+                    settle(&mut outstanding, &mut model)?;
+                }
+                last_queue = Some(queue);
+                let mut batch = CopyBatch::new().on_queue(QueueId(queue));
+                reqs.iter().for_each(|&r| { batch.push(r); });
+                outstanding.push((reqs, e.submit(batch).unwrap()));
+                prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
+            }
+            settle(&mut outstanding, &mut model)?;
+            prop_assert!(backend.memory() == model, "memory differs from the model");
+            let s = e.stats();
+            prop_assert_eq!(s.windows_injected, s.requests_failed);
+            prop_assert_eq!(s.windows(), backend.copies().len() as u64);
+            prop_assert_eq!(s.bytes(), backend.copies().iter().map(|w| w.len).sum::<u64>());
+            prop_assert_eq!(s.modelled, clock.total());
+            prop_assert!(backend.copies().iter().all(|w| w.len <= window));
+            prop_assert!(e.check_invariants().is_ok(), "{:?}", e.check_invariants());
+        }
     }
 }
