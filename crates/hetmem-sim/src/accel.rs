@@ -48,7 +48,7 @@ use hetmem_core::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayPolicy,
         ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
-    link::{Cause, ClockReport, DeviceClock, Direction, LinkModel, ModelTime},
+    link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
     migrate::{MigrateEntry, PageLoc, SelectFlags},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange},
     pfn::HmmPfn,
@@ -495,16 +495,26 @@ impl Accelerator {
         let units = self.dev.config.compute_units as u64;
         let started = Instant::now();
         let clock_before = self.dev.clock.snapshot();
-        let handles = (0..units.min(warps))
-            .map(|cu| {
-                let dev = Arc::clone(&self.dev);
-                let kernel = Arc::clone(&kernel);
-                std::thread::Builder::new()
-                    .name(format!("hetmem-accel-cu{cu}"))
-                    .spawn(move || dev.run_unit(cu as usize, &*kernel, threads))
-                    .expect("spawn a compute unit thread")
-            })
-            .collect();
+        let mut handles = Vec::new();
+        for cu in 0..units.min(warps) {
+            let dev = Arc::clone(&self.dev);
+            let kernel = Arc::clone(&kernel);
+            let spawned = std::thread::Builder::new()
+                .name(format!("hetmem-accel-cu{cu}"))
+                .spawn(move || dev.run_unit(cu as usize, &*kernel, threads));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    // The units already running see the fatal error and stop.
+                    self.dev.set_fatal(LaunchError::Shutdown);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    self.dev.active_launches.fetch_sub(1, Ordering::AcqRel);
+                    return Err(AccelError::Config(format!("spawning a compute unit: {e}")));
+                }
+            }
+        }
         Ok(Launch {
             dev: Arc::clone(&self.dev),
             handles,
@@ -1159,9 +1169,4 @@ impl SimDevice {
             return Ok(());
         }
     }
-}
-
-/// Modelled time as a plain number, for reports.
-pub fn model_micros(t: ModelTime) -> f64 {
-    t.as_micros_f64()
 }

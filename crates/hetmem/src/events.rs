@@ -45,9 +45,7 @@ pub(crate) fn run(mm: &'static AddressSpace) {
         mm.event_batch.fetch_add(1, Ordering::SeqCst);
         let _ = uffd.read_events(&mut events);
         for ev in events.drain(..) {
-            if std::env::var_os("HETMEM_DEBUG_EVENTS").is_some() {
-                eprintln!("hetmem: event {ev:?}");
-            }
+            tracing::trace!(?ev, "userfaultfd event");
             handle(mm, ev);
             mm.stats.add(&mm.stats.uffd_events, 1);
         }
