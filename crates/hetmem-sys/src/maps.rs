@@ -1126,6 +1126,74 @@ mod tests {
         }
     }
 
+    /// A path longer than `PATH_MAX` (possible below a directory opened on the way): the ioctl
+    /// refuses to return it (`ENAMETOOLONG`), the text carries it, and `read_maps_range` falls
+    /// back to the text for that call.
+    #[test]
+    fn names_longer_than_path_max_come_from_the_text() {
+        let Some(gate) = query_gate() else { return };
+        let top = std::env::temp_dir().join(format!("hetmem-maps-long-{}", std::process::id()));
+        std::fs::create_dir(&top).unwrap();
+        let component = "d".repeat(250);
+        let mut dir =
+            rustix::fs::open(&top, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        for _ in 0..17 {
+            rustix::fs::mkdirat(&dir, component.as_str(), Mode::from_raw_mode(0o700)).unwrap();
+            dir = rustix::fs::openat(
+                &dir,
+                component.as_str(),
+                OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            "f",
+            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        rustix::fs::ftruncate(&fd, PAGE_SIZE as u64).unwrap();
+        // SAFETY: a fresh mapping at an address of the kernel's choice overlaps nothing.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .unwrap();
+        let m = Map {
+            addr: p as usize,
+            len: PAGE_SIZE,
+        };
+        let (a, b) = (m.addr, m.addr + m.len);
+        assert_eq!(
+            read_maps_range_query(maps_fd().unwrap(), a, b, gate),
+            Err(Errno::NAMETOOLONG)
+        );
+        let v = vma_at(a);
+        let VmaName::File(path) = &v.name else {
+            panic!("{v:x?}")
+        };
+        assert!(
+            path.as_os_str().len() > NAME_MAX,
+            "{}",
+            path.as_os_str().len()
+        );
+        assert_eq!(
+            read_maps_range(a, b).unwrap(),
+            read_maps_range_text(a, b).unwrap()
+        );
+        drop(m);
+        // `rm -r` of a tree deeper than PATH_MAX works (std removes relative to open dirs).
+        std::fs::remove_dir_all(&top).unwrap();
+    }
+
     #[test]
     fn read_maps_range_uses_the_query_on_this_kernel() {
         // Linux 6.11+ has PROCMAP_QUERY; hetmem is developed on 6.18.
