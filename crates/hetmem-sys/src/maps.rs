@@ -23,10 +23,10 @@ use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Read;
 use std::ops::ControlFlow;
-use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 use bitflags::bitflags;
@@ -362,12 +362,30 @@ fn probe_backend() -> SysResult<Backend> {
 /// a forked child the inherited one still shows the parent.
 static MAPS_FD: AtomicU64 = AtomicU64::new(0);
 
-/// An open `/proc/self/maps` of this process (opened once per process, never closed).
+/// Whether [`forget_maps_fd_in_child`] is registered with `pthread_atfork`.
+static ATFORK: AtomicBool = AtomicBool::new(false);
+
+/// `pthread_atfork` child handler: closes the inherited descriptor, which shows the parent.
 ///
-/// A forked child opens its own on first use and leaves the inherited one open (it is
-/// close-on-exec): closing it is only safe if no one else can be using that number for the
-/// parent's descriptor, which a `CLONE_VM` child sharing our statics but not our descriptor table
-/// would break. So each process that calls this after a fork holds one extra descriptor.
+/// Runs in the child of `fork()` only (not `vfork`, `posix_spawn` or raw `clone`, whose children
+/// may share our memory), before `fork` returns there, with no other thread left: nothing else
+/// can hold or be handed the descriptor. Children the handler does not cover are caught by the
+/// pid in [`MAPS_FD`]; they keep the inherited descriptor open (it is close-on-exec), since
+/// closing it could pull it from under a process that shares our statics but not our descriptor
+/// table.
+extern "C" fn forget_maps_fd_in_child() {
+    let old = MAPS_FD.swap(0, Ordering::AcqRel);
+    if old != 0 {
+        // SAFETY: a non-zero entry holds a descriptor that `maps_fd` gave up ownership of to
+        // `MAPS_FD`; we just took it out, and this process (a fresh copy with one thread, in the
+        // middle of `fork`) has no borrow of it: `maps_fd`'s borrows live within one
+        // `read_maps_range` call, which does not fork.
+        drop(unsafe { OwnedFd::from_raw_fd((old & u64::from(u32::MAX)) as RawFd) });
+    }
+}
+
+/// An open `/proc/self/maps` of this process (opened once per process, never closed but in a
+/// forked child: see [`forget_maps_fd_in_child`]).
 fn maps_fd() -> SysResult<BorrowedFd<'static>> {
     const OP: &str = "open(/proc/self/maps)";
     let pid = u64::from(
@@ -398,6 +416,13 @@ fn maps_fd() -> SysResult<BorrowedFd<'static>> {
                 // Owned by `MAPS_FD` from now on.
                 let _ = fd.into_raw_fd();
                 seen = entry;
+                if !ATFORK.swap(true, Ordering::AcqRel) {
+                    // SAFETY: registers a handler that only touches `MAPS_FD` and closes the
+                    // descriptor it owns (see `forget_maps_fd_in_child`). Failure (ENOMEM) only
+                    // leaves forked children to the pid check.
+                    let _ =
+                        unsafe { libc::pthread_atfork(None, None, Some(forget_maps_fd_in_child)) };
+                }
             }
             // Another thread got there first: close ours and look again.
             Err(now) => seen = now,
@@ -903,7 +928,7 @@ mod tests {
     /// A file in the temporary directory, removed on drop (unless already unlinked).
     struct TempFile {
         path: PathBuf,
-        fd: std::os::fd::OwnedFd,
+        fd: OwnedFd,
     }
 
     impl TempFile {
@@ -1126,6 +1151,74 @@ mod tests {
         }
     }
 
+    /// A path longer than `PATH_MAX` (possible below a directory opened on the way): the ioctl
+    /// refuses to return it (`ENAMETOOLONG`), the text carries it, and `read_maps_range` falls
+    /// back to the text for that call.
+    #[test]
+    fn names_longer_than_path_max_come_from_the_text() {
+        let Some(gate) = query_gate() else { return };
+        let top = std::env::temp_dir().join(format!("hetmem-maps-long-{}", std::process::id()));
+        std::fs::create_dir(&top).unwrap();
+        let component = "d".repeat(250);
+        let mut dir =
+            rustix::fs::open(&top, OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).unwrap();
+        for _ in 0..17 {
+            rustix::fs::mkdirat(&dir, component.as_str(), Mode::from_raw_mode(0o700)).unwrap();
+            dir = rustix::fs::openat(
+                &dir,
+                component.as_str(),
+                OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .unwrap();
+        }
+        let fd = rustix::fs::openat(
+            &dir,
+            "f",
+            OFlags::RDWR | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .unwrap();
+        rustix::fs::ftruncate(&fd, PAGE_SIZE as u64).unwrap();
+        // SAFETY: a fresh mapping at an address of the kernel's choice overlaps nothing.
+        let p = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                ProtFlags::READ,
+                MapFlags::SHARED,
+                &fd,
+                0,
+            )
+        }
+        .unwrap();
+        let m = Map {
+            addr: p as usize,
+            len: PAGE_SIZE,
+        };
+        let (a, b) = (m.addr, m.addr + m.len);
+        assert_eq!(
+            read_maps_range_query(maps_fd().unwrap(), a, b, gate),
+            Err(Errno::NAMETOOLONG)
+        );
+        let v = vma_at(a);
+        let VmaName::File(path) = &v.name else {
+            panic!("{v:x?}")
+        };
+        assert!(
+            path.as_os_str().len() > NAME_MAX,
+            "{}",
+            path.as_os_str().len()
+        );
+        assert_eq!(
+            read_maps_range(a, b).unwrap(),
+            read_maps_range_text(a, b).unwrap()
+        );
+        drop(m);
+        // `rm -r` of a tree deeper than PATH_MAX works (std removes relative to open dirs).
+        std::fs::remove_dir_all(&top).unwrap();
+    }
+
     #[test]
     fn read_maps_range_uses_the_query_on_this_kernel() {
         // Linux 6.11+ has PROCMAP_QUERY; hetmem is developed on 6.18.
@@ -1175,6 +1268,8 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
+            // The atfork handler closed the parent's descriptor.
+            let forgotten = MAPS_FD.load(Ordering::Acquire) == 0;
             // Guard pages as above; the VMAs exist in the child only.
             let m = Map::anon(5 * PAGE_SIZE, ProtFlags::empty(), MapFlags::PRIVATE);
             m.protect(PAGE_SIZE, PAGE_SIZE, MprotectFlags::READ);
@@ -1185,10 +1280,14 @@ mod tests {
             });
             let same =
                 read_maps_range(0, usize::MAX).ok() == read_maps_range_text(0, usize::MAX).ok();
+            let me = u64::from(std::process::id());
+            let reopened = MAPS_FD.load(Ordering::Acquire) >> 32 == me;
             let code = if !ok {
                 1
             } else if !same {
                 2
+            } else if !forgotten || !reopened {
+                3
             } else {
                 0
             };
@@ -1203,7 +1302,7 @@ mod tests {
         assert_eq!(
             libc::WEXITSTATUS(status),
             0,
-            "1: child VMAs missing, 2: paths differ"
+            "1: child VMAs missing, 2: paths differ, 3: descriptor not replaced"
         );
     }
 
