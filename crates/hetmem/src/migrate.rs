@@ -112,7 +112,9 @@ impl<'a> MigrateVma<'a> {
         } else {
             Box::new(|_: VirtAddr| false)
         };
-        let owner_dev = owner_device(mm, args.owner);
+        // The kernel selects a device-private page when its pgmap owner is the caller's: several
+        // devices may share one owner (one driver), so every device with it qualifies.
+        let owned = owned_devices(mm, args.owner);
         for k in 0..n {
             let i = first + k;
             if !region.states.try_lock(i) {
@@ -172,7 +174,7 @@ impl<'a> MigrateVma<'a> {
                         SelectFlags::DEVICE_PRIVATE
                     };
                     if args.select.contains(want)
-                        && (owner_dev == Some(dev) || args.owner == EVICT_ANY)
+                        && (owned.contains(&dev) || args.owner == EVICT_ANY)
                     {
                         let mut f = MigrateFlags::VALID | MigrateFlags::MIGRATE;
                         if st.write {
@@ -580,13 +582,14 @@ pub(crate) fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn,
 /// Owner cookie meaning "any device" (device-wide eviction).
 pub const EVICT_ANY: Owner = Owner(u64::MAX);
 
-fn owner_device(mm: &AddressSpace, owner: Owner) -> Option<DeviceId> {
+fn owned_devices(mm: &AddressSpace, owner: Owner) -> Vec<DeviceId> {
     mm.devices
         .read()
         .iter()
         .flatten()
-        .find(|d| d.memory().owner() == owner)
+        .filter(|d| d.memory().owner() == owner)
         .map(|d| d.memory().id())
+        .collect()
 }
 
 fn vma_write_map(mm: &AddressSpace, range: PageRange) -> Box<dyn Fn(VirtAddr) -> bool> {

@@ -241,3 +241,30 @@ fn migration_outside_managed_memory_is_a_typed_error() {
         Err(MigrateError::NotManaged { .. })
     ));
 }
+
+#[test]
+fn devices_sharing_an_owner_each_get_their_pages_back_on_cpu_faults() {
+    // Two devices of one driver share the owner cookie (the kernel's pgmap_owner): a CPU fault on
+    // a page of either must bring it back (selecting by owner, not by "the" device of an owner).
+    let (mm, first, range) = setup(8);
+    let (_, second, _) = setup(1);
+    assert_ne!(first.mem.id(), second.mem.id());
+    let lower = PageRange::from_pages(range.start().0, 4).unwrap();
+    let upper = PageRange::from_pages(range.page(4).0, 4).unwrap();
+    for (dev, part) in [(&second, lower), (&first, upper)] {
+        let mut m = MigrateVma::setup(mm, args(part)).unwrap();
+        m.alloc_and_copy(&Driver {
+            mem: &dev.mem,
+            take: |_| true,
+        });
+        assert_eq!(m.pages().finalize().migrated, 4);
+    }
+    for a in range.pages() {
+        assert!(matches!(location(mm, a), Location::Device { .. }));
+    }
+    pattern_intact(mm, range);
+    for a in range.pages() {
+        assert_eq!(location(mm, a), Location::System, "{a} came back");
+    }
+    mm.check_invariants().unwrap();
+}
