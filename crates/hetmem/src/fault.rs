@@ -317,10 +317,24 @@ impl AddressSpace {
                 if prot & need == 0 {
                     return false; // the program's own protection: a genuine fault
                 }
-                // A protection left over from a migration that ended: restore it.
-                let p = PageRange::new(page.0, PAGE_SIZE).expect("page");
-                self.stats.add(&self.stats.cpu_faults, 1);
-                os::protect(p, prot_from_bits(prot)).is_ok()
+                // A protection left over from a migration that ended: restore it, under the
+                // page lock. Without it, a migration that locks the page after we looked at its
+                // state could have its write stop undone here, and a write landing after its
+                // copy would be lost.
+                if !region.states.try_lock(i) {
+                    return true; // someone is working on it: retry the access
+                }
+                let ok = match region.states.get(i).location {
+                    Location::System | Location::Device { coherent: true, .. } => {
+                        let p = PageRange::new(page.0, PAGE_SIZE).expect("page");
+                        self.stats.add(&self.stats.cpu_faults, 1);
+                        os::protect(p, prot_from_bits(prot)).is_ok()
+                    }
+                    // It left for a device meanwhile: the retried access faults it back.
+                    _ => true,
+                };
+                unlock_page(region, i);
+                ok
             }
         }
     }
