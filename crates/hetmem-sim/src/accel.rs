@@ -704,31 +704,44 @@ impl Thread<'_> {
         Err(Miss)
     }
 
+    /// Runs `f` on the memory behind a device target and the byte offset of its frame: this
+    /// device's frames (no reference count touched: the hot path) or a peer's. `None` for system
+    /// memory, which the device reaches over the link; `Some(None)` for a peer that is gone.
+    fn with_frames<R>(
+        &self,
+        target: PteTarget,
+        f: impl FnOnce(&DeviceMemory, usize) -> R,
+    ) -> Option<Option<R>> {
+        match target {
+            PteTarget::Local(frame) => {
+                Some(Some(f(&self.dev.mem, DeviceMemory::frame_offset(frame))))
+            }
+            PteTarget::Peer { dev, frame } => Some(
+                self.dev
+                    .mm
+                    .device(dev)
+                    .map(|d| f(d.memory(), DeviceMemory::frame_offset(frame))),
+            ),
+            PteTarget::System => None,
+        }
+    }
+
+    /// Charges a remote access of `bytes` over the link.
+    fn charge_remote(&self, dir: Direction, bytes: usize) {
+        self.dev.clock.charge(
+            Cause::RemoteAccess,
+            self.dev.config.link.remote_access(dir, bytes as u64),
+        );
+    }
+
     fn read_target(&mut self, va: VirtAddr, target: PteTarget, buf: &mut [u8]) -> Result<(), Miss> {
         let off = (va.0 % PAGE_SIZE) as usize;
-        let ok = match target {
-            PteTarget::Local(frame) => self
-                .dev
-                .mem
-                .arena()
-                .read(DeviceMemory::frame_offset(frame) + off, buf)
-                .is_ok(),
-            PteTarget::System => {
-                self.dev.clock.charge(
-                    Cause::RemoteAccess,
-                    self.dev
-                        .config
-                        .link
-                        .remote_access(Direction::DeviceToHost, buf.len() as u64),
-                );
+        let ok = match self.with_frames(target, |mem, base| mem.arena().read(base + off, buf)) {
+            Some(r) => r.is_some_and(|r| r.is_ok()),
+            None => {
+                self.charge_remote(Direction::DeviceToHost, buf.len());
                 hetmem_sys::dma::read_user(va.as_usize(), buf).is_ok()
             }
-            PteTarget::Peer { dev, frame } => self.dev.mm.device(dev).is_some_and(|d| {
-                d.memory()
-                    .arena()
-                    .read(DeviceMemory::frame_offset(frame) + off, buf)
-                    .is_ok()
-            }),
         };
         if ok {
             Ok(())
@@ -741,30 +754,14 @@ impl Thread<'_> {
     fn commit(&mut self) -> Result<(), LaunchError> {
         for (va, target, data) in std::mem::take(&mut self.pending) {
             let off = (va.0 % PAGE_SIZE) as usize;
-            let ok = match target {
-                PteTarget::Local(frame) => self
-                    .dev
-                    .mem
-                    .arena()
-                    .write(DeviceMemory::frame_offset(frame) + off, &data)
-                    .is_ok(),
-                PteTarget::System => {
-                    self.dev.clock.charge(
-                        Cause::RemoteAccess,
-                        self.dev
-                            .config
-                            .link
-                            .remote_access(Direction::HostToDevice, data.len() as u64),
-                    );
-                    hetmem::write_user(va.as_usize(), &data).is_ok()
-                }
-                PteTarget::Peer { dev, frame } => self.dev.mm.device(dev).is_some_and(|d| {
-                    d.memory()
-                        .arena()
-                        .write(DeviceMemory::frame_offset(frame) + off, &data)
-                        .is_ok()
-                }),
-            };
+            let ok =
+                match self.with_frames(target, |mem, base| mem.arena().write(base + off, &data)) {
+                    Some(r) => r.is_some_and(|r| r.is_ok()),
+                    None => {
+                        self.charge_remote(Direction::HostToDevice, data.len());
+                        hetmem::write_user(va.as_usize(), &data).is_ok()
+                    }
+                };
             if !ok {
                 return Err(LaunchError::Fatal {
                     addr: va,

@@ -281,44 +281,7 @@ mod tests {
     use crate::PAGE_SIZE;
     use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
 
-    /// A test mapping, unmapped on drop.
-    struct Map {
-        addr: usize,
-        len: usize,
-    }
-
-    impl Map {
-        fn anon(len: usize, prot: ProtFlags, flags: MapFlags) -> Map {
-            // SAFETY: a fresh mapping at an address of the kernel's choice overlaps nothing.
-            let p = unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, flags) }
-                .expect("mmap");
-            Map {
-                addr: p as usize,
-                len,
-            }
-        }
-
-        fn protect(&self, prot: MprotectFlags) {
-            // SAFETY: our own mapping, which no Rust reference points into.
-            unsafe { rustix::mm::mprotect(self.addr as *mut _, self.len, prot) }.expect("mprotect");
-        }
-
-        /// Reads our (readable) mapping by raw pointer.
-        fn bytes(&self, off: usize, len: usize) -> Vec<u8> {
-            assert!(off + len <= self.len);
-            (0..len)
-                // SAFETY: inside our mapping, which the test made readable.
-                .map(|i| unsafe { ((self.addr + off + i) as *const u8).read_volatile() })
-                .collect()
-        }
-    }
-
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: we own the mapping and no reference into it outlives the test.
-            unsafe { rustix::mm::munmap(self.addr as *mut _, self.len) }.expect("munmap");
-        }
-    }
+    use crate::test_map::Map;
 
     /// `pages` read-write private pages followed by an unmapped page (returned as well). The pair
     /// is placed low in the address space, where the kernel's top-down allocator does not reach,
@@ -447,7 +410,7 @@ mod tests {
         assert_eq!(back, data);
         // The page stayed inaccessible to ordinary access.
         assert!(read_user(m.addr, &mut [0; 1]).is_err());
-        m.protect(MprotectFlags::READ);
+        m.protect(0, m.len, MprotectFlags::READ);
         assert_eq!(m.bytes(7, data.len()), data);
         assert_eq!(m.bytes(0, 7), [0; 7]);
     }
@@ -458,7 +421,7 @@ mod tests {
         let m = Map::anon(PAGE_SIZE, rw(), MapFlags::SHARED);
         // SAFETY: our own mapping, never borrowed by Rust.
         unsafe { write_user(m.addr, &[42]) }.unwrap();
-        m.protect(MprotectFlags::empty());
+        m.protect(0, m.len, MprotectFlags::empty());
         // SAFETY: our own mapping, never borrowed by Rust.
         let e = unsafe { mem.write(m.addr, &[1]) }.unwrap_err();
         assert_eq!(e.errno(), Some(libc::EIO), "{e}");

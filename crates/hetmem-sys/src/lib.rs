@@ -26,6 +26,8 @@ pub mod maps;
 pub mod mman;
 pub mod pagemap;
 pub mod signal;
+#[cfg(test)]
+mod test_map;
 pub mod uffd;
 
 pub use error::{SysError, SysResult};

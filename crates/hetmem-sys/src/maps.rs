@@ -696,36 +696,7 @@ mod tests {
     use crate::PAGE_SIZE;
     use rustix::mm::{Advice, MapFlags, MprotectFlags, ProtFlags};
 
-    /// A test mapping, unmapped on drop.
-    struct Map {
-        addr: usize,
-        len: usize,
-    }
-
-    impl Map {
-        fn anon(len: usize, prot: ProtFlags, flags: MapFlags) -> Map {
-            // SAFETY: a fresh mapping at an address of the kernel's choice overlaps nothing.
-            let p = unsafe { rustix::mm::mmap_anonymous(std::ptr::null_mut(), len, prot, flags) }
-                .expect("mmap");
-            Map {
-                addr: p as usize,
-                len,
-            }
-        }
-
-        fn protect(&self, off: usize, len: usize, prot: MprotectFlags) {
-            // SAFETY: the range is inside our mapping, which no Rust reference points into.
-            unsafe { rustix::mm::mprotect((self.addr + off) as *mut _, len, prot) }
-                .expect("mprotect");
-        }
-    }
-
-    impl Drop for Map {
-        fn drop(&mut self) {
-            // SAFETY: we own the mapping and no reference into it outlives the test.
-            unsafe { rustix::mm::munmap(self.addr as *mut _, self.len) }.expect("munmap");
-        }
-    }
+    use crate::test_map::Map;
 
     fn vma_at(addr: usize) -> Vma {
         let vmas = read_maps_range(addr, addr + 1).unwrap();

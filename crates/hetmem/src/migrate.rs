@@ -348,16 +348,7 @@ impl<'a> MigrateVma<'a> {
                 k += 1;
                 continue;
             };
-            let mut end = k + 1;
-            while end < run.end
-                && self.entries[end].dst
-                    == Some(PageLoc::Device {
-                        dev,
-                        frame: DevPfn(frame.0 + (end - k) as u32),
-                    })
-            {
-                end += 1;
-            }
+            let end = frame_run_end(&self.entries, k, run.end, |e| e.dst);
             let va = range.page(k as u64).as_usize();
             let len = (end - k) * PAGE_SIZE as usize;
             let coherent = mem.kind() == MemoryKind::DeviceCoherent;
@@ -432,16 +423,7 @@ impl<'a> MigrateVma<'a> {
                 k += 1;
                 continue;
             };
-            let mut end = k + 1;
-            while end < run.end
-                && self.entries[end].src
-                    == (PageLoc::Device {
-                        dev,
-                        frame: DevPfn(frame.0 + (end - k) as u32),
-                    })
-            {
-                end += 1;
-            }
+            let end = frame_run_end(&self.entries, k, run.end, |e| Some(e.src));
             let va = range.page(k as u64).as_usize();
             let coherent = mem.kind() == MemoryKind::DeviceCoherent;
             let prot = prot_from_bits(self.region.states.prot(first + k));
@@ -598,6 +580,30 @@ fn vma_write_map(mm: &AddressSpace, range: PageRange) -> Box<dyn Fn(VirtAddr) ->
         vmas.iter()
             .any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
     })
+}
+
+/// End of the run from `k` (before `limit`) whose `loc` frames continue the one at `k` on the
+/// same device, frame after frame: such a run moves with one call.
+fn frame_run_end(
+    entries: &[MigrateEntry],
+    k: usize,
+    limit: usize,
+    loc: impl Fn(&MigrateEntry) -> Option<PageLoc>,
+) -> usize {
+    let Some(PageLoc::Device { dev, frame }) = loc(&entries[k]) else {
+        return k + 1;
+    };
+    let mut end = k + 1;
+    while end < limit
+        && loc(&entries[end])
+            == Some(PageLoc::Device {
+                dev,
+                frame: DevPfn(frame.0 + (end - k) as u32),
+            })
+    {
+        end += 1;
+    }
+    end
 }
 
 /// Maximal runs of consecutive entries satisfying `f`.
