@@ -172,6 +172,13 @@ impl PageRange {
         let end = self.end.min(other.end);
         (start < end).then_some(PageRange { start, end })
     }
+    /// The smallest range covering both.
+    pub fn hull(&self, other: &PageRange) -> PageRange {
+        PageRange {
+            start: self.start.min(other.start),
+            end: self.end.max(other.end),
+        }
+    }
     /// Address of page `i` (no bounds check beyond debug assertions).
     pub fn page(&self, i: u64) -> VirtAddr {
         debug_assert!(i < self.npages());

@@ -1575,8 +1575,8 @@ impl Tlb {
         dropped
     }
 
-    /// Applies a whole batch in one pass over the entries.
-    fn apply(&mut self, batch: &InvalidationBatch) -> usize {
+    /// Applies a whole batch in one pass over the entries; returns how many it dropped.
+    pub fn apply(&mut self, batch: &InvalidationBatch) -> usize {
         if batch.all {
             return self.invalidate_all();
         }
@@ -1765,11 +1765,26 @@ impl TlbInvalidator {
     /// Sends the queued batch to every TLB, once, and returns its fence. With nothing queued it
     /// sends nothing and returns the last fence.
     pub fn dispatch(&mut self, tlbs: &mut [Tlb]) -> TlbFence {
-        if self.open.is_empty() {
-            return self.dispatched;
+        match self.dispatch_detached() {
+            Some((fence, batch)) => {
+                let dropped: usize = tlbs.iter_mut().map(|t| t.apply(&batch)).sum();
+                tracing::trace!(fence = fence.0, dropped, "device tlb entries dropped");
+                fence
+            }
+            None => self.dispatched,
         }
-        let batch = std::mem::take(&mut self.open);
-        let dropped: usize = tlbs.iter_mut().map(|t| t.apply(&batch)).sum();
+    }
+
+    /// Dispatches the queued batch for a caller that reaches the TLBs itself (each behind its own
+    /// lock, as in [`crate::shared_mmu::SharedMmu`]): returns the fence and the ranges to drop
+    /// from every TLB, or `None` with nothing queued. The frames stay in flight until
+    /// [`TlbInvalidator::complete`]; the caller completes the fence only after every TLB applied
+    /// the batch ([`Tlb::apply`]).
+    pub fn dispatch_detached(&mut self) -> Option<(TlbFence, InvalidationBatch)> {
+        if self.open.is_empty() {
+            return None;
+        }
+        let mut batch = std::mem::take(&mut self.open);
         self.dispatched = TlbFence(self.dispatched.0 + 1);
         self.stats.dispatches += 1;
         self.stats.full_flushes += u64::from(batch.all);
@@ -1778,13 +1793,13 @@ impl TlbInvalidator {
             ranges = batch.ranges.len(),
             all = batch.all,
             frames = batch.frames.len(),
-            dropped,
             "device tlb invalidation dispatched"
         );
-        if !batch.frames.is_empty() {
-            self.in_flight.push_back((self.dispatched, batch.frames));
+        let frames = std::mem::take(&mut batch.frames);
+        if !frames.is_empty() {
+            self.in_flight.push_back((self.dispatched, frames));
         }
-        self.dispatched
+        Some((self.dispatched, batch))
     }
 
     /// Marks `fence` (and every earlier one) complete: every compute unit acknowledged, no access
@@ -1892,30 +1907,21 @@ impl Default for MmuConfig {
     }
 }
 
-/// A device's MMU: its page table, the TLB of each compute unit, and the invalidation protocol
-/// between them. Every change that can leave a TLB stale queues the invalidation of its range, with
-/// the frames it took out of the table riding on that batch, so a frame can come back (from
-/// [`DeviceMmu::complete`]) only after every TLB dropped it.
+/// The page table and the invalidation protocol, without the TLBs: every mapping change goes
+/// through here and queues the invalidation of what it left stale, with the frames it took out of
+/// the table riding on that batch. [`DeviceMmu`] adds the TLBs for a single-threaded device;
+/// [`crate::shared_mmu::SharedMmu`] keeps this behind one lock and each TLB behind its own.
 #[derive(Debug)]
-pub struct DeviceMmu {
+pub struct MmuCore {
     table: DevicePageTable,
-    tlbs: Vec<Tlb>,
     invalidator: TlbInvalidator,
 }
 
-impl DeviceMmu {
-    /// An MMU with an empty table and empty TLBs.
-    pub fn new(config: MmuConfig) -> Result<Self, MmuError> {
-        if config.compute_units == 0 {
-            return Err(MmuError::NoComputeUnits);
-        }
-        let table = DevicePageTable::new(config.dev, config.va_bits)?;
-        let tlbs = (0..config.compute_units)
-            .map(|_| Tlb::new(config.tlb_entries))
-            .collect::<Result<_, _>>()?;
-        Ok(DeviceMmu {
-            table,
-            tlbs,
+impl MmuCore {
+    /// An empty table of `va_bits` for `dev`, nothing queued.
+    pub fn new(dev: DeviceId, va_bits: u32) -> Result<Self, MmuError> {
+        Ok(MmuCore {
+            table: DevicePageTable::new(dev, va_bits)?,
             invalidator: TlbInvalidator::new(),
         })
     }
@@ -1927,10 +1933,6 @@ impl DeviceMmu {
     /// The page table.
     pub fn page_table(&self) -> &DevicePageTable {
         &self.table
-    }
-    /// The TLBs, one per compute unit.
-    pub fn tlbs(&self) -> &[Tlb] {
-        &self.tlbs
     }
     /// The invalidation protocol's state.
     pub fn invalidator(&self) -> &TlbInvalidator {
@@ -1989,12 +1991,46 @@ impl DeviceMmu {
     }
 
     /// [`DevicePageTable::unmap`], queueing the invalidation of `range` with the frames it
-    /// unmapped; they come back from [`DeviceMmu::complete`].
+    /// unmapped; they come back when the fence of the batch they ride on completes.
     pub fn unmap(&mut self, range: PageRange) -> Result<UnmapReport, MmuError> {
         let mut release = DeferredFrames::new();
         let report = self.table.unmap(range, &mut release)?;
         self.after_change(range, report.pages, release);
         Ok(report)
+    }
+
+    /// Unmaps the pages of `range` whose target `pred` accepts, leaving the others mapped (a driver's own migration into its memory drops its
+    /// remote mappings of the pages that move and keeps its local ones). Returns the pages
+    /// unmapped; their invalidation is queued like [`MmuCore::unmap`]'s.
+    pub fn unmap_where(
+        &mut self,
+        range: PageRange,
+        pred: impl Fn(PteTarget) -> bool,
+    ) -> Result<u64, MmuError> {
+        let mut unmapped = 0;
+        let mut k = 0;
+        let n = range.npages();
+        while k < n {
+            let hit = |k: u64| {
+                let va = range.page(k);
+                self.table
+                    .lookup(va)
+                    .and_then(|tr| tr.target(va))
+                    .is_some_and(&pred)
+            };
+            if !hit(k) {
+                k += 1;
+                continue;
+            }
+            let mut end = k + 1;
+            while end < n && hit(end) {
+                end += 1;
+            }
+            let run = PageRange::from_pages(range.page(k).0, end - k)?;
+            unmapped += self.unmap(run)?.pages;
+            k = end;
+        }
+        Ok(unmapped)
     }
 
     /// [`DevicePageTable::protect`], queueing the invalidation of `range` if a permission was lost.
@@ -2019,20 +2055,15 @@ impl DeviceMmu {
         Ok(young)
     }
 
-    /// Compute unit `cu`'s view of the MMU, through which it translates.
-    pub fn unit(&mut self, cu: usize) -> Result<CuMmu<'_>, MmuError> {
-        if cu >= self.tlbs.len() {
-            return Err(MmuError::NoSuchUnit {
-                cu,
-                units: self.tlbs.len(),
-            });
-        }
-        Ok(CuMmu { mmu: self, cu })
+    /// A table walk for a TLB miss ([`DevicePageTable::translate`]: sets the accessed bit, and the
+    /// dirty bit for writes).
+    pub fn walk(&mut self, va: VirtAddr, access: Access) -> Result<Translation, MmuFault> {
+        self.table.translate(va, access)
     }
 
-    /// Sends the queued invalidations to every compute unit's TLB, once.
-    pub fn dispatch(&mut self) -> TlbFence {
-        self.invalidator.dispatch(&mut self.tlbs)
+    /// [`TlbInvalidator::dispatch_detached`].
+    pub fn dispatch_detached(&mut self) -> Option<(TlbFence, InvalidationBatch)> {
+        self.invalidator.dispatch_detached()
     }
 
     /// Completes `fence`: returns the frames now safe to give back to their pools.
@@ -2040,19 +2071,20 @@ impl DeviceMmu {
         self.invalidator.complete(fence)
     }
 
-    /// Verifies each part, then what ties them together: outside the ranges queued and not yet
+    /// Verifies the table, the protocol and `tlbs` (one per compute unit), then what ties them
+    /// together: outside the ranges queued and not yet
     /// dispatched, every TLB entry translates each of its pages to what the table maps there, with
     /// no permission the table lacks; no frame pending release is mapped; no frame of a dispatched
     /// batch is in a TLB.
-    pub fn check_invariants(&self) -> Result<(), String> {
+    pub fn check_with_tlbs(&self, tlbs: &[&Tlb]) -> Result<(), String> {
         self.table.check_invariants()?;
-        for (cu, tlb) in self.tlbs.iter().enumerate() {
+        for (cu, tlb) in tlbs.iter().enumerate() {
             tlb.check_invariants()
                 .map_err(|e| format!("cu {cu}: {e}"))?;
         }
         self.invalidator.check_invariants()?;
         let queued = self.invalidator.pending();
-        for (cu, tlb) in self.tlbs.iter().enumerate() {
+        for (cu, tlb) in tlbs.iter().enumerate() {
             for tr in tlb.entries() {
                 if let Some(now) = self.table.lookup(tr.leaf) {
                     if now.leaf == tr.leaf
@@ -2109,7 +2141,7 @@ impl DeviceMmu {
         if let Some(e) = err {
             return Err(e);
         }
-        for (cu, tlb) in self.tlbs.iter().enumerate() {
+        for (cu, tlb) in tlbs.iter().enumerate() {
             for tr in tlb.entries() {
                 if let Some((dev, first)) = tr.base.owned_frame(local) {
                     for i in 0..tr.size.pages() as u32 {
@@ -2128,6 +2160,71 @@ impl DeviceMmu {
     }
 }
 
+/// A device's MMU for a single-threaded device: its page table and invalidation protocol
+/// ([`MmuCore`], reached through `Deref`), and the TLB of each compute unit. Every change that can
+/// leave a TLB stale queues the invalidation of its range, with the frames it took out of the
+/// table riding on that batch, so a frame can come back (from [`MmuCore::complete`]) only after
+/// every TLB dropped it.
+#[derive(Debug)]
+pub struct DeviceMmu {
+    core: MmuCore,
+    tlbs: Vec<Tlb>,
+}
+
+impl std::ops::Deref for DeviceMmu {
+    type Target = MmuCore;
+    fn deref(&self) -> &MmuCore {
+        &self.core
+    }
+}
+
+impl std::ops::DerefMut for DeviceMmu {
+    fn deref_mut(&mut self) -> &mut MmuCore {
+        &mut self.core
+    }
+}
+
+impl DeviceMmu {
+    /// An MMU with an empty table and empty TLBs.
+    pub fn new(config: MmuConfig) -> Result<Self, MmuError> {
+        if config.compute_units == 0 {
+            return Err(MmuError::NoComputeUnits);
+        }
+        let core = MmuCore::new(config.dev, config.va_bits)?;
+        let tlbs = (0..config.compute_units)
+            .map(|_| Tlb::new(config.tlb_entries))
+            .collect::<Result<_, _>>()?;
+        Ok(DeviceMmu { core, tlbs })
+    }
+
+    /// The TLBs, one per compute unit.
+    pub fn tlbs(&self) -> &[Tlb] {
+        &self.tlbs
+    }
+
+    /// Compute unit `cu`'s view of the MMU, through which it translates.
+    pub fn unit(&mut self, cu: usize) -> Result<CuMmu<'_>, MmuError> {
+        if cu >= self.tlbs.len() {
+            return Err(MmuError::NoSuchUnit {
+                cu,
+                units: self.tlbs.len(),
+            });
+        }
+        Ok(CuMmu { mmu: self, cu })
+    }
+
+    /// Sends the queued invalidations to every compute unit's TLB, once.
+    pub fn dispatch(&mut self) -> TlbFence {
+        self.core.invalidator.dispatch(&mut self.tlbs)
+    }
+
+    /// Verifies each part and what ties them together ([`MmuCore::check_with_tlbs`]).
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let tlbs: Vec<&Tlb> = self.tlbs.iter().collect();
+        self.core.check_with_tlbs(&tlbs)
+    }
+}
+
 /// One compute unit's view of a [`DeviceMmu`]: its TLB in front of the shared page table.
 #[derive(Debug)]
 pub struct CuMmu<'a> {
@@ -2142,7 +2239,7 @@ impl CuMmu<'_> {
         if let Some(tr) = self.mmu.tlbs[self.cu].lookup(va, access) {
             return Ok(tr);
         }
-        let tr = self.mmu.table.translate(va, access)?;
+        let tr = self.mmu.core.walk(va, access)?;
         self.mmu.tlbs[self.cu].fill(tr);
         Ok(tr)
     }

@@ -28,6 +28,7 @@ pub mod page_state;
 pub mod pfn;
 pub mod pool;
 pub mod range_fault;
+pub mod shared_mmu;
 
 pub use addr::{
     AddrError, DevPfn, DeviceId, Owner, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,

@@ -5,31 +5,39 @@
 //!
 //! ```text
 //!  launch(kernel, threads)          compute units (one thread each), warps of 32 lanes
-//!        │                          a lane runs under the MMU lock: every access translates
-//!        ▼                          through its CU's TLB; stores are buffered and land only when
-//!   warp runs lanes ──miss──►       the lane completes, so a lane that misses has no effect and
-//!        │                          simply runs again after the replay
+//!        │                          a warp runs holding its CU's TLB lock: every access
+//!        ▼                          translates through that TLB; stores are buffered and land
+//!   warp runs lanes ──miss──►       only when the lane completes, so a lane that misses has no
+//!        │                          effect and simply runs again after the replay
 //!        │  FaultEntry per page ──► SharedFaultRing ──► service thread: batch (256), merge
-//!        │                                              duplicates, group by 2 MiB block,
-//!        │                                              migrate to device memory (MigrateVma),
-//!        │                                              range fault, map under the notifier
-//!   stalled until replay ◄─────────────── replay ◄───── sequence check, charge the link model
+//!        │                                              duplicates, group by 2 MiB block, ask
+//!        │                                              the placement policy, migrate to device
+//!        │                                              memory (MigrateVma), range fault, map
+//!   stalled until replay ◄─────────────── replay ◄───── the span under the notifier sequence
+//!                                                       check, charge the link model
 //! ```
 //!
 //! A lane is the unit of re-execution: kernels are written per thread index (`Kernel::thread`),
 //! read what they need, and write results; since a lane's stores are held back until it finished
-//! without a miss, running it again after a replay is exact, atomics included (the atomic's
-//! read-modify-write happens under the MMU lock, which every compute unit takes per warp, and a
-//! lane that misses after it discards it).
+//! without a miss, running it again after a replay is exact, atomics included. An atomic takes the
+//! device's atomics lock and keeps it until its lane completes or misses, so atomics of different
+//! compute units never interleave, and a lane that misses after one discards it.
 //!
 //! Coherence (DESIGN.md invariant 1): the device subscribes an interval notifier over the whole
 //! address space; every invalidation (the CPU faulting a page back, munmap, mprotect, another
 //! device migrating, and this device's own migrations, which turn remote mappings of system pages
-//! into device frames) takes the MMU lock, so it waits for the warp in flight, unmaps the range,
-//! and dispatches the TLB invalidation before returning. The service thread maps a page only if
-//! the notifier sequence did not move since its range fault (`read_retry` under the MMU lock).
+//! into device frames) unmaps the range under the page-table lock and then shoots down every
+//! compute unit's TLB, which waits for the warp in flight on each ([`SharedMmu`]), before it
+//! returns. The service thread maps a span only if the notifier sequence did not move since its
+//! range fault (`read_retry` under the page-table lock).
+//!
+//! Locks: a compute unit holds its TLB lock for a warp and takes the page-table lock only to walk
+//! on a TLB miss; the service thread takes the page-table lock to map; neither waits for the
+//! other's work beyond that, so faults are serviced while every compute unit keeps running its
+//! other warps.
 
 use std::{
+    cell::Cell,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Weak,
@@ -43,20 +51,24 @@ use hetmem::{
     AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
 };
 use hetmem_core::{
-    device_mmu::{Access, DeviceMmu, MmuConfig, MmuFault, PtePerms, PteTarget},
+    addr::PAGES_PER_HUGE,
+    device_mmu::{Access, MmuConfig, MmuFault, PtePerms, PteTarget},
     fault_ring::{
-        FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayPolicy,
-        ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
+        FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
+        ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
     link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
     migrate::{MigrateEntry, PageLoc, SelectFlags},
-    notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange},
+    notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     pfn::HmmPfn,
     pool::MemoryKind,
     range_fault::{HmmRange, RangeFaultError},
-    DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
+    shared_mmu::{CuGuard, SharedMmu},
+    DeviceId, Owner, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolicy};
 
 /// Lanes per warp.
 pub const WARP_SIZE: u64 = 32;
@@ -86,6 +98,8 @@ pub struct AccelConfig {
     pub retry: bool,
     /// The link model that charges modelled time.
     pub link: LinkModel,
+    /// Where faulted pages go (default: migrate whole 2 MiB blocks, AMD's default granularity).
+    pub placement: Arc<dyn PlacementPolicy>,
 }
 
 impl Default for AccelConfig {
@@ -101,6 +115,7 @@ impl Default for AccelConfig {
             replay: ReplayPolicy::default(),
             retry: true,
             link: LinkModel::pcie4_x16(),
+            placement: Arc::new(Granularity::default()),
         }
     }
 }
@@ -173,6 +188,10 @@ struct Counters {
     faults_write: AtomicU64,
     faults_atomic: AtomicU64,
     faults_dropped: AtomicU64,
+    faults_lost: AtomicU64,
+    faults_flushed: AtomicU64,
+    faults_stale: AtomicU64,
+    nonreplayable: AtomicU64,
     duplicates: AtomicU64,
     fatal: AtomicU64,
     batches: AtomicU64,
@@ -181,6 +200,10 @@ struct Counters {
     pages_to_device: AtomicU64,
     pages_mapped_remote: AtomicU64,
     pages_to_host: AtomicU64,
+    pages_serviced: AtomicU64,
+    service_ns: AtomicU64,
+    service_cpu_ns: AtomicU64,
+    migrations: AtomicU64,
     tlb_invalidations: AtomicU64,
     launches: AtomicU64,
     lanes_run: AtomicU64,
@@ -198,6 +221,14 @@ pub struct AccelStats {
     pub faults_atomic: u64,
     /// Replayable faults the full ring dropped (raised again on replay).
     pub faults_dropped: u64,
+    /// Non-replayable faults the full ring lost (their launch fails).
+    pub faults_lost: u64,
+    /// Non-replayable faults raised (no retry: each fails its launch).
+    pub nonreplayable: u64,
+    /// Replayable faults flushed from the ring before a replay (batch-flush policy).
+    pub faults_flushed: u64,
+    /// Faults whose page an earlier batch had already mapped as the access needs.
+    pub faults_stale: u64,
     /// Faults merged into another of the same batch (same page).
     pub duplicates: u64,
     /// Fatal faults (launches failed).
@@ -214,6 +245,16 @@ pub struct AccelStats {
     pub pages_mapped_remote: u64,
     /// Pages brought back to system memory by CPU faults on device pages.
     pub pages_to_host: u64,
+    /// Pages the fault service mapped on the device (faulted pages and those the placement
+    /// policy took along).
+    pub pages_serviced: u64,
+    /// Time the fault service thread spent servicing batches (not waiting for faults).
+    pub service_busy: Duration,
+    /// CPU time the fault service thread used servicing batches (without the time it waited for
+    /// a core or for a compute unit to finish its warp).
+    pub service_cpu: Duration,
+    /// Migrations (one per region of each serviced span that moved pages).
+    pub migrations: u64,
     /// TLB invalidations dispatched.
     pub tlb_invalidations: u64,
     /// Launches.
@@ -228,7 +269,9 @@ pub struct AccelStats {
 pub struct SimDevice {
     mm: &'static Arc<AddressSpace>,
     mem: Arc<DeviceMemory>,
-    mmu: Mutex<DeviceMmu>,
+    mmu: SharedMmu,
+    /// Held by a lane from its first atomic until it completes or misses.
+    atomics: Mutex<()>,
     ring: SharedFaultRing,
     clock: DeviceClock,
     config: AccelConfig,
@@ -239,6 +282,8 @@ pub struct SimDevice {
     /// The fatal fault of the launch in flight, if any (one launch at a time per device).
     fatal: Mutex<Option<LaunchError>>,
     active_launches: AtomicU64,
+    /// Device clock (ns) when the launch in flight started.
+    launch_started: AtomicU64,
     stop: AtomicBool,
     counters: Counters,
     started: Instant,
@@ -278,29 +323,71 @@ impl IntervalNotifierOps for SimDevice {
     fn invalidate(&self, sub: &IntervalNotifier, range: &NotifierRange, cur_seq: u64) -> bool {
         // Every event, this device's own migrations included: a page it mapped remotely that
         // moves into its memory must lose the remote mapping.
-        let mut mmu = if range.blockable {
-            self.mmu.lock()
+        let end = range.end.0.min(1u64 << self.config.va_bits);
+        let r = PageRange::from_bounds(range.start.0, end).ok();
+        // This device's own migration into its memory (the service thread, inside `migrate_in`)
+        // collects system pages only: its remote mappings of them must go, its local mappings
+        // of frames it already holds stay (they are not collected, and dropping them would make
+        // every warp on them fault again).
+        let own_to_device = range.event == NotifyEvent::Migrate
+            && range.owner == Some(self.mem.owner())
+            && OWN_TO_DEVICE.with(Cell::get);
+        let unmap = |c: &mut hetmem_core::device_mmu::MmuCore| {
+            sub.set_seq(cur_seq);
+            if let Some(r) = r {
+                // Out of range cannot happen (clipped to the width above); nothing to undo.
+                let _ = if own_to_device {
+                    c.unmap_where(r, |t| t == PteTarget::System)
+                } else {
+                    c.unmap(r).map(|rep| rep.pages)
+                };
+            }
+            !c.invalidator().pending().is_empty()
+        };
+        let queued = if range.blockable {
+            self.mmu.update(unmap)
         } else {
-            match self.mmu.try_lock() {
-                Some(g) => g,
+            match self.mmu.try_update(unmap) {
+                Some(q) => q,
                 None => return false,
             }
         };
-        sub.set_seq(cur_seq);
-        let end = range.end.0.min(1u64 << self.config.va_bits);
-        if let Ok(r) = PageRange::from_bounds(range.start.0, end) {
-            if mmu.unmap(r).is_ok_and(|rep| rep.pages > 0) {
-                let fence = mmu.dispatch();
-                // The frames belong to hetmem's page states, not to this table: nothing to free.
-                let _ = mmu.complete(fence);
-                self.counters
-                    .tlb_invalidations
-                    .fetch_add(1, Ordering::Relaxed);
-                self.clock
-                    .charge(Cause::TlbInvalidate, self.config.link.tlb_invalidate(1));
+        if queued {
+            if !range.blockable {
+                // A shootdown waits for the warps in flight: not allowed here. What was queued
+                // stays queued and goes out with the next shootdown; the caller retries.
+                return false;
             }
+            // The frames belong to hetmem's page states, not to this table: nothing to free.
+            self.mmu.shootdown();
+            self.counters
+                .tlb_invalidations
+                .fetch_add(1, Ordering::Relaxed);
+            self.clock
+                .charge(Cause::TlbInvalidate, self.config.link.tlb_invalidate(1));
         }
         true
+    }
+}
+
+thread_local! {
+    /// Set while this thread runs a device's own migration of system pages into its memory.
+    static OWN_TO_DEVICE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as inside its own to-device migration until dropped.
+struct OwnToDevice;
+
+impl OwnToDevice {
+    fn enter() -> Self {
+        OWN_TO_DEVICE.with(|c| c.set(true));
+        OwnToDevice
+    }
+}
+
+impl Drop for OwnToDevice {
+    fn drop(&mut self) {
+        OWN_TO_DEVICE.with(|c| c.set(false));
     }
 }
 
@@ -308,14 +395,20 @@ impl IntervalNotifierOps for SimDevice {
 /// left without a frame (device memory full) stays in system memory and is mapped remotely.
 struct FaultDriver<'a> {
     mem: &'a DeviceMemory,
+    /// Only pages inside these get a destination.
+    spans: &'a [PageRange],
 }
 
 impl MigrateDriver for FaultDriver<'_> {
-    fn alloc_and_copy(&self, _: PageRange, entries: &mut [MigrateEntry], compound: &[bool]) {
+    fn alloc_and_copy(&self, range: PageRange, entries: &mut [MigrateEntry], compound: &[bool]) {
         let mut pool = self.mem.pool().lock();
+        let wanted = |k: usize| {
+            let a = range.page(k as u64);
+            self.spans.iter().any(|s| s.contains(a))
+        };
         let mut k = 0;
         while k < entries.len() {
-            if compound[k] {
+            if compound[k] && wanted(k) && wanted(k + PAGES_PER_HUGE as usize - 1) {
                 if let Ok(base) = pool.alloc_huge() {
                     for j in 0..hetmem_core::addr::PAGES_PER_HUGE as usize {
                         entries[k + j].dst = Some(PageLoc::Device {
@@ -327,7 +420,7 @@ impl MigrateDriver for FaultDriver<'_> {
                     continue;
                 }
             }
-            if entries[k].migrates() {
+            if entries[k].migrates() && wanted(k) {
                 if let Ok(frame) = pool.alloc_page() {
                     entries[k].dst = Some(PageLoc::Device {
                         dev: self.mem.id(),
@@ -379,7 +472,7 @@ impl Accelerator {
         let dev = mm.attach_device(move |id: DeviceId| {
             let owner = Owner(0xacce_0000 + id.0 as u64);
             let mem = DeviceMemory::new(id, owner, MemoryKind::DevicePrivate, cfg.memory_bytes)?;
-            let mmu = DeviceMmu::new(MmuConfig {
+            let mmu = SharedMmu::new(MmuConfig {
                 dev: id,
                 va_bits: cfg.va_bits,
                 compute_units: cfg.compute_units,
@@ -389,7 +482,8 @@ impl Accelerator {
             Ok(Arc::new(SimDevice {
                 mm,
                 mem: Arc::new(mem),
-                mmu: Mutex::new(mmu),
+                mmu,
+                atomics: Mutex::new(()),
                 ring,
                 clock: DeviceClock::new(),
                 config: cfg,
@@ -398,6 +492,7 @@ impl Accelerator {
                 replayed: Condvar::new(),
                 fatal: Mutex::new(None),
                 active_launches: AtomicU64::new(0),
+                launch_started: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
                 started: Instant::now(),
@@ -438,6 +533,10 @@ impl Accelerator {
             faults_write: g(&c.faults_write),
             faults_atomic: g(&c.faults_atomic),
             faults_dropped: g(&c.faults_dropped),
+            faults_lost: g(&c.faults_lost),
+            nonreplayable: g(&c.nonreplayable),
+            faults_flushed: g(&c.faults_flushed),
+            faults_stale: g(&c.faults_stale),
             duplicates: g(&c.duplicates),
             fatal: g(&c.fatal),
             batches: g(&c.batches),
@@ -446,6 +545,10 @@ impl Accelerator {
             pages_to_device: g(&c.pages_to_device),
             pages_mapped_remote: g(&c.pages_mapped_remote),
             pages_to_host: g(&c.pages_to_host),
+            pages_serviced: g(&c.pages_serviced),
+            service_busy: Duration::from_nanos(g(&c.service_ns)),
+            service_cpu: Duration::from_nanos(g(&c.service_cpu_ns)),
+            migrations: g(&c.migrations),
             tlb_invalidations: g(&c.tlb_invalidations),
             launches: g(&c.launches),
             lanes_run: g(&c.lanes_run),
@@ -460,7 +563,7 @@ impl Accelerator {
 
     /// Checks the device MMU's invariants (page table, TLBs, pending invalidations).
     pub fn check_invariants(&self) -> Result<(), String> {
-        self.dev.mmu.lock().check_invariants()?;
+        self.dev.mmu.check_invariants()?;
         self.dev.ring.check_invariants()
     }
 
@@ -473,10 +576,10 @@ impl Accelerator {
         } else {
             FaultAccess::Read
         };
-        for block in range.chunks(hetmem_core::HUGE_PAGE_SIZE) {
+        for block in range.chunks(HUGE_PAGE_SIZE) {
             let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().map(|a| (a, access)).collect();
             self.dev
-                .service_block(&pages)
+                .service_faults(&pages, Some(PlacementAction::Migrate))
                 .map_err(|(addr, _, source)| AccelError::Residency { addr, source })?;
         }
         Ok(())
@@ -488,6 +591,9 @@ impl Accelerator {
         if threads == 0 {
             return Err(AccelError::EmptyLaunch);
         }
+        self.dev
+            .launch_started
+            .store(self.dev.now_ns(), Ordering::Release);
         *self.dev.fatal.lock() = None;
         self.dev.counters.launches.fetch_add(1, Ordering::Relaxed);
         self.dev.active_launches.fetch_add(1, Ordering::AcqRel);
@@ -583,8 +689,10 @@ impl Launch {
 /// One lane's view of memory during one execution.
 pub struct Thread<'a> {
     dev: &'a SimDevice,
-    mmu: &'a mut DeviceMmu,
-    cu: usize,
+    /// The compute unit's TLB, held for the whole warp.
+    unit: CuGuard<'a>,
+    /// The atomics lock, taken at the lane's first atomic and held until it ends.
+    atomics: Option<MutexGuard<'a, ()>>,
     /// Stores held back until the lane completes: (address, target page, bytes).
     pending: Vec<(VirtAddr, PteTarget, Vec<u8>)>,
     miss: Option<(VirtAddr, FaultAccess)>,
@@ -593,7 +701,18 @@ pub struct Thread<'a> {
 
 impl std::fmt::Debug for Thread<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Thread").field("cu", &self.cu).finish()
+        f.debug_struct("Thread")
+            .field("pending", &self.pending.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The permissions an access of `kind` needs in the device page table.
+fn need(kind: FaultAccess) -> PtePerms {
+    match kind {
+        FaultAccess::Atomic => PtePerms::READ | PtePerms::WRITE | PtePerms::ATOMIC,
+        FaultAccess::Write => PtePerms::READ | PtePerms::WRITE,
+        _ => PtePerms::READ,
     }
 }
 
@@ -606,9 +725,9 @@ fn fault_access(a: Access) -> FaultAccess {
 }
 
 impl Thread<'_> {
+    #[inline]
     fn translate(&mut self, va: VirtAddr, access: Access) -> Result<PteTarget, Miss> {
-        let mut unit = self.mmu.unit(self.cu).map_err(|_| Miss)?;
-        match unit.translate(va, access) {
+        match self.unit.translate(va, access) {
             Ok(t) => t.target(va).ok_or(Miss),
             Err(f @ MmuFault::AddressWidth { .. }) => {
                 self.fatal = Some(LaunchError::Fatal {
@@ -680,14 +799,18 @@ impl Thread<'_> {
         self.store_u32(va, v.to_bits())
     }
 
-    /// Atomically adds `v` to the `u32` at `va`; returns the old value. Runs under the MMU lock
-    /// like every access, so no other lane or compute unit interleaves; it lands with the lane.
+    /// Atomically adds `v` to the `u32` at `va`; returns the old value. The lane holds the
+    /// device's atomics lock from here to its end, so no atomic of another lane interleaves; the
+    /// new value lands with the lane.
     pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, Miss> {
         let a = VirtAddr(va);
         if !va.is_multiple_of(4) {
             return self.bad_access(a, FaultAccess::Atomic, "unaligned atomic");
         }
         self.translate(a, Access::Atomic)?;
+        if self.atomics.is_none() {
+            self.atomics = Some(self.dev.atomics.lock());
+        }
         let old = self.load_u32(va)?;
         let target = self.translate(a, Access::Atomic)?;
         self.pending
@@ -793,6 +916,17 @@ impl SimDevice {
         self.replayed.notify_all();
     }
 
+    /// Fails the launch in flight with `e`, found by servicing a fault raised at `raised` (device
+    /// clock): a fault raised before the current launch started belongs to an earlier one (which
+    /// already failed or finished) and must not fail this one.
+    fn fail_launch(&self, raised: u64, e: LaunchError) {
+        if raised >= self.launch_started.load(Ordering::Acquire) {
+            self.set_fatal(e);
+        } else {
+            tracing::debug!(error = %e, "fault of an earlier launch ignored");
+        }
+    }
+
     fn set_fatal(&self, e: LaunchError) {
         self.counters.fatal.fetch_add(1, Ordering::Relaxed);
         let mut f = self.fatal.lock();
@@ -874,67 +1008,71 @@ impl SimDevice {
         epoch: u64,
     ) -> Result<(), LaunchError> {
         let mut misses: Vec<(VirtAddr, FaultAccess)> = Vec::new();
-        {
-            let mut mmu = self.mmu.lock();
-            let mut still = Vec::new();
-            for &tid in &warp.pending {
-                let mut t = Thread {
-                    dev: self,
-                    mmu: &mut mmu,
-                    cu,
-                    pending: Vec::new(),
-                    miss: None,
-                    fatal: None,
-                };
-                self.counters.lanes_run.fetch_add(1, Ordering::Relaxed);
-                let r = kernel.thread(tid, &mut t);
-                if let Some(e) = t.fatal.take() {
-                    drop(mmu);
-                    self.set_fatal(e);
-                    return Ok(());
-                }
-                match (r, t.miss) {
-                    (Ok(()), _) => t.commit().inspect_err(|e| self.set_fatal(e.clone()))?,
-                    (Err(Miss), Some(m)) => {
-                        still.push(tid);
-                        if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
-                            misses.push(m);
-                        }
-                    }
-                    (Err(Miss), None) => {
-                        // A kernel returned Miss without a miss: a kernel bug, fatal.
-                        drop(mmu);
-                        self.set_fatal(LaunchError::Fatal {
-                            addr: VirtAddr(0),
-                            access: FaultAccess::Read,
-                            reason: format!("thread {tid} returned Miss without a fault"),
-                        });
+        let mut unit = self.mmu.unit(cu).map_err(|e| LaunchError::Fatal {
+            addr: VirtAddr(0),
+            access: FaultAccess::Read,
+            reason: e.to_string(),
+        })?;
+        let mut still = Vec::new();
+        let lanes = warp.pending.len() as u64;
+        for &tid in &warp.pending {
+            let mut t = Thread {
+                dev: self,
+                unit,
+                atomics: None,
+                pending: Vec::new(),
+                miss: None,
+                fatal: None,
+            };
+            let r = kernel.thread(tid, &mut t);
+            if let Some(e) = t.fatal.take() {
+                drop(t);
+                self.set_fatal(e);
+                return Ok(());
+            }
+            match (r, t.miss) {
+                (Ok(()), _) => {
+                    if let Err(e) = t.commit() {
+                        drop(t);
+                        self.set_fatal(e);
                         return Ok(());
                     }
                 }
+                (Err(Miss), Some(m)) => {
+                    still.push(tid);
+                    if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
+                        misses.push(m);
+                    }
+                }
+                (Err(Miss), None) => {
+                    // A kernel returned Miss without a miss: a kernel bug, fatal.
+                    drop(t);
+                    self.set_fatal(LaunchError::Fatal {
+                        addr: VirtAddr(0),
+                        access: FaultAccess::Read,
+                        reason: format!("thread {tid} returned Miss without a fault"),
+                    });
+                    return Ok(());
+                }
             }
-            if !still.is_empty() {
-                self.counters
-                    .lane_retries
-                    .fetch_add(still.len() as u64, Ordering::Relaxed);
-            }
-            warp.pending = still;
+            // The lane is over: its atomics (if any) are released, the unit goes to the next.
+            unit = t.unit;
         }
+        drop(unit);
+        self.counters.lanes_run.fetch_add(lanes, Ordering::Relaxed);
+        if !still.is_empty() {
+            self.counters
+                .lane_retries
+                .fetch_add(still.len() as u64, Ordering::Relaxed);
+        }
+        warp.pending = still;
         if misses.is_empty() {
-            return Ok(());
-        }
-        if !self.config.retry {
-            let (addr, access) = misses[0];
-            self.set_fatal(LaunchError::Fatal {
-                addr,
-                access,
-                reason: "miss without retry (XNACK off): the range was not made resident".into(),
-            });
             return Ok(());
         }
         // Stalled from `epoch` (read before the faults are pushed, so a replay that services them
         // cannot be missed).
         warp.stalled_at = Some(epoch);
+        let replayable = self.config.retry;
         for (addr, access) in misses {
             let c = match access {
                 FaultAccess::Write => &self.counters.faults_write,
@@ -942,6 +1080,9 @@ impl SimDevice {
                 _ => &self.counters.faults_read,
             };
             c.fetch_add(1, Ordering::Relaxed);
+            if !replayable {
+                self.counters.nonreplayable.fetch_add(1, Ordering::Relaxed);
+            }
             let outcome = self.ring.push(FaultEntry {
                 addr,
                 access,
@@ -950,10 +1091,23 @@ impl SimDevice {
                     warp: warp.id as u32,
                 },
                 timestamp: self.now_ns(),
-                replayable: true,
+                replayable,
             });
-            if outcome != PushOutcome::Queued {
-                self.counters.faults_dropped.fetch_add(1, Ordering::Relaxed);
+            match outcome {
+                PushOutcome::Queued => {}
+                PushOutcome::DroppedReplayable => {
+                    self.counters.faults_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                PushOutcome::LostNonReplayable => {
+                    // Nobody will ever service it and the warp cannot go on: the launch fails,
+                    // and the loss is counted, never silent (seed 002).
+                    self.counters.faults_lost.fetch_add(1, Ordering::Relaxed);
+                    self.set_fatal(LaunchError::Fatal {
+                        addr,
+                        access,
+                        reason: "non-replayable fault lost: the fault ring was full".into(),
+                    });
+                }
             }
         }
         Ok(())
@@ -986,7 +1140,15 @@ impl SimDevice {
             if self.ring.stats().dropped_replayable > 0 {
                 scheduler.note_overflow();
             }
+            let (t, cpu) = (Instant::now(), hetmem_sys::clock::thread_cpu_time());
             self.service_batch(&entries, &mut scheduler);
+            self.counters
+                .service_ns
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            self.counters.service_cpu_ns.fetch_add(
+                (hetmem_sys::clock::thread_cpu_time() - cpu).as_nanos() as u64,
+                Ordering::Relaxed,
+            );
         }
     }
 
@@ -1012,158 +1174,375 @@ impl SimDevice {
             duplicates = stats.duplicates,
             "fault batch"
         );
+        let name = |page: VirtAddr| {
+            // Name the exact address a warp faulted on, not just its page.
+            entries
+                .iter()
+                .find(|x| x.addr.page_down() == page.page_down())
+                .map_or(page, |x| x.addr)
+        };
         for block in batch.blocks() {
+            if let Some(f) = block.faults().iter().find(|f| !f.is_replayable()) {
+                // No retry (XNACK off): the warp is not waiting for a replay; the launch fails
+                // with the address, as amdgpu reports a no-retry fault and kills the queue.
+                self.fail_launch(
+                    f.timestamp(),
+                    LaunchError::Fatal {
+                        addr: name(f.page()),
+                        access: f.access(),
+                        reason: "non-replayable fault: the range was not made resident (no retry)"
+                            .into(),
+                    },
+                );
+                continue;
+            }
             let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().collect();
-            if let Err((page, access, e)) = self.service_block(&pages) {
-                // Name the exact address a warp faulted on, not just its page.
-                let addr = entries
+            if let Err((page, access, e)) = self.service_faults(&pages, None) {
+                let ts = block
+                    .faults()
                     .iter()
-                    .find(|x| x.addr.page_down() == page.page_down())
-                    .map_or(page, |x| x.addr);
-                self.set_fatal(LaunchError::Fatal {
-                    addr,
-                    access,
-                    reason: e.to_string(),
-                });
+                    .map(|f| f.timestamp())
+                    .max()
+                    .unwrap_or(0);
+                self.fail_launch(
+                    ts,
+                    LaunchError::Fatal {
+                        addr: name(page),
+                        access,
+                        reason: e.to_string(),
+                    },
+                );
             }
-            if scheduler.after_block().replays() {
-                self.replay_charged();
-            }
+            let d = scheduler.after_block();
+            self.replay_charged(d);
         }
-        if scheduler.after_batch().replays() {
-            self.replay_charged();
-        }
+        let d = scheduler.after_batch();
+        self.replay_charged(d);
     }
 
-    fn replay_charged(&self) {
+    /// Carries out a replay decision. Batch-flush first drops the faults still in the ring: their
+    /// warps are stalled and fault again after this replay if their pages are still missing, so
+    /// servicing the stale copies would only repeat work (UVM's `fault_buffer_flush` before a
+    /// replay). A non-replayable fault found there cannot come back: it fails the launch.
+    fn replay_charged(&self, d: ReplayDecision) {
+        if !d.replays() {
+            return;
+        }
+        if d == ReplayDecision::FlushThenReplay {
+            let mut kept = Vec::new();
+            let report = self.ring.flush(&mut kept);
+            self.counters
+                .faults_flushed
+                .fetch_add(report.discarded_replayable as u64, Ordering::Relaxed);
+            if let Some(f) = kept.first() {
+                self.fail_launch(
+                    f.timestamp,
+                    LaunchError::Fatal {
+                        addr: f.addr,
+                        access: f.access,
+                        reason: "non-replayable fault: the range was not made resident (no retry)"
+                            .into(),
+                    },
+                );
+            }
+        }
         self.counters.replays.fetch_add(1, Ordering::Relaxed);
         self.clock.charge(Cause::Replay, self.config.link.replay());
         self.replay();
     }
 
-    /// Services the faulted pages of one 2 MiB block: migrate them into device memory (what fits),
-    /// then range-fault them and map each on the device under the notifier sequence check.
-    fn service_block(
+    /// Services the faulted pages of one 2 MiB block (sorted, one per page): the placement policy
+    /// (or `action`, for [`Accelerator::make_resident`]) names the span and what to do; the span's
+    /// pages are migrated into device memory (what fits), then range-faulted (the faulted pages
+    /// must come out valid, the others are taken as they are) and mapped with one page-table
+    /// update per region.
+    fn service_faults(
         &self,
         pages: &[(VirtAddr, FaultAccess)],
+        action: Option<PlacementAction>,
     ) -> Result<(), (VirtAddr, FaultAccess, RangeFaultError)> {
-        let Some(&(first, _)) = pages.first() else {
+        let Some(&(first, first_access)) = pages.first() else {
             return Ok(());
         };
         // Isolation (DESIGN.md invariant 5): the device reaches only memory hetmem manages.
         if let Some(&(a, access)) = pages.iter().find(|p| self.mm.region_of(p.0).is_none()) {
             return Err((a, access, RangeFaultError::Fault { addr: a }));
         }
-        let last = pages.last().map_or(first, |p| p.0);
-        let span = PageRange::from_bounds(first.0, last.0 + PAGE_SIZE)
-            .map_err(|_| (first, pages[0].1, RangeFaultError::Invalid("range")))?;
-        // 1. Migration of the faulted span (pages that cannot move stay where they are: shared
-        //    memory, pages of other devices, a full device memory).
-        // A block may hold pages of several regions: one migration per region.
-        for region in self.mm.regions_in(span) {
-            let Some(sub) = region.range().intersect(&span) else {
-                continue;
-            };
-            let args = MigrateArgs {
-                range: sub,
-                select: SelectFlags::SYSTEM | SelectFlags::COMPOUND,
-                owner: self.mem.owner(),
-                fault_page: None,
-            };
-            if let Ok(mut m) = MigrateVma::setup(self.mm, args) {
-                if m.cpages() > 0 {
-                    m.alloc_and_copy(&FaultDriver { mem: &self.mem });
-                    let c = m.pages();
-                    let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
-                    c.finalize();
-                    if moved > 0 {
-                        self.counters
-                            .pages_to_device
-                            .fetch_add(moved, Ordering::Relaxed);
-                        self.clock.charge(
-                            Cause::MigrateToDevice,
-                            self.config
-                                .link
-                                .transfer(Direction::HostToDevice, moved * PAGE_SIZE),
-                        );
-                    }
-                }
+        let bad = |_| (first, first_access, RangeFaultError::Invalid("range"));
+        let block = PageRange::new(first.0 & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE).map_err(bad)?;
+        // Faults that an earlier batch already serviced (a warp that faulted before the replay
+        // that would have let it hit) need nothing: UVM skips pages already mapped as wanted.
+        let pending: Vec<(VirtAddr, FaultAccess)> = if action.is_some() {
+            pages.to_vec()
+        } else {
+            let pending: Vec<_> = self.mmu.update(|c| {
+                pages
+                    .iter()
+                    .copied()
+                    .filter(|&(a, access)| {
+                        !c.page_table()
+                            .lookup(a)
+                            .is_some_and(|tr| tr.perms.contains(need(access)))
+                    })
+                    .collect()
+            });
+            self.counters
+                .faults_stale
+                .fetch_add((pages.len() - pending.len()) as u64, Ordering::Relaxed);
+            pending
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let plan = self.config.placement.place(&BlockFaults {
+            block,
+            pages: &pending,
+            free_frames: self.free_frames(),
+        });
+        let action = action.unwrap_or(plan.action);
+        // Spans stay inside the block; a faulted page no span covers is serviced on its own.
+        let mut spans: Vec<PageRange> = plan
+            .spans
+            .iter()
+            .filter_map(|s| s.intersect(&block))
+            .collect();
+        for &(a, _) in &pending {
+            if !spans.iter().any(|s| s.contains(a)) {
+                spans.push(PageRange::new(a.0, PAGE_SIZE).map_err(bad)?);
             }
         }
-        // 2. Range fault and map, run by run of consecutive faulted pages.
-        let mut k = 0;
-        while k < pages.len() {
-            let mut end = k + 1;
-            while end < pages.len() && pages[end].0 .0 == pages[end - 1].0 .0 + PAGE_SIZE {
-                end += 1;
+        spans.sort_by_key(|s| s.start());
+        // One migration and one page-table update per region over the hull of the spans: pages
+        // between spans are collected but get no destination and are not mapped.
+        let (Some(lo), Some(hi)) = (spans.first(), spans.last()) else {
+            return Ok(());
+        };
+        let hull = lo.hull(hi);
+        for region in self.mm.regions_in(hull) {
+            let Some(sub) = region.range().intersect(&hull) else {
+                continue;
+            };
+            if action == PlacementAction::Migrate {
+                self.migrate_in(sub, &spans);
             }
-            let run = PageRange::from_pages(pages[k].0 .0, (end - k) as u64)
-                .map_err(|_| (pages[k].0, pages[k].1, RangeFaultError::Invalid("range")))?;
-            let write = pages[k..end].iter().any(|p| p.1 >= FaultAccess::Write);
-            self.fault_and_map(run, write)
-                .map_err(|e| (pages[k].0, pages[k].1, e))?;
-            k = end;
+            let at = pending.partition_point(|p| p.0 < sub.start());
+            let to = pending.partition_point(|p| p.0 < sub.end());
+            self.fault_and_map(sub, &pending[at..to], &spans)
+                .map_err(|(a, e)| {
+                    let access = pending
+                        .iter()
+                        .find(|p| p.0 == a.page_down())
+                        .map_or(FaultAccess::Read, |p| p.1);
+                    (a, access, e)
+                })?;
         }
         Ok(())
     }
 
-    /// `hmm_range_fault` over `run` and the device page-table update, retried while the notifier
-    /// sequence moves (seed 002's driver_populate_range).
-    fn fault_and_map(&self, run: PageRange, write: bool) -> Result<(), RangeFaultError> {
+    fn free_frames(&self) -> u64 {
+        let pool = self.mem.pool().lock();
+        pool.capacity_frames() - pool.stats().pages_in_use
+    }
+
+    /// Migrates the system pages of `sub` (within one region) that lie in `spans` into device
+    /// memory; pages that cannot move stay where they are (shared memory, other devices' pages, a
+    /// full device).
+    fn migrate_in(&self, sub: PageRange, spans: &[PageRange]) {
+        let args = MigrateArgs {
+            range: sub,
+            select: SelectFlags::SYSTEM | SelectFlags::COMPOUND,
+            owner: self.mem.owner(),
+            fault_page: None,
+        };
+        let setup = {
+            let _own = OwnToDevice::enter();
+            MigrateVma::setup(self.mm, args)
+        };
+        let Ok(mut m) = setup else {
+            return;
+        };
+        if m.cpages() == 0 {
+            return;
+        }
+        m.alloc_and_copy(&FaultDriver {
+            mem: &self.mem,
+            spans,
+        });
+        let c = m.pages();
+        let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
+        let summary = c.finalize();
+        if moved == 0 {
+            return;
+        }
+        self.counters.migrations.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .pages_to_device
+            .fetch_add(moved, Ordering::Relaxed);
+        let cost = self
+            .config
+            .link
+            .transfer(Direction::HostToDevice, moved * PAGE_SIZE);
+        self.clock.charge(Cause::MigrateToDevice, cost);
+        tracing::debug!(
+            dev = self.mem.id().0,
+            trigger = "device_fault",
+            from = "system",
+            start = %sub.start(),
+            pages = sub.npages(),
+            collected = summary.collected,
+            migrated = moved,
+            modelled_ns = cost.as_nanos(),
+            "migration"
+        );
+    }
+
+    /// `hmm_range_fault` over `span` and the device page-table update, retried while the notifier
+    /// sequence moves (seed 002's driver_populate_range). `faulted` (sorted, within `span`) must
+    /// come out valid, writable for writes and atomics; the other pages inside `spans` are mapped
+    /// as the range fault finds them, and not at all when they are not present; pages outside
+    /// `spans` are left alone.
+    fn fault_and_map(
+        &self,
+        span: PageRange,
+        faulted: &[(VirtAddr, FaultAccess)],
+        spans: &[PageRange],
+    ) -> Result<(), (VirtAddr, RangeFaultError)> {
         let sub = self
             .sub
             .lock()
             .clone()
-            .ok_or(RangeFaultError::Invalid("device shut down"))?;
+            .ok_or((span.start(), RangeFaultError::Invalid("device shut down")))?;
         let deadline = Instant::now() + Duration::from_secs(10);
+        let mut targets: Vec<Option<(PteTarget, PtePerms)>> =
+            Vec::with_capacity(span.npages() as usize);
         loop {
             if Instant::now() > deadline {
-                return Err(RangeFaultError::Busy);
+                return Err((span.start(), RangeFaultError::Busy));
             }
-            let mut flags = HmmPfn::REQ_FAULT;
-            if write {
-                flags |= HmmPfn::REQ_WRITE;
+            let mut r = HmmRange::new(&sub, span, 0);
+            r.pfn_flags_mask = HmmPfn::REQ_FAULT | HmmPfn::REQ_WRITE;
+            for &(a, access) in faulted {
+                let mut req = HmmPfn::REQ_FAULT;
+                if access >= FaultAccess::Write {
+                    req |= HmmPfn::REQ_WRITE;
+                }
+                r.hmm_pfns[span.index_of(a) as usize] = HmmPfn(req);
             }
-            let mut r = HmmRange::new(&sub, run, flags);
             r.dev_private_owner = Some(self.mem.owner());
             r.notifier_seq = sub.read_begin();
             match self.mm.range_fault(&mut r) {
                 Ok(_) => {}
                 Err(RangeFaultError::Busy) => continue,
-                Err(e) => return Err(e),
+                Err(RangeFaultError::Fault { addr }) => {
+                    return Err((addr, RangeFaultError::Fault { addr }))
+                }
+                Err(e) => return Err((faulted.first().map_or(span.start(), |p| p.0), e)),
             }
-            let mut mmu = self.mmu.lock();
-            if sub.read_retry(r.notifier_seq) {
-                continue;
-            }
-            let mut remote = 0;
-            for (k, pfn) in r.hmm_pfns.iter().enumerate() {
-                let a = run.page(k as u64);
+            targets.clear();
+            targets.extend(r.hmm_pfns.iter().enumerate().map(|(k, pfn)| {
+                let a = span.page(k as u64);
+                if !pfn.is_valid() || !spans.iter().any(|s| s.contains(a)) {
+                    return None;
+                }
                 let target = match pfn.device_frame() {
                     Some((dev, frame, _)) if dev == self.mem.id() => PteTarget::Local(frame),
                     Some((dev, frame, _)) => PteTarget::Peer { dev, frame },
-                    None => {
-                        remote += 1;
-                        PteTarget::System
-                    }
+                    None => PteTarget::System,
                 };
                 let mut perms = PtePerms::READ;
                 if pfn.is_write() {
                     perms |= PtePerms::WRITE | PtePerms::ATOMIC;
                 }
-                let page = PageRange::new(a.0, PAGE_SIZE).expect("one page");
-                mmu.map(page, target, perms)
-                    .map_err(|_| RangeFaultError::Fault { addr: a })?;
-            }
+                Some((target, perms))
+            }));
+            let mapped = self.mmu.update(|c| {
+                if sub.read_retry(r.notifier_seq) {
+                    return None;
+                }
+                Some(map_span(c, span, &targets))
+            });
+            let Some(mapped) = mapped else { continue };
+            let mapped = mapped.map_err(|e| (span.start(), e))?;
             // Mapping over stale leaves queued invalidations: send them before anyone reuses.
-            if !mmu.invalidator().pending().is_empty() {
-                let fence = mmu.dispatch();
-                let _ = mmu.complete(fence);
+            if self.mmu.has_pending() {
+                self.mmu.shootdown();
             }
             self.counters
                 .pages_mapped_remote
-                .fetch_add(remote, Ordering::Relaxed);
+                .fetch_add(mapped.remote, Ordering::Relaxed);
+            self.counters
+                .pages_serviced
+                .fetch_add(mapped.pages, Ordering::Relaxed);
             return Ok(());
         }
     }
+}
+
+/// What [`map_span`] mapped.
+struct Mapped {
+    /// Pages newly mapped or retargeted (a page mapped again as it was does not count).
+    pages: u64,
+    /// Pages mapped to system memory.
+    remote: u64,
+}
+
+/// Maps `targets` (one per page of `span`, `None` = leave unmapped) with as few table updates as
+/// it can: one 2 MiB leaf when the span is a whole block of this device's frames in one aligned
+/// run with one permission, else one `map_pages` per run of mapped pages with one permission.
+fn map_span(
+    c: &mut hetmem_core::device_mmu::MmuCore,
+    span: PageRange,
+    targets: &[Option<(PteTarget, PtePerms)>],
+) -> Result<Mapped, RangeFaultError> {
+    let fail = |k: usize| RangeFaultError::Fault {
+        addr: span.page(k as u64),
+    };
+    let remote = targets
+        .iter()
+        .filter(|t| matches!(t, Some((PteTarget::System, _))))
+        .count() as u64;
+    if let Some(Some((PteTarget::Local(base), perms))) = targets.first() {
+        let whole = span.npages() == PAGES_PER_HUGE
+            && span.start().0.is_multiple_of(HUGE_PAGE_SIZE)
+            && u64::from(base.0).is_multiple_of(PAGES_PER_HUGE)
+            && targets.iter().enumerate().all(|(k, t)| {
+                *t == Some((
+                    PteTarget::Local(hetmem_core::DevPfn(base.0 + k as u32)),
+                    *perms,
+                ))
+            });
+        if whole {
+            let rep = c
+                .map_huge(span, PteTarget::Local(*base), *perms)
+                .map_err(|_| fail(0))?;
+            return Ok(Mapped {
+                pages: rep.mapped + rep.displaced.pages,
+                remote,
+            });
+        }
+    }
+    let mut pages = 0;
+    let mut run: Vec<PteTarget> = Vec::new();
+    let mut k = 0;
+    while k < targets.len() {
+        let Some((_, perms)) = targets[k] else {
+            k += 1;
+            continue;
+        };
+        run.clear();
+        let mut end = k;
+        while end < targets.len() {
+            match targets[end] {
+                Some((t, p)) if p == perms => run.push(t),
+                _ => break,
+            }
+            end += 1;
+        }
+        let r =
+            PageRange::from_pages(span.page(k as u64).0, (end - k) as u64).map_err(|_| fail(k))?;
+        let rep = c.map_pages(r, &run, perms).map_err(|_| fail(k))?;
+        pages += rep.mapped + rep.displaced.pages;
+        k = end;
+    }
+    Ok(Mapped { pages, remote })
 }

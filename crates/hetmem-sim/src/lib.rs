@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod mirror;
+pub mod placement;
 
 pub use mirror::{
     CmdResult, DmirrorDevice, Mirror, MirrorError, MirrorFlags, SnapshotProt, DEFAULT_CAPACITY,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use hetmem::{AddressSpace, Prot};
 use hetmem_core::{fault_ring::FaultAccess, link::Cause, PageRange, VirtAddr, PAGE_SIZE};
 use hetmem_sim::accel::{AccelConfig, Accelerator, LaunchError, Miss, Thread};
+use hetmem_sim::placement::Granularity;
 
 fn mm() -> &'static Arc<AddressSpace> {
     AddressSpace::current().unwrap()
@@ -33,10 +34,13 @@ fn read_u32(r: PageRange, n: u64) -> Vec<u32> {
         .collect()
 }
 
+/// Two compute units, 64 MiB, pure demand paging (each faulted page on its own), so that tests
+/// see the faults their kernels make.
 fn small() -> AccelConfig {
     AccelConfig {
         memory_bytes: 64 << 20,
         compute_units: 2,
+        placement: Arc::new(Granularity::page()),
         ..AccelConfig::default()
     }
 }

@@ -18,6 +18,7 @@
 //! Every `unsafe` block carries a `// SAFETY:` argument.
 
 pub mod arena;
+pub mod clock;
 pub mod dma;
 pub mod error;
 pub mod fork;
