@@ -488,3 +488,92 @@ fn a_dropped_migration_waits_for_its_copy_before_freeing_frames() {
     mm().check_invariants().unwrap();
     cpu_sees_pattern(range, 0x42);
 }
+
+#[test]
+fn the_sim_backend_copies_between_system_memory_and_arenas() {
+    use hetmem_core::copy_engine::{CopyBatch, CopyRequest, RequestOutcome};
+    let (b, _mb) = device();
+    let engine = engine_with(CopyEngineConfig {
+        window_bytes: 3 * PAGE_SIZE,
+        ..CopyEngineConfig::default()
+    });
+    let src = buffer(8, 0x3c);
+    let dst = buffer(8, 0);
+    let frame = mem(&b).pool().lock().alloc_huge().unwrap();
+    let on_b = Endpoint::Device { dev: b.id(), frame };
+    let len = src.len_bytes();
+    // System → B, then B → system elsewhere: windows of three pages, the last one short.
+    let fence = engine
+        .submit(CopyBatch::new().with_request(CopyRequest::new(
+            Endpoint::System(src.start()),
+            on_b,
+            len,
+        )))
+        .unwrap();
+    assert!(fence.wait().unwrap().is_complete());
+    for k in 0..8 {
+        let off = (k * PAGE_SIZE) as usize;
+        let want: Vec<u8> = (off..off + PAGE_SIZE as usize)
+            .map(|i| byte(0x3c, i))
+            .collect();
+        assert!(
+            frame_bytes(mem(&b), DevPfn(frame.0 + k as u32)) == want,
+            "page {k}"
+        );
+    }
+    let fence = engine
+        .submit(CopyBatch::new().with_request(CopyRequest::new(
+            on_b,
+            Endpoint::System(dst.start()),
+            len,
+        )))
+        .unwrap();
+    assert!(fence.wait().unwrap().is_complete());
+    let mut buf = vec![0u8; len as usize];
+    mm().cpu_read(dst.start(), &mut buf).unwrap();
+    assert!(buf == pattern(0x3c, len), "the bytes made the round trip");
+
+    // An unmapped system address fails its request with the address that failed; the other
+    // request of the batch completes.
+    let hole = VirtAddr(PAGE_SIZE); // never mapped
+    let mut batch = CopyBatch::new();
+    batch.push(CopyRequest::new(Endpoint::System(hole), on_b, PAGE_SIZE));
+    batch.push(CopyRequest::new(
+        Endpoint::System(src.start()),
+        Endpoint::Device {
+            dev: b.id(),
+            frame: DevPfn(frame.0 + 8),
+        },
+        PAGE_SIZE,
+    ));
+    let report = engine.submit(batch).unwrap().wait().unwrap();
+    assert!(matches!(
+        report.outcome(0),
+        Some(RequestOutcome::Failed {
+            offset: 0,
+            fault: CopyFault::SystemAccess { addr, .. },
+        }) if *addr == hole
+    ));
+    assert!(report.outcome(1).unwrap().is_done());
+    // A device the address space does not know fails as such.
+    let report = engine
+        .submit(CopyBatch::new().with_request(CopyRequest::new(
+            Endpoint::Device {
+                dev: DeviceId(250),
+                frame: DevPfn(0),
+            },
+            on_b,
+            PAGE_SIZE,
+        )))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(matches!(
+        report.outcome(0),
+        Some(RequestOutcome::Failed {
+            fault: CopyFault::NoSuchDevice { .. },
+            ..
+        })
+    ));
+    mem(&b).pool().lock().free_huge(frame).unwrap();
+}
