@@ -12,7 +12,10 @@
 
 use bitflags::bitflags;
 
-use crate::addr::{DevPfn, DeviceId};
+use crate::{
+    addr::{DevPfn, DeviceId, PAGE_SIZE},
+    copy_engine::{CopyRequest, Endpoint},
+};
 
 bitflags! {
     /// `MIGRATE_VMA_SELECT_*`: which source pages a migration collects.
@@ -77,6 +80,9 @@ pub enum SkipReason {
     NoDestination,
     /// Installing the destination failed; the page stays where it was.
     InstallFailed,
+    /// The copy of its data to the destination did not complete (a device-to-device copy that
+    /// failed, was cancelled, or was never made): the page stays, intact, where it was.
+    CopyFailed,
 }
 
 /// One page of a migration: its source, its destination once chosen, and its fate.
@@ -126,4 +132,70 @@ pub struct MigrateSummary {
     pub migrated: u64,
     /// Pages that were present (VALID) and moved.
     pub migrated_valid: u64,
+}
+
+/// A run of pages that a migration moves from one device's private memory to another's: entries
+/// `first..first + npages`, whose source frames follow each other on `src_dev` from `src_frame`
+/// and whose destination frames follow each other on `dst_dev` from `dst_frame`. One run is one
+/// copy (one [`CopyRequest`]): seed 003 copies runs of contiguous frames with one SDMA command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerRun {
+    /// Index of its first entry in the migration.
+    pub first: usize,
+    /// Pages in the run (at least one).
+    pub npages: u64,
+    /// The device the pages leave.
+    pub src_dev: DeviceId,
+    /// The first source frame.
+    pub src_frame: DevPfn,
+    /// The device the pages go to (never `src_dev`).
+    pub dst_dev: DeviceId,
+    /// The first destination frame.
+    pub dst_frame: DevPfn,
+}
+
+impl PeerRun {
+    /// Bytes in the run.
+    pub fn len_bytes(&self) -> u64 {
+        self.npages.saturating_mul(PAGE_SIZE)
+    }
+
+    /// The copy request that moves the run's bytes (a peer-to-peer request of the copy engine).
+    pub fn request(&self) -> CopyRequest {
+        CopyRequest::pages(
+            Endpoint::Device {
+                dev: self.src_dev,
+                frame: self.src_frame,
+            },
+            Endpoint::Device {
+                dev: self.dst_dev,
+                frame: self.dst_frame,
+            },
+            self.npages,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::copy_engine::CopyDirection;
+
+    #[test]
+    fn a_peer_run_is_one_peer_to_peer_request_of_its_pages() {
+        let run = PeerRun {
+            first: 3,
+            npages: 4,
+            src_dev: DeviceId(0),
+            src_frame: DevPfn(10),
+            dst_dev: DeviceId(1),
+            dst_frame: DevPfn(512),
+        };
+        let r = run.request();
+        assert_eq!(r.len, 4 * PAGE_SIZE);
+        assert_eq!(r.direction(), CopyDirection::PeerToPeer);
+        assert_eq!(r.src.base(), 10 * PAGE_SIZE);
+        assert_eq!(r.dst.base(), 512 * PAGE_SIZE);
+        assert_eq!(run.len_bytes(), r.len);
+    }
 }

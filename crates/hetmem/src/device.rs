@@ -8,7 +8,8 @@
 use std::sync::Arc;
 
 use hetmem_core::{
-    migrate::MigrateEntry,
+    copy_engine::Fence,
+    migrate::{MigrateEntry, PeerRun},
     pool::{DevicePool, MemoryKind},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr,
 };
@@ -78,6 +79,91 @@ impl DeviceMemory {
     pub fn frame_offset(frame: DevPfn) -> usize {
         frame.0 as usize * hetmem_sys::PAGE_SIZE
     }
+
+    /// Copies `len` bytes at byte offset `src_off` of this memory to byte offset `dst_off` of
+    /// `dst`: another device's memory (a peer-to-peer copy), or this one (a `memmove`). Both
+    /// ranges are checked before anything is written, so an out-of-range copy writes nothing.
+    /// The bytes go through a bounded bounce buffer with the arenas' own accessors: neither
+    /// arena is ever referenced by Rust code (see `hetmem_sys::arena`).
+    pub fn copy_bytes_to(
+        &self,
+        src_off: usize,
+        dst: &DeviceMemory,
+        dst_off: usize,
+        len: usize,
+    ) -> Result<(), hetmem_sys::SysError> {
+        const BOUNCE: usize = 64 << 10;
+        let out_of_range = hetmem_sys::SysError::Invalid {
+            op: "DeviceMemory::copy_bytes_to",
+            why: "range outside device memory",
+        };
+        if self.arena.checked_addr(src_off, len).is_none()
+            || dst.arena.checked_addr(dst_off, len).is_none()
+        {
+            return Err(out_of_range);
+        }
+        if std::ptr::eq(self, dst) {
+            return self.arena.copy_within(src_off, dst_off, len);
+        }
+        let mut buf = vec![0u8; len.min(BOUNCE)];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(BOUNCE);
+            self.arena.read(src_off + at, &mut buf[..n])?;
+            dst.arena.write(dst_off + at, &buf[..n])?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// How a driver's device-to-device copy ([`MigrateDriver::copy_peer`]) went, or will go.
+#[derive(Debug)]
+#[must_use = "the migration must learn what was copied before it commits"]
+pub enum PeerCopy {
+    /// The copy is over: for run `i`, how many of its leading pages hold their data at the
+    /// destination (`runs[i].npages` when the run copied whole; fewer when it stopped part way).
+    /// A missing count means nothing of that run was copied.
+    Done(Vec<u64>),
+    /// The copy was submitted to a copy engine as one batch whose request `i` copies run `i`
+    /// ([`PeerRun::request`]). The migration waits on the fence before it changes the state of
+    /// any page of these runs and before it frees any frame they read or write (seed 003's
+    /// two-phase commit: submit, update, `svm_migrate_copy_done`, then finalize), also when it is
+    /// dropped instead of committed.
+    Fenced(Fence),
+}
+
+impl PeerCopy {
+    /// Waits for the copy if it is in flight, and returns how many leading pages of each run
+    /// were copied, one count per run. A failed or cancelled request counts the whole pages
+    /// before the window that stopped it; a fence that reports no result counts nothing.
+    pub fn wait(self, runs: &[PeerRun]) -> Vec<u64> {
+        let mut copied = match self {
+            PeerCopy::Done(copied) => copied,
+            PeerCopy::Fenced(fence) => {
+                let result = fence.wait();
+                let report = match &result {
+                    Ok(report) => Some(report),
+                    Err(hetmem_core::copy_engine::CopyError::Cancelled { report }) => Some(report),
+                    Err(_) => None,
+                };
+                runs.iter()
+                    .enumerate()
+                    .map(|(i, run)| {
+                        report.and_then(|r| r.outcome(i)).map_or(0, |o| {
+                            o.copied_bytes(run.len_bytes()) / hetmem_core::PAGE_SIZE
+                        })
+                    })
+                    .collect()
+            }
+        };
+        // A driver's count never exceeds its run, and a missing one is zero.
+        copied.resize(runs.len(), 0);
+        for (c, run) in copied.iter_mut().zip(runs) {
+            *c = (*c).min(run.npages);
+        }
+        copied
+    }
 }
 
 /// The driver's part of a migration (`dev_pagemap_ops` and the driver steps between
@@ -93,6 +179,21 @@ pub trait MigrateDriver {
     /// Called after commit, before pages unlock, with the final entries: program the device page
     /// table for pages that now live in its memory.
     fn finalize(&self, range: PageRange, entries: &[MigrateEntry]);
+
+    /// Copies the device-to-device runs of the migration (pages leaving one device's private
+    /// memory for another device's, destinations chosen by [`MigrateDriver::alloc_and_copy`]).
+    /// Called once per migration, right after `alloc_and_copy`, only when there are such runs;
+    /// the source pages are locked and their state does not change until the copy is over.
+    ///
+    /// The default copies synchronously, arena to arena ([`crate::migrate::copy_peer_runs`]). A
+    /// driver with a copy engine submits the runs as one batch and returns its fence
+    /// ([`PeerCopy::Fenced`]): the migration commits the other directions meanwhile and waits
+    /// on the fence before any of these pages changes state. Pages whose copy did not complete
+    /// stay on their source device, intact, skipped as
+    /// [`SkipReason::CopyFailed`](hetmem_core::migrate::SkipReason::CopyFailed).
+    fn copy_peer(&self, mm: &AddressSpace, runs: &[PeerRun]) -> PeerCopy {
+        PeerCopy::Done(crate::migrate::copy_peer_runs(mm, runs))
+    }
 }
 
 /// A device attached to an address space: its memory, and what a CPU fault on one of its

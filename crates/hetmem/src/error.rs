@@ -79,6 +79,16 @@ pub enum MigrateError {
         /// The page.
         addr: VirtAddr,
     },
+    /// A device-to-device migration between a device and itself, or involving memory that is
+    /// not device-private (device-coherent pages live where the CPU maps them: nothing to copy
+    /// between arenas).
+    #[error("no device-to-device migration from {from:?} to {to:?} (two distinct devices with private memory needed)")]
+    PeerUnsupported {
+        /// The source device.
+        from: DeviceId,
+        /// The destination device.
+        to: DeviceId,
+    },
     /// This process is the child of a `fork()`: its memory is plain memory and never migrates
     /// (the userfaultfd and devices belong to the parent).
     #[error("no migration in a forked child")]

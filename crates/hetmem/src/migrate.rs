@@ -7,21 +7,40 @@
 //!         │                       invalidation stays active until finalize, so no mirror can map
 //!         │                       a page mid-flight)
 //!   driver.alloc_and_copy(...)    destinations chosen (device frames, or system)
+//!   driver.copy_peer(runs)        device → device runs copied, or submitted (a fence)
 //!         │
 //!   .pages()                      commit: the data moves page by page (UFFDIO_MOVE, zero-copy;
 //!         │                       a copy where MOVE cannot take the page); a page that cannot move
-//!         │                       keeps its source and loses MIGRATE
+//!         │                       keeps its source and loses MIGRATE. Device → device pages
+//!         │                       commit last, after the wait on their copy's fence
 //!   driver.finalize(entries)      the device programs its page table
 //!   .finalize()                   unlock; free device frames left behind; end the invalidation
 //! ```
 //!
 //! Dropping a collected migration without committing rolls it back: every page unlocks where it
 //! was and destination frames are freed (DESIGN.md invariant 3: commit or roll back page by page).
+//!
+//! Device to device (private memory of device A to private memory of device B) is seed 003's
+//! two-phase commit: the driver submits the copy of every run of contiguous frames
+//! ([`MigrateDriver::copy_peer`], a synchronous arena-to-arena copy unless the driver has a copy
+//! engine), `pages()` commits the other directions while it runs, then waits on the fence
+//! (`svm_migrate_copy_done`), and only then records the pages as B's. Nothing that a copy reads or
+//! writes is freed before its fence: a dropped migration waits too. A page whose copy did not
+//! complete stays on A, intact (`SkipReason::CopyFailed`), and its frame on B is freed.
+//!
+//! ```text
+//!   A frames  [a0 a1 a2 a3]──copy run──▶[b7 b8 b9 b10]  B frames     state: A,a0..a3 (locked)
+//!                             fence ▼
+//!   report: request 0 failed at page 2 → pages 0,1 become B,b7/b8; 2,3 stay A,a2/a3;
+//!   finalize frees a0,a1 (left A) and b9,b10 (unused); A: account_out(2), B: account_in(2)
+//! ```
 
 use std::sync::Arc;
 
 use hetmem_core::{
-    migrate::{MigrateEntry, MigrateFlags, MigrateSummary, PageLoc, SelectFlags, SkipReason},
+    migrate::{
+        MigrateEntry, MigrateFlags, MigrateSummary, PageLoc, PeerRun, SelectFlags, SkipReason,
+    },
     notifier::{InvalidateGuard, NotifierRange, NotifyEvent},
     page_state::{DevicePlacement, Location},
     pool::MemoryKind,
@@ -30,7 +49,7 @@ use hetmem_core::{
 use hetmem_sys::{pagemap::PageCategory, uffd::UffdError};
 
 use crate::{
-    device::{DeviceMemory, MigrateDriver},
+    device::{DeviceMemory, MigrateDriver, PeerCopy},
     error::MigrateError,
     mm::{prot_from_bits, AddressSpace, CpuFaultBackend},
     os,
@@ -62,6 +81,8 @@ pub struct MigrateVma<'a> {
     /// Source frames that UFFDIO_MOVE emptied: nothing left to discard when they are freed.
     vacated: Vec<bool>,
     committed: bool,
+    /// The device-to-device copy of this migration, between `alloc_and_copy` and its commit.
+    peer: Option<PeerInFlight>,
     guard: Option<InvalidateGuard>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
@@ -70,6 +91,13 @@ pub struct MigrateVma<'a> {
 /// A committed migration (after `migrate_vma_pages`).
 #[derive(Debug)]
 pub struct Committed<'a>(MigrateVma<'a>);
+
+/// A device-to-device copy made or submitted by the driver, with the runs it covers.
+#[derive(Debug)]
+struct PeerInFlight {
+    runs: Vec<PeerRun>,
+    copy: PeerCopy,
+}
 
 fn wake_unlock(region: &Region, i: usize) {
     if region.states.unlock(i) {
@@ -82,6 +110,32 @@ impl<'a> MigrateVma<'a> {
     /// selects. Pages that do not take part are reported with a reason; a range outside managed
     /// memory is an error.
     pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
+        let tag = (args.owner != EVICT_ANY).then_some(args.owner);
+        Self::setup_tagged(mm, args, tag)
+    }
+
+    /// [`MigrateVma::setup`] for a migration from the devices of `args.owner` to another
+    /// device, whose owner is `to`. The pages are selected by `args.owner` as usual, but the
+    /// invalidation is tagged with `to`, the device that causes it: the source device's mirrors
+    /// then drop their mappings through their notifier like any other device's (with `setup`,
+    /// which tags `args.owner`, the source driver skips its own migration's invalidation and must
+    /// tear them down itself). The destination's mirrors skip it; they map none of the pages
+    /// collected (another owner's device-private pages are never mapped remotely). When both
+    /// devices share one owner, nobody of that owner is told: its driver handles its own, as for
+    /// any migration it makes.
+    pub fn setup_peer(
+        mm: &'a AddressSpace,
+        args: MigrateArgs,
+        to: Owner,
+    ) -> Result<Self, MigrateError> {
+        Self::setup_tagged(mm, args, Some(to))
+    }
+
+    fn setup_tagged(
+        mm: &'a AddressSpace,
+        args: MigrateArgs,
+        tag: Option<Owner>,
+    ) -> Result<Self, MigrateError> {
         if mm.forked() {
             return Err(MigrateError::ForkedChild);
         }
@@ -228,7 +282,7 @@ impl<'a> MigrateVma<'a> {
                 args.range.start(),
                 args.range.end(),
                 NotifyEvent::Migrate,
-                (args.owner != EVICT_ANY).then_some(args.owner),
+                tag,
             ))
         });
         // The mprotect backend stops writers now (holes too: a write would populate one after
@@ -250,6 +304,7 @@ impl<'a> MigrateVma<'a> {
             locked,
             vacated: vec![false; n],
             committed: false,
+            peer: None,
             guard,
             _fork_gate: fork_gate,
         })
@@ -275,7 +330,8 @@ impl<'a> MigrateVma<'a> {
     pub fn cpages(&self) -> u64 {
         self.entries.iter().filter(|e| e.migrates()).count() as u64
     }
-    /// Lets `driver` choose destinations.
+    /// Lets `driver` choose destinations, then has it copy (or submit the copy of) the pages
+    /// that go from one device to another ([`MigrateDriver::copy_peer`]). Call it once.
     pub fn alloc_and_copy(&mut self, driver: &dyn MigrateDriver) {
         driver.alloc_and_copy(self.args.range, &mut self.entries, &self.compound);
         for e in &mut self.entries {
@@ -283,6 +339,72 @@ impl<'a> MigrateVma<'a> {
                 e.skip(SkipReason::NoDestination);
             }
         }
+        if self.peer.is_some() {
+            // A second call: the first copy stays the one `pages()` commits.
+            return;
+        }
+        let runs = self.peer_runs();
+        if !runs.is_empty() {
+            let copy = driver.copy_peer(self.mm, &runs);
+            self.peer = Some(PeerInFlight { runs, copy });
+        }
+    }
+
+    /// The device-to-device runs of the entries: pages going from one device's private memory
+    /// to a different device's, split where either side's frames stop following each other.
+    /// Entries that cannot take this path are dropped here, before any copy: a destination on
+    /// no attached device (`NoDestination`), or coherent memory on either side (its data lives
+    /// where the CPU maps it, not in an arena: `InstallFailed`).
+    fn peer_runs(&mut self) -> Vec<PeerRun> {
+        for k in 0..self.entries.len() {
+            let e = self.entries[k];
+            if !is_peer(&e) {
+                continue;
+            }
+            let (PageLoc::Device { dev: a, .. }, Some(PageLoc::Device { dev: b, .. })) =
+                (e.src, e.dst)
+            else {
+                continue;
+            };
+            match (self.device_mem(a), self.device_mem(b)) {
+                (_, None) => self.entries[k].skip(SkipReason::NoDestination),
+                (Some(ma), Some(mb))
+                    if ma.kind() == MemoryKind::DevicePrivate
+                        && mb.kind() == MemoryKind::DevicePrivate => {}
+                _ => self.entries[k].skip(SkipReason::InstallFailed),
+            }
+        }
+        let mut out = Vec::new();
+        for run in runs(&self.entries, is_peer) {
+            let mut k = run.start;
+            while k < run.end {
+                let (
+                    PageLoc::Device {
+                        dev: src_dev,
+                        frame: src_frame,
+                    },
+                    Some(PageLoc::Device {
+                        dev: dst_dev,
+                        frame: dst_frame,
+                    }),
+                ) = (self.entries[k].src, self.entries[k].dst)
+                else {
+                    unreachable!("a peer entry goes from a device frame to a device frame");
+                };
+                let end = frame_run_end(&self.entries, k, run.end, |e| Some(e.src))
+                    .min(frame_run_end(&self.entries, k, run.end, |e| e.dst));
+                out.push(PeerRun {
+                    first: k,
+                    npages: (end - k) as u64,
+                    src_dev,
+                    src_frame,
+                    dst_dev,
+                    dst_frame,
+                });
+                k = end;
+            }
+        }
+        out
     }
 
     /// `migrate_vma_pages`: moves the data of every entry that still migrates.
@@ -306,7 +428,9 @@ impl<'a> MigrateVma<'a> {
         for run in to_dev {
             self.commit_to_device(range, run);
         }
-        // Anything else that claims to migrate (device to device) is not supported here.
+        // Device → device last: its copy ran meanwhile; the wait is here.
+        self.commit_peer();
+        // Anything else that claims to migrate (within one device) is not supported here.
         for k in 0..self.entries.len() {
             let e = self.entries[k];
             if e.migrates() && e.skipped.is_none() && !Self::committed_entry(&e) {
@@ -319,14 +443,77 @@ impl<'a> MigrateVma<'a> {
     }
 
     fn committed_entry(e: &MigrateEntry) -> bool {
-        matches!(
-            (e.src, e.dst),
-            (PageLoc::Device { .. }, Some(PageLoc::System))
-                | (
-                    PageLoc::System | PageLoc::Empty,
-                    Some(PageLoc::Device { .. })
-                )
-        )
+        is_peer(e)
+            || matches!(
+                (e.src, e.dst),
+                (PageLoc::Device { .. }, Some(PageLoc::System))
+                    | (
+                        PageLoc::System | PageLoc::Empty,
+                        Some(PageLoc::Device { .. })
+                    )
+            )
+    }
+
+    /// Commits the device-to-device pages: waits for their copy (seed 003's
+    /// `svm_migrate_copy_done`), then records each page whose bytes arrived as the destination
+    /// device's. A page whose copy did not complete, whose entry no longer matches the run that
+    /// was copied, or that no copy covered, stays on its source device (`CopyFailed`).
+    fn commit_peer(&mut self) {
+        let first = self.region.index(self.args.range.start());
+        let mut done = vec![false; self.entries.len()];
+        if let Some(PeerInFlight { runs, copy }) = self.peer.take() {
+            let copied = copy.wait(&runs);
+            for (run, &n) in runs.iter().zip(&copied) {
+                let (Some(from), Some(to)) =
+                    (self.device_mem(run.src_dev), self.device_mem(run.dst_dev))
+                else {
+                    continue;
+                };
+                let mut moved = 0u64;
+                for p in 0..n {
+                    let k = run.first + p as usize;
+                    let e = self.entries[k];
+                    let src = PageLoc::Device {
+                        dev: run.src_dev,
+                        frame: DevPfn(run.src_frame.0 + p as u32),
+                    };
+                    let dst = PageLoc::Device {
+                        dev: run.dst_dev,
+                        frame: DevPfn(run.dst_frame.0 + p as u32),
+                    };
+                    if !e.migrates() || e.src != src || e.dst != Some(dst) {
+                        break;
+                    }
+                    // As `commit_to_device`: the write bit the source mapping had, and the 2 MiB
+                    // shape of a block collected whole.
+                    self.region.states.set_device(
+                        first + k,
+                        DevicePlacement {
+                            dev: run.dst_dev,
+                            frame: DevPfn(run.dst_frame.0 + p as u32),
+                            write: e.flags.contains(MigrateFlags::WRITE),
+                            huge: e.flags.contains(MigrateFlags::COMPOUND),
+                            coherent: false,
+                            exclusive: false,
+                        },
+                    );
+                    done[k] = true;
+                    moved += 1;
+                }
+                if moved > 0 {
+                    from.pool().lock().account_out(moved);
+                    to.pool().lock().account_in(moved);
+                    self.mm
+                        .stats
+                        .add(&self.mm.stats.pages_device_to_device, moved);
+                }
+            }
+        }
+        for (k, e) in self.entries.iter_mut().enumerate() {
+            if is_peer(e) && !done[k] {
+                e.skip(SkipReason::CopyFailed);
+            }
+        }
     }
 
     fn device_mem(&self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
@@ -451,6 +638,12 @@ impl<'a> MigrateVma<'a> {
 
 impl Drop for MigrateVma<'_> {
     fn drop(&mut self) {
+        // A copy still in flight (a migration dropped between `alloc_and_copy` and `pages`) may
+        // still read the source frames and write the destinations: nothing is freed or unlocked
+        // before its fence (seed 003 pitfall 1).
+        if let Some(PeerInFlight { runs, copy }) = self.peer.take() {
+            let _ = copy.wait(&runs);
+        }
         let first = self.region.index(self.args.range.start());
         // Mprotect backend: give back access to system pages and holes that were collected (and
         // write-stopped in setup) but did not move, or all of them when nothing was committed.
@@ -481,6 +674,10 @@ impl Drop for MigrateVma<'_> {
             match (e.migrates() && self.committed, e.src, e.dst) {
                 (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => {
                     freed.push((dev, frame, !self.vacated[k]));
+                }
+                // Left for another device: the bytes were copied, the frame still holds them.
+                (true, PageLoc::Device { dev, frame }, Some(PageLoc::Device { .. })) => {
+                    freed.push((dev, frame, true));
                 }
                 (false, _, Some(PageLoc::Device { dev, frame })) => freed.push((dev, frame, true)),
                 _ => {}
@@ -559,6 +756,45 @@ pub(crate) fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn,
             npages * PAGE_SIZE as usize,
         );
     }
+}
+
+/// Is `e` a device-to-device entry still migrating: from a frame of one device to a frame of
+/// another?
+fn is_peer(e: &MigrateEntry) -> bool {
+    e.migrates()
+        && matches!(
+            (e.src, e.dst),
+            (PageLoc::Device { dev: a, .. }, Some(PageLoc::Device { dev: b, .. })) if a != b
+        )
+}
+
+/// The default device-to-device copy ([`MigrateDriver::copy_peer`]): each run copied now, arena
+/// to arena. Returns, per run, the pages copied: all of them, or none when either device is not
+/// attached or a range falls outside its memory (checked before anything is written).
+pub fn copy_peer_runs(mm: &AddressSpace, runs: &[PeerRun]) -> Vec<u64> {
+    runs.iter()
+        .map(|run| {
+            let (Some(from), Some(to)) = (
+                mm.device(run.src_dev).map(|d| Arc::clone(d.memory())),
+                mm.device(run.dst_dev).map(|d| Arc::clone(d.memory())),
+            ) else {
+                return 0;
+            };
+            let copied = from.copy_bytes_to(
+                DeviceMemory::frame_offset(run.src_frame),
+                &to,
+                DeviceMemory::frame_offset(run.dst_frame),
+                run.npages as usize * PAGE_SIZE as usize,
+            );
+            match copied {
+                Ok(()) => run.npages,
+                Err(e) => {
+                    tracing::warn!(?run, %e, "device-to-device copy failed");
+                    0
+                }
+            }
+        })
+        .collect()
 }
 
 /// Owner cookie meaning "any device" (device-wide eviction).

@@ -33,6 +33,8 @@ stats! {
     pages_to_device,
     /// Pages migrated back to system memory.
     pages_to_system,
+    /// Pages migrated from one device's memory straight to another's.
+    pages_device_to_device,
     /// Pages moved with a copy because UFFDIO_MOVE could not take them.
     move_fallbacks,
     /// Pages whose device copy was discarded (unmap, DONTNEED).

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use hetmem::{
     migrate::{MigrateArgs, MigrateVma, ToSystem},
-    AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, Prot,
+    AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, PeerCopy, Prot,
 };
 use hetmem_core::{
-    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason},
+    migrate::{MigrateEntry, PageLoc, PeerRun, SelectFlags, SkipReason},
     page_state::Location,
     pool::MemoryKind,
     DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
@@ -266,5 +266,175 @@ fn devices_sharing_an_owner_each_get_their_pages_back_on_cpu_faults() {
     for a in range.pages() {
         assert_eq!(location(mm, a), Location::System, "{a} came back");
     }
+    mm.check_invariants().unwrap();
+}
+
+const OWNER_B: Owner = Owner(0x7e57_000b);
+
+/// A second device, of another owner.
+fn attach(owner: Owner) -> Arc<TestDevice> {
+    AddressSpace::current()
+        .unwrap()
+        .attach_device(|id: DeviceId| {
+            let mem = DeviceMemory::new(id, owner, MemoryKind::DevicePrivate, 8 << 20)
+                .map_err(hetmem::MmError::from)?;
+            Ok(Arc::new(TestDevice { mem: Arc::new(mem) }))
+        })
+        .unwrap()
+}
+
+/// Device pages of `OWNER` in `range`.
+fn owned(range: PageRange) -> MigrateArgs {
+    MigrateArgs {
+        range,
+        select: SelectFlags::DEVICE_PRIVATE,
+        owner: OWNER,
+        fault_page: None,
+    }
+}
+
+/// Moves every page of `range` to `dev` (from system memory).
+fn to_device(mm: &AddressSpace, dev: &TestDevice, range: PageRange) {
+    let mut m = MigrateVma::setup(mm, args(range)).unwrap();
+    m.alloc_and_copy(&Driver {
+        mem: &dev.mem,
+        take: |_| true,
+    });
+    assert_eq!(m.pages().finalize().migrated, range.npages());
+}
+
+/// The bytes of page `k` of the pattern `setup` writes.
+fn pattern_page(k: u64) -> Vec<u8> {
+    let off = (k * PAGE_SIZE) as usize;
+    (off..off + PAGE_SIZE as usize)
+        .map(|i| (i / 7) as u8)
+        .collect()
+}
+
+fn frame_holds(mem: &DeviceMemory, frame: hetmem_core::DevPfn, want: &[u8]) -> bool {
+    let mut buf = vec![0u8; PAGE_SIZE as usize];
+    mem.arena()
+        .read(DeviceMemory::frame_offset(frame), &mut buf)
+        .unwrap();
+    buf == want
+}
+
+#[test]
+fn pages_move_between_devices_with_the_default_synchronous_copy() {
+    let (mm, a, range) = setup(8);
+    let b = attach(OWNER_B);
+    to_device(mm, &a, range);
+    let before = mm.stats();
+    let (a0, b0) = (a.mem.pool().lock().stats(), b.mem.pool().lock().stats());
+
+    // `Driver` does not override `copy_peer`: the default copies arena to arena.
+    let mut m = MigrateVma::setup(mm, owned(range)).unwrap();
+    assert_eq!(m.cpages(), 8);
+    m.alloc_and_copy(&Driver {
+        mem: &b.mem,
+        take: |_| true,
+    });
+    let summary = m.pages().finalize();
+
+    assert_eq!(summary.migrated, 8);
+    for (k, p) in range.pages().enumerate() {
+        let Location::Device {
+            dev,
+            frame,
+            coherent: false,
+        } = location(mm, p)
+        else {
+            panic!("page {k} is not on a device");
+        };
+        assert_eq!(dev, b.mem.id(), "page {k} is B's");
+        assert!(
+            frame_holds(&b.mem, frame, &pattern_page(k as u64)),
+            "page {k}'s bytes"
+        );
+    }
+    let (a1, b1) = (a.mem.pool().lock().stats(), b.mem.pool().lock().stats());
+    assert_eq!(a1.pages_in_use, 0, "A's frames freed");
+    assert_eq!(a1.page_out - a0.page_out, 8);
+    assert_eq!(b1.pages_in_use, 8);
+    assert_eq!(b1.page_in - b0.page_in, 8);
+    assert_eq!(
+        mm.stats().pages_device_to_device - before.pages_device_to_device,
+        8
+    );
+    assert_eq!(mm.stats().pages_to_system, before.pages_to_system);
+    mm.check_invariants().unwrap();
+    pattern_intact(mm, range);
+    assert_eq!(b.mem.pool().lock().stats().pages_in_use, 0);
+    mm.check_invariants().unwrap();
+}
+
+/// `Driver`, whose device-to-device copy reports only the first `copied` pages of each run.
+struct PartialCopy<'a> {
+    inner: Driver<'a>,
+    copied: u64,
+}
+
+impl MigrateDriver for PartialCopy<'_> {
+    fn alloc_and_copy(&self, range: PageRange, entries: &mut [MigrateEntry], compound: &[bool]) {
+        self.inner.alloc_and_copy(range, entries, compound);
+    }
+    fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+    fn copy_peer(&self, mm: &AddressSpace, runs: &[PeerRun]) -> PeerCopy {
+        let done = hetmem::migrate::copy_peer_runs(mm, runs);
+        PeerCopy::Done(done.iter().map(|&n| n.min(self.copied)).collect())
+    }
+}
+
+#[test]
+fn pages_whose_copy_failed_stay_on_the_source_device() {
+    let (mm, a, range) = setup(8);
+    let b = attach(OWNER_B);
+    to_device(mm, &a, range);
+    let held: Vec<_> = range.pages().map(|p| location(mm, p)).collect();
+
+    let mut m = MigrateVma::setup(mm, owned(range)).unwrap();
+    m.alloc_and_copy(&PartialCopy {
+        inner: Driver {
+            mem: &b.mem,
+            take: |_| true,
+        },
+        copied: 3,
+    });
+    let c = m.pages();
+    let entries = c.entries().to_vec();
+    let summary = c.finalize();
+
+    assert_eq!(summary.migrated, 3, "one run, its first three pages copied");
+    for (k, e) in entries.iter().enumerate() {
+        let p = range.page(k as u64);
+        if k < 3 {
+            assert!(e.migrates(), "page {k} moved");
+            assert!(matches!(location(mm, p), Location::Device { dev, .. } if dev == b.mem.id()));
+        } else {
+            assert_eq!(e.skipped, Some(SkipReason::CopyFailed), "page {k}");
+            assert_eq!(
+                location(mm, p),
+                held[k],
+                "page {k} stayed in its frame on A"
+            );
+            let Location::Device { frame, .. } = held[k] else {
+                unreachable!()
+            };
+            assert!(
+                frame_holds(&a.mem, frame, &pattern_page(k as u64)),
+                "page {k} intact"
+            );
+        }
+    }
+    assert_eq!(a.mem.pool().lock().stats().pages_in_use, 5);
+    assert_eq!(
+        b.mem.pool().lock().stats().pages_in_use,
+        3,
+        "B's frames for the pages that did not copy were freed"
+    );
+    mm.check_invariants().unwrap();
+    pattern_intact(mm, range);
+    assert_eq!(a.mem.pool().lock().stats().pages_in_use, 0);
+    assert_eq!(b.mem.pool().lock().stats().pages_in_use, 0);
     mm.check_invariants().unwrap();
 }
