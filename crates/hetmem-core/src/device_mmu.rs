@@ -1294,7 +1294,7 @@ impl DevicePageTable {
     }
 
     /// Calls `f` with every leaf, in address order.
-    fn for_each_leaf(&self, mut f: impl FnMut(Translation)) {
+    pub fn for_each_leaf(&self, mut f: impl FnMut(Translation)) {
         let mut stack = vec![(ROOT, 0u64)];
         while let Some((t, prefix)) = stack.pop() {
             let tab = &self.tables[t as usize];

@@ -144,6 +144,11 @@ impl SharedMmu {
         *self.shootdown.lock()
     }
 
+    /// Runs `f` on the page table under the table lock (no mapping changes meanwhile).
+    pub fn inspect<R>(&self, f: impl FnOnce(&crate::device_mmu::DevicePageTable) -> R) -> R {
+        f(self.core.lock().page_table())
+    }
+
     /// Pages the table maps.
     pub fn mapped_pages(&self) -> u64 {
         self.core.lock().page_table().mapped_pages()

@@ -58,8 +58,9 @@ use hetmem_core::{
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
     link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
-    migrate::{MigrateEntry, PageLoc, SelectFlags},
+    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
+    page_state::Location,
     pfn::HmmPfn,
     pool::MemoryKind,
     range_fault::{HmmRange, RangeFaultError},
@@ -564,7 +565,8 @@ impl Accelerator {
     /// Checks the device MMU's invariants (page table, TLBs, pending invalidations).
     pub fn check_invariants(&self) -> Result<(), String> {
         self.dev.mmu.check_invariants()?;
-        self.dev.ring.check_invariants()
+        self.dev.ring.check_invariants()?;
+        self.dev.check_coherence()
     }
 
     /// Makes `range` resident for the device before a launch, as a driver without retry (AMD's
@@ -935,6 +937,48 @@ impl SimDevice {
         }
         drop(f);
         self.replay();
+    }
+
+    /// DESIGN.md invariant 1 between the device page table and hetmem's page states: every leaf
+    /// points where the page actually is (a local leaf at the frame of this device that holds the
+    /// page, a peer leaf at the peer's frame, a system leaf at a page in system memory), and only
+    /// inside managed memory. Taken under the table lock: an invalidation must pass it before a
+    /// page's state may change, so the picture is consistent.
+    fn check_coherence(&self) -> Result<(), String> {
+        self.mmu.inspect(|pt| {
+            let mut err = None;
+            pt.for_each_leaf(|tr| {
+                for i in 0..tr.size.pages() {
+                    if err.is_some() {
+                        return;
+                    }
+                    let va = VirtAddr(tr.leaf.0 + i * PAGE_SIZE);
+                    let Some(region) = self.mm.region_of(va) else {
+                        err = Some(format!("device maps {va}, outside managed memory"));
+                        return;
+                    };
+                    let loc = region.states.get(region.index(va)).location;
+                    let agrees = match (tr.target(va), loc) {
+                        (Some(PteTarget::System), Location::System) => true,
+                        (Some(PteTarget::Local(f)), Location::Device { dev, frame, .. }) => {
+                            dev == self.mem.id() && frame == f
+                        }
+                        (
+                            Some(PteTarget::Peer { dev, frame: f }),
+                            Location::Device { dev: d, frame, .. },
+                        ) => dev == d && frame == f,
+                        _ => false,
+                    };
+                    if !agrees {
+                        err = Some(format!(
+                            "device leaf at {va} says {:?}, the page is at {loc:?}",
+                            tr.target(va)
+                        ));
+                    }
+                }
+            });
+            err.map_or(Ok(()), Err)
+        })
     }
 
     /// A compute unit: runs its warps (every `units`-th warp from `cu`) until all completed or the
@@ -1322,12 +1366,14 @@ impl SimDevice {
             let Some(sub) = region.range().intersect(&hull) else {
                 continue;
             };
-            if action == PlacementAction::Migrate {
-                self.migrate_in(sub, &spans);
-            }
+            let busy = if action == PlacementAction::Migrate {
+                self.migrate_in(sub, &spans)
+            } else {
+                Vec::new()
+            };
             let at = pending.partition_point(|p| p.0 < sub.start());
             let to = pending.partition_point(|p| p.0 < sub.end());
-            self.fault_and_map(sub, &pending[at..to], &spans)
+            self.fault_and_map(sub, &pending[at..to], &spans, &busy)
                 .map_err(|(a, e)| {
                     let access = pending
                         .iter()
@@ -1347,7 +1393,7 @@ impl SimDevice {
     /// Migrates the system pages of `sub` (within one region) that lie in `spans` into device
     /// memory; pages that cannot move stay where they are (shared memory, other devices' pages, a
     /// full device).
-    fn migrate_in(&self, sub: PageRange, spans: &[PageRange]) {
+    fn migrate_in(&self, sub: PageRange, spans: &[PageRange]) -> Vec<VirtAddr> {
         let args = MigrateArgs {
             range: sub,
             select: SelectFlags::SYSTEM | SelectFlags::COMPOUND,
@@ -1359,10 +1405,20 @@ impl SimDevice {
             MigrateVma::setup(self.mm, args)
         };
         let Ok(mut m) = setup else {
-            return;
+            return Vec::new();
         };
+        // Pages another thread holds locked right now (a CPU fault moving them, another
+        // migration): not mapped remotely, but retried after the replay, as UVM retries a block
+        // it could not lock instead of settling for a remote mapping.
+        let busy: Vec<VirtAddr> = m
+            .entries()
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.skipped == Some(SkipReason::Locked))
+            .map(|(k, _)| sub.page(k as u64))
+            .collect();
         if m.cpages() == 0 {
-            return;
+            return busy;
         }
         m.alloc_and_copy(&FaultDriver {
             mem: &self.mem,
@@ -1372,7 +1428,7 @@ impl SimDevice {
         let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
         let summary = c.finalize();
         if moved == 0 {
-            return;
+            return busy;
         }
         self.counters.migrations.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -1394,18 +1450,20 @@ impl SimDevice {
             modelled_ns = cost.as_nanos(),
             "migration"
         );
+        busy
     }
 
     /// `hmm_range_fault` over `span` and the device page-table update, retried while the notifier
     /// sequence moves (seed 002's driver_populate_range). `faulted` (sorted, within `span`) must
     /// come out valid, writable for writes and atomics; the other pages inside `spans` are mapped
     /// as the range fault finds them, and not at all when they are not present; pages outside
-    /// `spans` are left alone.
+    /// `spans` and those in `busy` (sorted) are left alone.
     fn fault_and_map(
         &self,
         span: PageRange,
         faulted: &[(VirtAddr, FaultAccess)],
         spans: &[PageRange],
+        busy: &[VirtAddr],
     ) -> Result<(), (VirtAddr, RangeFaultError)> {
         let sub = self
             .sub
@@ -1441,7 +1499,10 @@ impl SimDevice {
             targets.clear();
             targets.extend(r.hmm_pfns.iter().enumerate().map(|(k, pfn)| {
                 let a = span.page(k as u64);
-                if !pfn.is_valid() || !spans.iter().any(|s| s.contains(a)) {
+                if !pfn.is_valid()
+                    || !spans.iter().any(|s| s.contains(a))
+                    || busy.binary_search(&a).is_ok()
+                {
                     return None;
                 }
                 let target = match pfn.device_frame() {
