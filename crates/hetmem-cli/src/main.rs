@@ -98,13 +98,46 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let policies: [(&str, Arc<dyn PlacementPolicy>); 2] = [
-        ("4 KiB (demand paging)", Arc::new(Granularity::page())),
-        ("2 MiB (whole blocks)", Arc::new(Granularity::block())),
+    use hetmem_core::fault_ring::ReplayPolicy;
+    let window = |b: u64| -> Arc<dyn PlacementPolicy> {
+        Arc::new(Granularity::new(b).expect("a valid window"))
+    };
+    // Placements at the default replay policy, then the replay policies at 64 KiB.
+    let configs: Vec<(String, Arc<dyn PlacementPolicy>, ReplayPolicy)> = vec![
+        (
+            "4 KiB windows (demand paging), batch-flush".into(),
+            window(4 << 10),
+            ReplayPolicy::BatchFlush,
+        ),
+        (
+            "64 KiB windows, batch-flush".into(),
+            window(64 << 10),
+            ReplayPolicy::BatchFlush,
+        ),
+        (
+            "2 MiB windows (whole blocks), batch-flush".into(),
+            window(2 << 20),
+            ReplayPolicy::BatchFlush,
+        ),
+        (
+            "64 KiB windows, replay block".into(),
+            window(64 << 10),
+            ReplayPolicy::Block,
+        ),
+        (
+            "64 KiB windows, replay batch".into(),
+            window(64 << 10),
+            ReplayPolicy::Batch,
+        ),
+        (
+            "64 KiB windows, replay once".into(),
+            window(64 << 10),
+            ReplayPolicy::Once,
+        ),
     ];
     let mut hit = Vec::new();
     let mut plain = Vec::new();
-    for (name, placement) in policies {
+    for (name, placement, replay) in configs {
         let (mut service, mut service_cpu, mut wall, mut batch, mut dups, mut nbatches) = (
             Vec::new(),
             Vec::new(),
@@ -122,6 +155,7 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
                 warps_per_cu: 64,
                 link: LinkModel::off(),
                 placement: Arc::clone(&placement),
+                replay,
                 ..AccelConfig::default()
             })?;
             let a = mm.map_anonymous(bytes, Prot::READ | Prot::WRITE, false)?;
@@ -141,6 +175,9 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
             let dt = t.elapsed();
             let s = acc.stats();
             let pages = s.pages_serviced - before.pages_serviced;
+            if std::env::var_os("HETMEM_BENCH_DEBUG").is_some() {
+                eprintln!("{s:?}");
+            }
             let busy = (s.service_busy - before.service_busy).as_secs_f64();
             let cpu = (s.service_cpu - before.service_cpu).as_secs_f64();
             service.push(pages as f64 / busy.max(1e-9));
@@ -179,7 +216,7 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
                 mm.unmap(a)?
             };
         }
-        println!("placement {name}:");
+        println!("{name}:");
         println!(
             "  fault servicing, one service thread {:>10.0} pages/s while servicing (target >= 1,000,000)",
             med(service)

@@ -406,13 +406,27 @@ impl SharedFaultRing {
         })
     }
 
-    /// [`FaultRing::push`], waking the service thread when the entry is queued.
+    /// [`FaultRing::push`], waking the service thread when the entry made the ring non-empty
+    /// (the only transition a waiter waits for; a wake-up per entry would cost every faulting
+    /// warp a system call).
     pub fn push(&self, entry: FaultEntry) -> PushOutcome {
-        let outcome = self.ring.lock().push(entry);
-        if outcome == PushOutcome::Queued {
+        let (outcome, first) = {
+            let mut ring = self.ring.lock();
+            let outcome = ring.push(entry);
+            (outcome, ring.len() == 1)
+        };
+        if outcome == PushOutcome::Queued && first {
             self.not_empty.notify_one();
         }
         outcome
+    }
+
+    /// Waits up to `timeout` for the ring to hold an entry; returns whether it does.
+    pub fn wait_nonempty(&self, timeout: Duration) -> bool {
+        let mut ring = self.ring.lock();
+        self.not_empty
+            .wait_while_for(&mut ring, |r| r.is_empty(), timeout);
+        !ring.is_empty()
     }
 
     /// [`FaultRing::fetch_batch`] without waiting.

@@ -92,6 +92,9 @@ pub struct AccelConfig {
     pub ring_capacity: usize,
     /// Faults fetched per batch.
     pub batch_size: usize,
+    /// How long the service waits after the first fault of an empty ring before it fetches a
+    /// batch (interrupt moderation; zero fetches at once).
+    pub fault_coalesce: Duration,
     /// When stalled warps are replayed.
     pub replay: ReplayPolicy,
     /// Faults are replayable (NVIDIA, AMD with XNACK on). Without retry (XNACK off) a miss is
@@ -113,6 +116,7 @@ impl Default for AccelConfig {
             va_bits: 48,
             ring_capacity: 4096,
             batch_size: DEFAULT_BATCH_SIZE,
+            fault_coalesce: Duration::from_micros(50),
             replay: ReplayPolicy::default(),
             retry: true,
             link: LinkModel::pcie4_x16(),
@@ -192,6 +196,7 @@ struct Counters {
     faults_lost: AtomicU64,
     faults_flushed: AtomicU64,
     faults_stale: AtomicU64,
+    pages_busy: AtomicU64,
     nonreplayable: AtomicU64,
     duplicates: AtomicU64,
     fatal: AtomicU64,
@@ -230,6 +235,8 @@ pub struct AccelStats {
     pub faults_flushed: u64,
     /// Faults whose page an earlier batch had already mapped as the access needs.
     pub faults_stale: u64,
+    /// Pages left for a later replay because another thread held them locked.
+    pub pages_busy: u64,
     /// Faults merged into another of the same batch (same page).
     pub duplicates: u64,
     /// Fatal faults (launches failed).
@@ -538,6 +545,7 @@ impl Accelerator {
             nonreplayable: g(&c.nonreplayable),
             faults_flushed: g(&c.faults_flushed),
             faults_stale: g(&c.faults_stale),
+            pages_busy: g(&c.pages_busy),
             duplicates: g(&c.duplicates),
             fatal: g(&c.fatal),
             batches: g(&c.batches),
@@ -1166,11 +1174,19 @@ impl SimDevice {
                 return;
             }
             entries.clear();
-            let n = self.ring.wait_fetch_batch(
-                self.config.batch_size,
-                &mut entries,
-                Duration::from_millis(5),
-            );
+            // Interrupt moderation: once a fault arrived, give the other warps a moment to add
+            // theirs, so one batch carries many (a GPU's fault interrupt reaches the driver's
+            // bottom half tens of microseconds after the first fault, with the buffer filling
+            // meanwhile).
+            let n = if self.ring.wait_nonempty(Duration::from_millis(5)) {
+                if !self.config.fault_coalesce.is_zero() && self.ring.len() < self.config.batch_size
+                {
+                    std::thread::sleep(self.config.fault_coalesce);
+                }
+                self.ring.fetch_batch(self.config.batch_size, &mut entries)
+            } else {
+                0
+            };
             if n == 0 {
                 // Idle: replay whatever is owed (dropped faults re-raise), and keep stalled warps
                 // moving if a launch is active.
@@ -1417,6 +1433,9 @@ impl SimDevice {
             .filter(|(_, e)| e.skipped == Some(SkipReason::Locked))
             .map(|(k, _)| sub.page(k as u64))
             .collect();
+        self.counters
+            .pages_busy
+            .fetch_add(busy.len() as u64, Ordering::Relaxed);
         if m.cpages() == 0 {
             return busy;
         }
