@@ -52,6 +52,7 @@ use hetmem::{
 };
 use hetmem_core::{
     addr::PAGES_PER_HUGE,
+    copy_engine::{CopyEngine, CopyEngineConfig},
     device_mmu::{Access, MmuConfig, MmuFault, PtePerms, PteTarget},
     fault_ring::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
@@ -69,6 +70,7 @@ use hetmem_core::{
 };
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::copy::{migrate_between, SimCopyBackend};
 use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolicy};
 
 /// Lanes per warp.
@@ -197,6 +199,7 @@ struct Counters {
     faults_flushed: AtomicU64,
     faults_stale: AtomicU64,
     pages_busy: AtomicU64,
+    pages_from_peers: AtomicU64,
     nonreplayable: AtomicU64,
     duplicates: AtomicU64,
     fatal: AtomicU64,
@@ -237,6 +240,8 @@ pub struct AccelStats {
     pub faults_stale: u64,
     /// Pages left for a later replay because another thread held them locked.
     pub pages_busy: u64,
+    /// Pages migrated into this device from other devices (device to device, copy engines).
+    pub pages_from_peers: u64,
     /// Faults merged into another of the same batch (same page).
     pub duplicates: u64,
     /// Fatal faults (launches failed).
@@ -281,7 +286,10 @@ pub struct SimDevice {
     /// Held by a lane from its first atomic until it completes or misses.
     atomics: Mutex<()>,
     ring: SharedFaultRing,
-    clock: DeviceClock,
+    clock: Arc<DeviceClock>,
+    /// Copy engines for device-to-device migrations (system pages move by UFFDIO_MOVE, which
+    /// copies nothing).
+    copy: CopyEngine,
     config: AccelConfig,
     sub: Mutex<Option<Arc<IntervalNotifier>>>,
     /// Replay epoch: stalled warps wait for it to move.
@@ -333,9 +341,9 @@ impl IntervalNotifierOps for SimDevice {
         // moves into its memory must lose the remote mapping.
         let end = range.end.0.min(1u64 << self.config.va_bits);
         let r = PageRange::from_bounds(range.start.0, end).ok();
-        // This device's own migration into its memory (the service thread, inside `migrate_in`)
-        // collects system pages only: its remote mappings of them must go, its local mappings
-        // of frames it already holds stay (they are not collected, and dropping them would make
+        // This device's own migration into its memory (the service thread, inside `migrate_in`
+        // and `pull_from_peers`) collects system pages and peers' pages only: its remote mappings
+        // of them must go, its local mappings of frames it already holds stay (they are not collected, and dropping them would make
         // every warp on them fault again).
         let own_to_device = range.event == NotifyEvent::Migrate
             && range.owner == Some(self.mem.owner())
@@ -345,7 +353,7 @@ impl IntervalNotifierOps for SimDevice {
             if let Some(r) = r {
                 // Out of range cannot happen (clipped to the width above); nothing to undo.
                 let _ = if own_to_device {
-                    c.unmap_where(r, |t| t == PteTarget::System)
+                    c.unmap_where(r, |t| !matches!(t, PteTarget::Local(_)))
                 } else {
                     c.unmap(r).map(|rep| rep.pages)
                 };
@@ -487,13 +495,24 @@ impl Accelerator {
                 tlb_entries: cfg.tlb_entries,
             })
             .map_err(|e| MmError::Backend(format!("device MMU: {e}")))?;
+            let clock = Arc::new(DeviceClock::new());
+            let copy = CopyEngine::new(
+                CopyEngineConfig {
+                    link: cfg.link.clone(),
+                    ..CopyEngineConfig::default()
+                },
+                Arc::new(SimCopyBackend::new(mm)),
+                Arc::clone(&clock),
+            )
+            .map_err(|e| MmError::Backend(format!("copy engine: {e}")))?;
             Ok(Arc::new(SimDevice {
                 mm,
                 mem: Arc::new(mem),
                 mmu,
                 atomics: Mutex::new(()),
                 ring,
-                clock: DeviceClock::new(),
+                clock,
+                copy,
                 config: cfg,
                 sub: Mutex::new(None),
                 epoch: Mutex::new(0),
@@ -546,6 +565,7 @@ impl Accelerator {
             faults_flushed: g(&c.faults_flushed),
             faults_stale: g(&c.faults_stale),
             pages_busy: g(&c.pages_busy),
+            pages_from_peers: g(&c.pages_from_peers),
             duplicates: g(&c.duplicates),
             fatal: g(&c.fatal),
             batches: g(&c.batches),
@@ -563,6 +583,11 @@ impl Accelerator {
             lanes_run: g(&c.lanes_run),
             lane_retries: g(&c.lane_retries),
         }
+    }
+
+    /// Counters of the copy engines (device-to-device migrations into this device).
+    pub fn copy_stats(&self) -> hetmem_core::copy_engine::CopyStats {
+        self.dev.copy.stats()
     }
 
     /// Modelled time by cause.
@@ -1383,6 +1408,7 @@ impl SimDevice {
                 continue;
             };
             let busy = if action == PlacementAction::Migrate {
+                self.pull_from_peers(&region, sub, &spans);
                 self.migrate_in(sub, &spans)
             } else {
                 Vec::new()
@@ -1399,6 +1425,57 @@ impl SimDevice {
                 })?;
         }
         Ok(())
+    }
+
+    /// Migrates the pages of `spans` within `sub` that live on other devices straight into this
+    /// device's memory, copied device to device by the copy engines (instead of through system
+    /// memory, where a range fault would send them).
+    fn pull_from_peers(
+        &self,
+        region: &hetmem::region::Region,
+        sub: PageRange,
+        spans: &[PageRange],
+    ) {
+        for span in spans.iter().filter_map(|s| s.intersect(&sub)) {
+            let mut peers: Vec<DeviceId> = Vec::new();
+            for a in span.pages() {
+                if let Location::Device {
+                    dev,
+                    coherent: false,
+                    ..
+                } = region.states.get(region.index(a)).location
+                {
+                    if dev != self.mem.id() && !peers.contains(&dev) {
+                        peers.push(dev);
+                    }
+                }
+            }
+            for peer in peers {
+                let Some(from) = self.mm.device(peer) else {
+                    continue;
+                };
+                let moved = {
+                    let _own = OwnToDevice::enter();
+                    migrate_between(self.mm, span, from.memory(), &self.mem, &self.copy)
+                };
+                let Ok((summary, _)) = moved else { continue };
+                if summary.migrated > 0 {
+                    self.counters.migrations.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .pages_from_peers
+                        .fetch_add(summary.migrated, Ordering::Relaxed);
+                    tracing::debug!(
+                        dev = self.mem.id().0,
+                        trigger = "device_fault",
+                        from = peer.0,
+                        start = %span.start(),
+                        pages = span.npages(),
+                        migrated = summary.migrated,
+                        "migration"
+                    );
+                }
+            }
+        }
     }
 
     fn free_frames(&self) -> u64 {

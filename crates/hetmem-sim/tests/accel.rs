@@ -308,3 +308,55 @@ fn data_split_between_device_and_cpu_gives_the_cpu_result() {
     acc.check_invariants().unwrap();
     mm().check_invariants().unwrap();
 }
+
+#[test]
+fn a_second_device_pulls_pages_from_the_first_device_to_device() {
+    let n = 16 * 1024; // 64 KiB: 16 pages
+    let a = alloc_u32(n, |i| i as u32);
+    let out = alloc_u32(n, |_| 0);
+    let dev_a = Accelerator::new(small()).unwrap();
+    let dev_b = Accelerator::new(small()).unwrap();
+    let (pa, po) = (a.start().0, out.start().0);
+    // Device A doubles `a` in place: its pages move into A's memory.
+    let double = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(pa + 4 * i, 2 * x)
+    };
+    dev_a.launch(Arc::new(double), n).unwrap().wait().unwrap();
+    let on_a = dev_a.memory().pool().lock().stats().pages_in_use;
+    assert!(on_a >= 16, "a lives on device A: {on_a} pages");
+    let to_system_before = mm().stats().pages_to_system;
+    // Device B reads `a` (on A) and writes `out`: A's pages come over device to device.
+    let plus_one = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(po + 4 * i, x + 1)
+    };
+    dev_b.launch(Arc::new(plus_one), n).unwrap().wait().unwrap();
+    let s = dev_b.stats();
+    assert!(s.pages_from_peers >= 16, "{s:?}");
+    assert_eq!(
+        mm().stats().pages_to_system,
+        to_system_before,
+        "nothing went through system memory"
+    );
+    assert!(
+        dev_a.memory().pool().lock().stats().pages_in_use <= on_a - 16,
+        "A's frames of `a` were freed"
+    );
+    assert!(
+        dev_b.copy_stats().bytes() >= 16 * PAGE_SIZE,
+        "B's copy engines carried the pages: {:?}",
+        dev_b.copy_stats()
+    );
+    dev_a.check_invariants().unwrap();
+    dev_b.check_invariants().unwrap();
+    let got = read_u32(out, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, 2 * i as u32 + 1, "out[{i}]");
+    }
+    let got = read_u32(a, n);
+    for (i, v) in got.iter().enumerate() {
+        assert_eq!(*v, 2 * i as u32, "a[{i}]");
+    }
+    mm().check_invariants().unwrap();
+}
