@@ -129,6 +129,41 @@ fn atomics_from_every_thread_sum_exactly() {
 }
 
 #[test]
+fn non_replayable_faults_lost_to_a_full_ring_are_counted_and_fail_the_launch() {
+    let n = 32 * 1024;
+    let a = alloc_u32(n, |i| i as u32);
+    let acc = Accelerator::new(AccelConfig {
+        retry: false,
+        ring_capacity: 2,
+        batch_size: 1,
+        compute_units: 4,
+        // The service waits before it fetches, so the faults of many warps pile up first.
+        fault_coalesce: std::time::Duration::from_millis(20),
+        ..small()
+    })
+    .unwrap();
+    let pa = a.start().0;
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let j = (i * 1021) % n;
+        t.load_u32(pa + 4 * j).map(|_| ())
+    };
+    let err = acc.launch(Arc::new(k), n).unwrap().wait().unwrap_err();
+    let LaunchError::Fatal { addr, reason, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert!(a.contains(*addr), "the error names a faulting address: {err:?}");
+    let s = acc.stats();
+    assert!(s.nonreplayable >= 3, "{s:?}");
+    assert!(s.faults_lost > 0, "a 2-entry ring lost non-replayable faults: {s:?}");
+    assert_eq!(s.faults_dropped, 0, "nothing replayable here: {s:?}");
+    assert!(
+        reason.contains("non-replayable"),
+        "the reason says why: {reason}"
+    );
+    acc.check_invariants().unwrap();
+}
+
+#[test]
 fn a_full_fault_ring_drops_faults_that_come_back_on_replay() {
     let n = 32 * 1024; // 128 KiB per array, 32 pages each: many warps fault at once
     let a = alloc_u32(n, |i| i as u32 ^ 0x55);
