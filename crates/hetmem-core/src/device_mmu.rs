@@ -57,8 +57,8 @@
 //! [`TlbInvalidator::last_completed`] (a sequence counter: dispatched vs completed).
 //!
 //! Neighbours: [`crate::pool`] allocates the frames local leaves point at and gets them back from
-//! [`DeviceMmu::complete`]; the notifier ([`crate::notifier`]) invalidation callback of a mirroring
-//! device calls [`DeviceMmu::unmap`] / [`DeviceMmu::protect`]; the fault ring (next) records each
+//! [`MmuCore::complete`]; the notifier ([`crate::notifier`]) invalidation callback of a mirroring
+//! device calls [`MmuCore::unmap`] / [`MmuCore::protect`]; the fault ring (next) records each
 //! [`MmuFault`] a warp takes; the simulated accelerator (hetmem-sim) owns one `DeviceMmu` and
 //! translates every warp access through [`CuMmu::translate`].
 //!
@@ -1255,7 +1255,7 @@ impl DevicePageTable {
     /// The `clear_flush_young` of seed 000: clears the accessed bit of every leaf of `range` and
     /// returns the ranges of the leaves that had it (whole 2 MiB leaves, even when `range` covers
     /// part of one: the bit is per leaf), coalesced. A TLB keeps serving the leaves it holds without
-    /// setting the bit again, so the caller flushes these ranges ([`DeviceMmu::clear_accessed`]
+    /// setting the bit again, so the caller flushes these ranges ([`MmuCore::clear_accessed`]
     /// queues them) before the next sample means anything.
     pub fn clear_accessed(&mut self, range: PageRange) -> Result<Vec<PageRange>, MmuError> {
         self.check_range(&range)?;

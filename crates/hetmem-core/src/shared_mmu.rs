@@ -18,7 +18,7 @@
 //! ```
 //!
 //! Why that is coherent (DESIGN.md invariant 1): a unit holds its TLB lock from the translation
-//! to the end of the access, so the shootdown's "lock tlb[k]" waits for any access that used a
+//! to the end of the access, so the shootdown's "lock `tlb[k]`" waits for any access that used a
 //! stale entry; a unit that walks after the table changed sees the new table; one that walked
 //! before fills its TLB before the shootdown reaches it (it holds its TLB lock across walk and
 //! fill), and the shootdown then drops the entry. When [`SharedMmu::shootdown`] returns, no unit

@@ -151,10 +151,16 @@ fn non_replayable_faults_lost_to_a_full_ring_are_counted_and_fail_the_launch() {
     let LaunchError::Fatal { addr, reason, .. } = &err else {
         panic!("{err:?}");
     };
-    assert!(a.contains(*addr), "the error names a faulting address: {err:?}");
+    assert!(
+        a.contains(*addr),
+        "the error names a faulting address: {err:?}"
+    );
     let s = acc.stats();
     assert!(s.nonreplayable >= 3, "{s:?}");
-    assert!(s.faults_lost > 0, "a 2-entry ring lost non-replayable faults: {s:?}");
+    assert!(
+        s.faults_lost > 0,
+        "a 2-entry ring lost non-replayable faults: {s:?}"
+    );
     assert_eq!(s.faults_dropped, 0, "nothing replayable here: {s:?}");
     assert!(
         reason.contains("non-replayable"),
