@@ -175,9 +175,6 @@ fn bench_device(mm: &AddressSpace, mib: u64, reps: usize) -> Result<()> {
             let dt = t.elapsed();
             let s = acc.stats();
             let pages = s.pages_serviced - before.pages_serviced;
-            if std::env::var_os("HETMEM_BENCH_DEBUG").is_some() {
-                eprintln!("{s:?}");
-            }
             let busy = (s.service_busy - before.service_busy).as_secs_f64();
             let cpu = (s.service_cpu - before.service_cpu).as_secs_f64();
             service.push(pages as f64 / busy.max(1e-9));
