@@ -742,12 +742,12 @@ impl std::fmt::Debug for Thread<'_> {
     }
 }
 
-/// The permissions an access of `kind` needs in the device page table.
-fn need(kind: FaultAccess) -> PtePerms {
+/// The device access a fault stands for (a prefetch fault needs what a read needs).
+fn device_access(kind: FaultAccess) -> Access {
     match kind {
-        FaultAccess::Atomic => PtePerms::READ | PtePerms::WRITE | PtePerms::ATOMIC,
-        FaultAccess::Write => PtePerms::READ | PtePerms::WRITE,
-        _ => PtePerms::READ,
+        FaultAccess::Atomic => Access::Atomic,
+        FaultAccess::Write => Access::Write,
+        _ => Access::Read,
     }
 }
 
@@ -1367,7 +1367,7 @@ impl SimDevice {
                     .filter(|&(a, access)| {
                         !c.page_table()
                             .lookup(a)
-                            .is_some_and(|tr| tr.perms.contains(need(access)))
+                            .is_some_and(|tr| tr.perms.contains(device_access(access).required()))
                     })
                     .collect()
             });

@@ -28,13 +28,9 @@ const DEV_OFF: u64 = 64;
 /// The shared atomic counter: page 0, this byte offset.
 const COUNTER_OFF: u64 = 2048;
 
-fn budget() -> Duration {
-    let secs = std::env::var("HETMEM_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    Duration::from_secs(secs)
-}
+mod common;
+
+use common::stress_budget as budget;
 
 #[test]
 #[ignore = "open bug: about one run in 30 to 40 ends with one device word incremented once too \

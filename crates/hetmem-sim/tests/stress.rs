@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use hetmem::{AddressSpace, Config, CpuFaultBackend, Prot};
@@ -17,13 +17,9 @@ use hetmem_sim::{DmirrorDevice, DEFAULT_CAPACITY_FOR_TESTS};
 const PAGES: u64 = 128;
 const WRITERS: usize = 3;
 
-fn budget() -> Duration {
-    let secs = std::env::var("HETMEM_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    Duration::from_secs(secs)
-}
+mod common;
+
+use common::stress_budget as budget;
 
 #[test]
 fn cpu_writers_and_device_migrations_lose_no_write_mprotect() {

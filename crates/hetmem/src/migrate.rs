@@ -1146,33 +1146,22 @@ pub(crate) fn evict_region_device(
                 crate::fault::restore_exclusive(mm, region, a)?;
             }
         }
-        let (summary, _) = migrate(
-            mm,
-            MigrateArgs {
-                range: sub,
-                select: SelectFlags::DEVICE_PRIVATE | SelectFlags::DEVICE_COHERENT,
-                owner: EVICT_ANY,
-                fault_page: None,
-            },
-            &ToSystem,
-        )?;
-        moved += summary.migrated;
+        let args = MigrateArgs {
+            range: sub,
+            select: SelectFlags::DEVICE_PRIVATE | SelectFlags::DEVICE_COHERENT,
+            owner: EVICT_ANY,
+            fault_page: None,
+        };
         // Pages locked by someone else are retried until they settle.
         let mut tries = 0;
-        while (s..i).any(&held) && tries < 1000 {
+        loop {
+            let (summary, _) = migrate(mm, args, &ToSystem)?;
+            moved += summary.migrated;
+            if !(s..i).any(&held) || tries == 1000 {
+                break;
+            }
             tries += 1;
             std::thread::sleep(std::time::Duration::from_micros(100));
-            let (again, _) = migrate(
-                mm,
-                MigrateArgs {
-                    range: sub,
-                    select: SelectFlags::DEVICE_PRIVATE | SelectFlags::DEVICE_COHERENT,
-                    owner: EVICT_ANY,
-                    fault_page: None,
-                },
-                &ToSystem,
-            )?;
-            moved += again.migrated;
         }
         if (s..i).any(&held) {
             return Err(MigrateError::Stuck { addr: sub.start() });

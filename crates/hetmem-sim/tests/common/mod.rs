@@ -384,3 +384,12 @@ pub fn default_huge_page_size() -> u64 {
 pub fn align_up(v: u64, a: u64) -> u64 {
     (v + a - 1) & !(a - 1)
 }
+
+/// Wall-clock budget of a stress test: `HETMEM_STRESS_SECS` seconds (default 2).
+pub fn stress_budget() -> std::time::Duration {
+    let secs = std::env::var("HETMEM_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    std::time::Duration::from_secs(secs)
+}
