@@ -90,6 +90,13 @@ impl SharedMmu {
     /// Sends the queued invalidations to every unit's TLB, waiting for each unit's work in flight,
     /// and completes the fence. Returns the frames now safe to reuse (empty when nothing was
     /// queued).
+    ///
+    /// When it returns, every invalidation queued *or dispatched* before the call has reached
+    /// every TLB, including one that another thread's shootdown dispatched and is still sending
+    /// (shootdowns run one at a time, so this one waits for it). A caller whose own update found
+    /// nothing to unmap must call it all the same before it relies on the page being out of
+    /// reach: the leaf may have gone with another thread's update, whose shootdown has not yet
+    /// reached every unit, so a unit may still hold it in its TLB.
     pub fn shootdown(&self) -> Vec<MappedFrame> {
         let mut stats = self.shootdown.lock();
         let Some((fence, batch)) = self.core.lock().dispatch_detached() else {
@@ -105,6 +112,17 @@ impl SharedMmu {
             // Cannot fail: the fence was dispatched above and only this (serialised) path
             // completes fences.
             .unwrap_or_default()
+    }
+
+    /// [`SharedMmu::shootdown`] for a caller that may not wait (a non-blockable notifier
+    /// callback): true when nothing is queued and no shootdown is in flight, so no unit can reach
+    /// what the table no longer grants; false when that would take waiting (what is queued stays
+    /// queued for the next shootdown).
+    pub fn try_sync(&self) -> bool {
+        match self.shootdown.try_lock() {
+            Some(_serial) => !self.has_pending(),
+            None => false,
+        }
     }
 
     /// Has anything been queued that [`SharedMmu::shootdown`] would send?
@@ -255,6 +273,52 @@ mod tests {
             m.unit(2),
             Err(MmuError::NoSuchUnit { cu: 2, units: 2 })
         ));
+    }
+
+    /// Two mappers on one page: A unmaps it and its shootdown waits for unit 0, which still holds
+    /// the page's entry; B's update then finds nothing left to unmap. B's shootdown must not
+    /// return before A's has reached unit 0, or B would hand out a frame the unit can still
+    /// write (the lost device stores of the accelerator stress test, before this was fixed).
+    #[test]
+    fn a_shootdown_waits_for_the_one_another_thread_is_sending() {
+        let m = mmu(2);
+        m.update(|c| c.map(page(0), PteTarget::Local(DevPfn(7)), RW))
+            .unwrap();
+        let mut unit0 = m.unit(0).unwrap();
+        unit0.translate(VirtAddr(BASE), Access::Write).unwrap();
+        assert_eq!(m.update(|c| c.unmap(page(0))).unwrap().pages, 1);
+        let b_done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let a = s.spawn(|| m.shootdown());
+            // A has dispatched once nothing is queued any more; it now waits for unit 0.
+            while m.has_pending() {
+                std::thread::yield_now();
+            }
+            assert_eq!(m.update(|c| c.unmap(page(0))).unwrap().pages, 0);
+            assert!(!m.try_sync(), "a shootdown is in flight: not synced");
+            let b = s.spawn(|| {
+                m.shootdown();
+                b_done.store(true, Ordering::Release);
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                !b_done.load(Ordering::Acquire),
+                "B's shootdown returned while unit 0 still holds the page's entry"
+            );
+            // Still a hit: the table has no leaf, so only the TLB can answer.
+            assert!(unit0.translate(VirtAddr(BASE), Access::Write).is_ok());
+            drop(unit0);
+            let frames = a.join().unwrap();
+            b.join().unwrap();
+            assert_eq!(frames.iter().flat_map(|f| f.frames()).count(), 1);
+        });
+        assert!(b_done.load(Ordering::Acquire));
+        assert!(m.try_sync(), "nothing queued, nothing in flight");
+        assert!(m
+            .unit(0)
+            .unwrap()
+            .translate(VirtAddr(BASE), Access::Read)
+            .is_err());
     }
 
     /// Units translate and "access" (record the target they used) while a mapper retargets pages

@@ -343,39 +343,35 @@ impl IntervalNotifierOps for SimDevice {
         let r = PageRange::from_bounds(range.start.0, end).ok();
         // This device's own migration into its memory (the service thread, inside `migrate_in`
         // and `pull_from_peers`) collects system pages and peers' pages only: its remote mappings
-        // of them must go, its local mappings of frames it already holds stay (they are not collected, and dropping them would make
-        // every warp on them fault again).
+        // of them must go, its local mappings of frames it already holds stay (they are not
+        // collected, and dropping them would make every warp on them fault again).
         let own_to_device = range.event == NotifyEvent::Migrate
             && range.owner == Some(self.mem.owner())
             && OWN_TO_DEVICE.with(Cell::get);
         let unmap = |c: &mut hetmem_core::device_mmu::MmuCore| {
             sub.set_seq(cur_seq);
-            if let Some(r) = r {
-                // Out of range cannot happen (clipped to the width above); nothing to undo.
-                let _ = if own_to_device {
-                    c.unmap_where(r, |t| !matches!(t, PteTarget::Local(_)))
-                } else {
-                    c.unmap(r).map(|rep| rep.pages)
-                };
+            let Some(r) = r else { return 0 };
+            // Out of range cannot happen (clipped to the width above); nothing to undo.
+            if own_to_device {
+                c.unmap_where(r, |t| !matches!(t, PteTarget::Local(_)))
+            } else {
+                c.unmap(r).map(|rep| rep.pages)
             }
-            !c.invalidator().pending().is_empty()
+            .unwrap_or(0)
         };
-        let queued = if range.blockable {
-            self.mmu.update(unmap)
-        } else {
-            match self.mmu.try_update(unmap) {
-                Some(q) => q,
-                None => return false,
-            }
-        };
-        if queued {
-            if !range.blockable {
-                // A shootdown waits for the warps in flight: not allowed here. What was queued
-                // stays queued and goes out with the next shootdown; the caller retries.
-                return false;
-            }
-            // The frames belong to hetmem's page states, not to this table: nothing to free.
-            self.mmu.shootdown();
+        if !range.blockable {
+            // A shootdown waits for the warps in flight: not allowed here. What was queued stays
+            // queued and goes out with the next shootdown; the caller retries.
+            return self.mmu.try_update(unmap).is_some() && self.mmu.try_sync();
+        }
+        let unmapped = self.mmu.update(unmap);
+        // Always, even when this update unmapped nothing: the leaves may have gone with another
+        // thread's update whose shootdown is still reaching the units, and until it has, a warp
+        // can still store through them (into a frame this invalidation's caller is about to copy
+        // or hand out: a lost device store).
+        // The frames belong to hetmem's page states, not to this table: nothing to free.
+        self.mmu.shootdown();
+        if unmapped > 0 {
             self.counters
                 .tlb_invalidations
                 .fetch_add(1, Ordering::Relaxed);
@@ -1620,10 +1616,9 @@ impl SimDevice {
             });
             let Some(mapped) = mapped else { continue };
             let mapped = mapped.map_err(|e| (span.start(), e))?;
-            // Mapping over stale leaves queued invalidations: send them before anyone reuses.
-            if self.mmu.has_pending() {
-                self.mmu.shootdown();
-            }
+            // Mapping over leaves queued their invalidations: send them (and wait for any other
+            // in flight) before the replay lets warps run on the new mappings.
+            self.mmu.shootdown();
             self.counters
                 .pages_mapped_remote
                 .fetch_add(mapped.remote, Ordering::Relaxed);

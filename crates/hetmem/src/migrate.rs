@@ -1133,7 +1133,10 @@ pub(crate) fn evict_region_device(
             i += 1;
             continue;
         }
+        // Page `s` was held when checked; it may have moved since (the states are read without
+        // their locks), so it opens the run regardless: a page that left collects nothing.
         let s = i;
+        i += 1;
         while i < n && held(i) && (i - s) < 512 {
             i += 1;
         }
@@ -1152,19 +1155,25 @@ pub(crate) fn evict_region_device(
             owner: EVICT_ANY,
             fault_page: None,
         };
-        // Pages locked by someone else are retried until they settle.
+        // Pages locked by someone else (or whose move failed) are retried until they settle. A
+        // page a device faulted back in after setup looked at it (not selected then) is a new
+        // residency, not one this call failed to evict: under a device that keeps faulting,
+        // waiting for "none held" could go on for ever.
         let mut tries = 0;
         loop {
-            let (summary, _) = migrate(mm, args, &ToSystem)?;
+            let (summary, entries) = migrate(mm, args, &ToSystem)?;
             moved += summary.migrated;
-            if !(s..i).any(&held) || tries == 1000 {
-                break;
+            let busy = entries.iter().enumerate().find(|&(k, e)| {
+                e.skipped.is_some_and(|r| r != SkipReason::NotSelected) && held(s + k)
+            });
+            let Some((k, _)) = busy else { break };
+            if tries == 1000 {
+                return Err(MigrateError::Stuck {
+                    addr: sub.page(k as u64),
+                });
             }
             tries += 1;
             std::thread::sleep(std::time::Duration::from_micros(100));
-        }
-        if (s..i).any(&held) {
-            return Err(MigrateError::Stuck { addr: sub.start() });
         }
     }
     Ok(moved)
