@@ -48,7 +48,7 @@ use std::{
 
 use hetmem::{
     migrate::{MigrateArgs, MigrateVma, ToSystem},
-    AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
+    AddressSpace, ComputeDevice, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
 };
 use hetmem_core::{
     addr::PAGES_PER_HUGE,
@@ -147,6 +147,12 @@ pub enum AccelError {
     /// A launch of zero threads.
     #[error("a launch needs at least one thread")]
     EmptyLaunch,
+    /// A range the device's page table cannot hold (beyond its address width).
+    #[error("device page table: {0}")]
+    Mmu(#[from] hetmem_core::device_mmu::MmuError),
+    /// A launch failed.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
 }
 
 /// Why a launch failed: the fault the service cancelled, with the address and the access.
@@ -602,6 +608,21 @@ impl Accelerator {
     /// XNACK off) must: migrates what it can into device memory and maps every page (writable
     /// when `write`).
     pub fn make_resident(&self, range: PageRange, write: bool) -> Result<(), AccelError> {
+        self.service_range(range, write, PlacementAction::Migrate)
+    }
+
+    /// Maps every page of `range` where it is, migrating nothing (writable when `write`).
+    pub fn map_remote(&self, range: PageRange, write: bool) -> Result<(), AccelError> {
+        self.service_range(range, write, PlacementAction::MapRemote)
+    }
+
+    /// Services a fault on every page of `range`, block by block, with `action`.
+    fn service_range(
+        &self,
+        range: PageRange,
+        write: bool,
+        action: PlacementAction,
+    ) -> Result<(), AccelError> {
         let access = if write {
             FaultAccess::Write
         } else {
@@ -610,10 +631,33 @@ impl Accelerator {
         for block in range.chunks(HUGE_PAGE_SIZE) {
             let pages: Vec<(VirtAddr, FaultAccess)> = block.pages().map(|a| (a, access)).collect();
             self.dev
-                .service_faults(&pages, Some(PlacementAction::Migrate))
+                .service_faults(&pages, Some(action))
                 .map_err(|(addr, _, source)| AccelError::Residency { addr, source })?;
         }
         Ok(())
+    }
+
+    /// Drops the device's mappings of `range`; when it returns no warp can reach them.
+    pub fn unmap(&self, range: PageRange) -> Result<(), AccelError> {
+        let unmapped = self.dev.mmu.update(|c| c.unmap(range))?;
+        self.dev.mmu.shootdown();
+        if unmapped.pages > 0 {
+            self.dev
+                .counters
+                .tlb_invalidations
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Clears the accessed bits of `range` and returns the ranges used since the last call; the
+    /// TLBs drop those ranges, so the next access sets the bit again.
+    pub fn take_accessed(&self, range: PageRange) -> Result<Vec<PageRange>, AccelError> {
+        let young = self.dev.mmu.update(|c| c.clear_accessed(range))?;
+        if !young.is_empty() {
+            self.dev.mmu.shootdown();
+        }
+        Ok(young)
     }
 
     /// Launches `kernel` over `threads` threads (warps of [`WARP_SIZE`] lanes spread over the
@@ -658,6 +702,51 @@ impl Accelerator {
             started,
             clock_before,
         })
+    }
+}
+
+impl Device for Accelerator {
+    fn memory(&self) -> &Arc<DeviceMemory> {
+        &self.dev.mem
+    }
+
+    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        self.dev.migrate_to_ram(mm, addr)
+    }
+}
+
+impl ComputeDevice for Accelerator {
+    type Kernel = dyn Kernel;
+    type Launch = Launch;
+    type Error = AccelError;
+
+    fn launch(&self, kernel: Arc<dyn Kernel>, threads: u64) -> Result<Launch, AccelError> {
+        Accelerator::launch(self, kernel, threads)
+    }
+
+    fn wait(&self, launch: Launch) -> Result<(), AccelError> {
+        launch.wait()?;
+        Ok(())
+    }
+
+    fn make_resident(&self, range: PageRange, write: bool) -> Result<(), AccelError> {
+        Accelerator::make_resident(self, range, write)
+    }
+
+    fn map_remote(&self, range: PageRange, write: bool) -> Result<(), AccelError> {
+        Accelerator::map_remote(self, range, write)
+    }
+
+    fn unmap(&self, range: PageRange) -> Result<(), AccelError> {
+        Accelerator::unmap(self, range)
+    }
+
+    fn take_accessed(&self, range: PageRange) -> Result<Vec<PageRange>, AccelError> {
+        Accelerator::take_accessed(self, range)
+    }
+
+    fn clock(&self) -> ClockReport {
+        Accelerator::clock(self)
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use hetmem_core::{
     copy_engine::Fence,
+    link::ClockReport,
     migrate::{MigrateEntry, PeerRun},
     pool::{DevicePool, MemoryKind},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr,
@@ -210,4 +211,48 @@ pub trait Device: Send + Sync {
     fn evict_all(&self, mm: &AddressSpace) -> Result<u64, MigrateError> {
         mm.evict_device(self.memory().id())
     }
+}
+
+/// A device that runs work: what a runtime drives, whatever runs behind it (DESIGN.md "Devices";
+/// issue 3, item 1). The simulated accelerator implements it; a GPU backend would implement it
+/// over its driver, with its own kernel type. Every method takes a range: residency, remote
+/// mappings, unmapping and accessed bits are managed per range, never per page, so a backend can
+/// turn each call into one page-table update and one TLB invalidation.
+///
+/// Faults are the device's own business: a launch that touches what is not mapped faults,
+/// and the device services the faults in batches (on the simulator, its service thread; on a
+/// GPU, its fault buffer) through the address space, so a runtime sees only launches that
+/// complete or fail with the faulting address.
+pub trait ComputeDevice: Device {
+    /// A program the device runs (the simulator's per-thread kernel; a GPU's compiled function).
+    type Kernel: ?Sized + Send + Sync;
+    /// A launch in flight; [`ComputeDevice::wait`] completes it.
+    type Launch: Send;
+    /// What can go wrong.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Starts `kernel` over `threads` threads and returns at once.
+    fn launch(&self, kernel: Arc<Self::Kernel>, threads: u64) -> Result<Self::Launch, Self::Error>;
+
+    /// Waits for a launch; a fault that could not be serviced fails it.
+    fn wait(&self, launch: Self::Launch) -> Result<(), Self::Error>;
+
+    /// Migrates the pages of `range` into this device's memory (what fits) and maps all of them,
+    /// writable when `write`: a prefetch, or residency before a launch that may not fault.
+    fn make_resident(&self, range: PageRange, write: bool) -> Result<(), Self::Error>;
+
+    /// Maps `range` where its pages are, migrating nothing: system pages are reached over the
+    /// link (an accessed-by device, a page pinned against thrashing).
+    fn map_remote(&self, range: PageRange, write: bool) -> Result<(), Self::Error>;
+
+    /// Drops this device's mappings of `range`. When it returns, no work on the device can reach
+    /// the pages through them.
+    fn unmap(&self, range: PageRange) -> Result<(), Self::Error>;
+
+    /// Clears the accessed bits of `range` and returns the ranges the device used since the last
+    /// call (seed 000's `clear_flush_young`): what an LRU or an access counter samples.
+    fn take_accessed(&self, range: PageRange) -> Result<Vec<PageRange>, Self::Error>;
+
+    /// The device's modelled time so far, by cause.
+    fn clock(&self) -> ClockReport;
 }

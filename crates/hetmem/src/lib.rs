@@ -26,7 +26,7 @@ mod os;
 pub mod region;
 pub mod stats;
 
-pub use device::{Device, DeviceMemory, MigrateDriver, PeerCopy};
+pub use device::{ComputeDevice, Device, DeviceMemory, MigrateDriver, PeerCopy};
 pub use error::{MigrateError, MmError};
 pub use hetmem_sys::mman::Prot;
 pub use mm::{AddressSpace, Config, CpuFaultBackend};
