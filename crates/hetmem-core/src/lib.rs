@@ -13,6 +13,7 @@
 //! | [`link`]      | PCIe / NVLink-C2C link, UVM fault costs, clock     |
 //! | [`device_mmu`]| GPU page table, per-CU TLBs, batched TLB invalidation |
 //! | [`copy_engine`]| SDMA copy queues, GART windows, `dma_fence`      |
+//! | [`policy`]    | UVM's prefetcher, thrashing detection, access counters |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod migrate;
 pub mod notifier;
 pub mod page_state;
 pub mod pfn;
+pub mod policy;
 pub mod pool;
 pub mod range_fault;
 pub mod shared_mmu;
