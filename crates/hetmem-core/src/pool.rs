@@ -39,6 +39,17 @@ pub enum PoolError {
         /// Frames the device has.
         capacity: u64,
     },
+    /// The allocation would take the device past the limit set on its memory (a runtime's
+    /// accounting, like a memory cgroup's charge).
+    #[error("device {dev:?} is at its memory limit ({in_use} of {limit} frames in use)")]
+    OverLimit {
+        /// The device.
+        dev: DeviceId,
+        /// Frames in use.
+        in_use: u64,
+        /// The limit in frames.
+        limit: u64,
+    },
     /// A frame that is not allocated was freed.
     #[error("frame {frame:?} of device {dev:?} freed but not allocated")]
     DoubleFree {
@@ -77,6 +88,8 @@ pub struct DevicePool {
     free_small: Vec<DevPfn>,
     free_huge: Vec<DevPfn>,
     allocated: Vec<u64>,
+    /// At most this many frames in use (`None`: the capacity).
+    limit: Option<u64>,
     stats: PoolStats,
 }
 
@@ -93,6 +106,7 @@ impl DevicePool {
             free_small: Vec::new(),
             free_huge: Vec::new(),
             allocated: vec![0; (capacity_chunks as usize * FRAMES_PER_CHUNK as usize).div_ceil(64)],
+            limit: None,
             stats: PoolStats::default(),
         }
     }
@@ -116,6 +130,37 @@ impl DevicePool {
     /// Counters.
     pub fn stats(&self) -> PoolStats {
         self.stats
+    }
+
+    /// Limits the frames in use to `frames` (`None`: no limit but the capacity). Frames already
+    /// in use beyond a new limit stay; only new allocations are refused until usage falls below
+    /// it. Freeing is never limited, so migration back to system memory never fails for it.
+    pub fn set_limit(&mut self, frames: Option<u64>) {
+        self.limit = frames;
+    }
+
+    /// The limit set by [`DevicePool::set_limit`].
+    pub fn limit(&self) -> Option<u64> {
+        self.limit
+    }
+
+    /// Frames that can still be allocated: under the capacity and the limit.
+    pub fn available_frames(&self) -> u64 {
+        let cap = self
+            .limit
+            .map_or(self.capacity_frames(), |l| l.min(self.capacity_frames()));
+        cap.saturating_sub(self.stats.pages_in_use)
+    }
+
+    fn charge(&self, frames: u64) -> Result<(), PoolError> {
+        match self.limit {
+            Some(limit) if self.stats.pages_in_use + frames > limit => Err(PoolError::OverLimit {
+                dev: self.dev,
+                in_use: self.stats.pages_in_use,
+                limit,
+            }),
+            _ => Ok(()),
+        }
     }
 
     fn oom(&self) -> PoolError {
@@ -162,6 +207,7 @@ impl DevicePool {
 
     /// Allocates one frame.
     pub fn alloc_page(&mut self) -> Result<DevPfn, PoolError> {
+        self.charge(1)?;
         if self.free_small.is_empty() && !self.add_chunk(false) {
             // Break a free 2 MiB block rather than fail.
             let Some(block) = self.free_huge.pop() else {
@@ -180,6 +226,7 @@ impl DevicePool {
 
     /// Allocates a 2 MiB block: 512 contiguous frames, the first 512-aligned.
     pub fn alloc_huge(&mut self) -> Result<DevPfn, PoolError> {
+        self.charge(FRAMES_PER_CHUNK as u64)?;
         if self.free_huge.is_empty() && !self.add_chunk(true) {
             return Err(self.oom());
         }
@@ -299,6 +346,34 @@ mod tests {
 
     fn pool(frames: u64) -> DevicePool {
         DevicePool::new(DeviceId(0), Owner(1), MemoryKind::DevicePrivate, frames)
+    }
+
+    #[test]
+    fn a_limit_refuses_allocations_past_it_and_never_frees() {
+        let mut p = pool(2 * FRAMES_PER_CHUNK as u64);
+        p.set_limit(Some(3));
+        assert_eq!(p.available_frames(), 3);
+        let frames: Vec<DevPfn> = (0..3).map(|_| p.alloc_page().unwrap()).collect();
+        assert_eq!(
+            p.alloc_page(),
+            Err(PoolError::OverLimit {
+                dev: DeviceId(0),
+                in_use: 3,
+                limit: 3
+            })
+        );
+        assert!(matches!(p.alloc_huge(), Err(PoolError::OverLimit { .. })));
+        assert_eq!(p.available_frames(), 0);
+        // Lowering the limit below usage keeps what is in use and frees normally.
+        p.set_limit(Some(1));
+        assert_eq!(p.available_frames(), 0);
+        p.free_page(frames[0]).unwrap();
+        p.free_page(frames[1]).unwrap();
+        assert_eq!(p.available_frames(), 0, "one in use, limit one");
+        p.set_limit(None);
+        assert_eq!(p.available_frames(), 2 * FRAMES_PER_CHUNK as u64 - 1);
+        assert!(p.alloc_huge().is_ok());
+        p.check_invariants().unwrap();
     }
 
     #[test]

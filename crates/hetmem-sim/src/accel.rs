@@ -653,11 +653,15 @@ impl Accelerator {
     /// Clears the accessed bits of `range` and returns the ranges used since the last call; the
     /// TLBs drop those ranges, so the next access sets the bit again.
     pub fn take_accessed(&self, range: PageRange) -> Result<Vec<PageRange>, AccelError> {
-        let young = self.dev.mmu.update(|c| c.clear_accessed(range))?;
-        if !young.is_empty() {
-            self.dev.mmu.shootdown();
+        take_accessed(&self.dev, range)
+    }
+
+    /// A weak handle for policies running inside this device (see [`AccelHandle`]).
+    pub fn handle(&self) -> AccelHandle {
+        AccelHandle {
+            dev: Arc::downgrade(&self.dev),
+            id: self.dev.mem.id(),
         }
-        Ok(young)
     }
 
     /// Launches `kernel` over `threads` threads (warps of [`WARP_SIZE`] lanes spread over the
@@ -703,6 +707,37 @@ impl Accelerator {
             clock_before,
         })
     }
+}
+
+/// A weak handle on an accelerator for the policies that run inside its own service thread (a
+/// placement policy that samples accessed bits to choose eviction victims): it does not keep the
+/// device alive, so a policy holding it makes no reference cycle, and its calls fail once the
+/// device is gone.
+#[derive(Clone, Debug)]
+pub struct AccelHandle {
+    dev: Weak<SimDevice>,
+    id: DeviceId,
+}
+
+impl AccelHandle {
+    /// The device.
+    pub fn id(&self) -> DeviceId {
+        self.id
+    }
+
+    /// [`Accelerator::take_accessed`]; `None` once the device is gone.
+    pub fn take_accessed(&self, range: PageRange) -> Option<Result<Vec<PageRange>, AccelError>> {
+        let dev = self.dev.upgrade()?;
+        Some(take_accessed(&dev, range))
+    }
+}
+
+fn take_accessed(dev: &SimDevice, range: PageRange) -> Result<Vec<PageRange>, AccelError> {
+    let young = dev.mmu.update(|c| c.clear_accessed(range))?;
+    if !young.is_empty() {
+        dev.mmu.shootdown();
+    }
+    Ok(young)
 }
 
 impl Device for Accelerator {
@@ -1564,8 +1599,7 @@ impl SimDevice {
     }
 
     fn free_frames(&self) -> u64 {
-        let pool = self.mem.pool().lock();
-        pool.capacity_frames() - pool.stats().pages_in_use
+        self.mem.pool().lock().available_frames()
     }
 
     /// Migrates the system pages of `sub` (within one region) that lie in `spans` into device

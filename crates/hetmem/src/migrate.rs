@@ -1118,8 +1118,18 @@ pub(crate) fn evict_region_device(
     region: &Arc<Region>,
     dev: Option<DeviceId>,
 ) -> Result<u64, MigrateError> {
-    let r = region.range();
-    let held = |i: usize| match region.states.get(i).location {
+    evict_range_device(mm, region, region.range(), dev)
+}
+
+/// [`evict_region_device`] for the pages of `r`, a range inside `region`.
+pub(crate) fn evict_range_device(
+    mm: &AddressSpace,
+    region: &Arc<Region>,
+    r: PageRange,
+    dev: Option<DeviceId>,
+) -> Result<u64, MigrateError> {
+    let first = region.index(r.start());
+    let held = |k: usize| match region.states.get(first + k).location {
         Location::Device { dev: d, .. } | Location::Exclusive { dev: d, .. } => {
             dev.is_none_or(|x| x == d)
         }

@@ -774,6 +774,23 @@ impl AddressSpace {
         Ok(moved)
     }
 
+    /// Moves the pages of `range` held by device `dev` (any device when `None`) back to system
+    /// memory: a runtime's eviction of a chosen victim. Pages outside managed memory are
+    /// skipped. Returns the pages moved.
+    pub fn evict_range(
+        &self,
+        range: PageRange,
+        dev: Option<hetmem_core::DeviceId>,
+    ) -> Result<u64, crate::error::MigrateError> {
+        let mut moved = 0;
+        for region in self.regions_in(range) {
+            if let Some(sub) = region.range().intersect(&range) {
+                moved += crate::migrate::evict_range_device(self, &region, sub, dev)?;
+            }
+        }
+        Ok(moved)
+    }
+
     /// Moves every device-held page back to system memory (seed 003's suspend; used before
     /// `fork()` so that the child sees every byte).
     pub fn evict_all(&self) -> Result<u64, crate::error::MigrateError> {
