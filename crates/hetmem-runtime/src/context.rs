@@ -1,0 +1,394 @@
+//! The context: devices in one address space, managed allocations, advice, prefetch, eviction
+//! and suspend, as a CUDA or HIP user expects them (../shared/reference/uvm-svm.md).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, Prot};
+use hetmem_core::{
+    page_state::Location, policy::Processor, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
+};
+use hetmem_sim::accel::{AccelConfig, Accelerator, Kernel, Launch};
+use parking_lot::RwLock;
+
+use crate::advice::{Advice, AdviceMap, RangeAttributes};
+use crate::managed::{Gate, Managed};
+use crate::policy::RuntimePlacement;
+use crate::stats::{Counters, RuntimeStats};
+use crate::RuntimeError;
+
+/// How a [`Context`] is built.
+#[derive(Debug)]
+pub struct ContextBuilder {
+    devices: Vec<AccelConfig>,
+    memory_limit: Option<u64>,
+    granularity: u64,
+    backend: Option<CpuFaultBackend>,
+}
+
+impl Default for ContextBuilder {
+    fn default() -> Self {
+        ContextBuilder {
+            devices: Vec::new(),
+            memory_limit: None,
+            granularity: PAGE_SIZE,
+            backend: None,
+        }
+    }
+}
+
+impl ContextBuilder {
+    /// Adds a device (its `placement` is replaced by the context's policy).
+    pub fn device(mut self, config: AccelConfig) -> Self {
+        self.devices.push(config);
+        self
+    }
+
+    /// Limits the device memory this context may use on each device, in bytes (whole frames);
+    /// faults and prefetches past it evict, and migration back to system memory is never limited.
+    pub fn memory_limit(mut self, bytes: u64) -> Self {
+        self.memory_limit = Some(bytes);
+        self
+    }
+
+    /// The migration window of faults where no granularity is advised (a power of two from 4 KiB
+    /// to 2 MiB; 4 KiB by default: UVM's demand paging).
+    pub fn granularity(mut self, bytes: u64) -> Self {
+        self.granularity = bytes;
+        self
+    }
+
+    /// The CPU fault backend, when this call starts the address space (default: the best the
+    /// kernel offers, or `HETMEM_CPU_FAULT_BACKEND`).
+    pub fn backend(mut self, backend: CpuFaultBackend) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Starts the devices.
+    pub fn build(self) -> Result<Context, RuntimeError> {
+        if self.devices.is_empty() {
+            return Err(RuntimeError::NoDevices);
+        }
+        check_granularity(self.granularity)?;
+        let mm = match AddressSpace::current() {
+            Ok(mm) => mm,
+            Err(_) => AddressSpace::init(Config {
+                backend: self.backend,
+            })?,
+        };
+        let advice = Arc::new(RwLock::new(AdviceMap::new()));
+        let counters = Arc::new(Counters::default());
+        let mut devices = Vec::with_capacity(self.devices.len());
+        for mut config in self.devices {
+            let policy = Arc::new(RuntimePlacement::new(
+                mm,
+                Arc::clone(&advice),
+                Arc::clone(&counters),
+                self.granularity,
+            ));
+            config.placement = policy.clone();
+            let acc = Accelerator::new(config)?;
+            policy.attach(acc.handle());
+            if let Some(bytes) = self.memory_limit {
+                acc.memory()
+                    .pool()
+                    .lock()
+                    .set_limit(Some(bytes / PAGE_SIZE));
+            }
+            devices.push(Arc::new(acc));
+        }
+        Ok(Context {
+            mm,
+            devices,
+            advice,
+            counters,
+            gate: Arc::new(Gate::default()),
+        })
+    }
+}
+
+/// Pages of `range` that live on `p`.
+fn pages_on(mm: &AddressSpace, range: PageRange, p: Processor) -> u64 {
+    let mut n = 0;
+    for region in mm.regions_in(range) {
+        let Some(sub) = region.range().intersect(&range) else {
+            continue;
+        };
+        n += sub
+            .pages()
+            .filter(
+                |&a| match (p, region.states.get(region.index(a)).location) {
+                    (Processor::Cpu, Location::System) => true,
+                    (Processor::Device(d), Location::Device { dev, .. }) => d == dev,
+                    _ => false,
+                },
+            )
+            .count() as u64;
+    }
+    n
+}
+
+fn check_granularity(bytes: u64) -> Result<(), RuntimeError> {
+    if bytes.is_power_of_two() && (PAGE_SIZE..=HUGE_PAGE_SIZE).contains(&bytes) {
+        Ok(())
+    } else {
+        Err(RuntimeError::BadGranularity(bytes))
+    }
+}
+
+/// Devices sharing the process's address space with the CPU, and the memory they share.
+#[derive(Debug)]
+pub struct Context {
+    mm: &'static Arc<AddressSpace>,
+    devices: Vec<Arc<Accelerator>>,
+    advice: Arc<RwLock<AdviceMap>>,
+    counters: Arc<Counters>,
+    gate: Arc<Gate>,
+}
+
+/// A prefetch in flight ([`Context::prefetch`]).
+#[derive(Debug)]
+#[must_use = "a prefetch runs in the background; wait on its fence"]
+pub struct Fence {
+    worker: JoinHandle<Result<u64, RuntimeError>>,
+}
+
+impl Fence {
+    /// Waits for the prefetch; returns the pages it moved.
+    pub fn wait(self) -> Result<u64, RuntimeError> {
+        self.worker.join().map_err(|_| RuntimeError::Worker)?
+    }
+}
+
+/// A launch in flight ([`Context::launch`]).
+#[derive(Debug)]
+#[must_use = "a launch runs in the background; wait for it"]
+pub struct LaunchHandle {
+    launch: Option<Launch>,
+    gate: Arc<Gate>,
+}
+
+impl LaunchHandle {
+    /// Waits for the launch.
+    pub fn wait(mut self) -> Result<(), RuntimeError> {
+        let launch = self.launch.take().expect("waited once");
+        let r = launch.wait();
+        r.map(|_| ()).map_err(|e| RuntimeError::Accel(e.into()))
+    }
+}
+
+impl Drop for LaunchHandle {
+    fn drop(&mut self) {
+        if let Some(l) = self.launch.take() {
+            // Dropped without a wait: the launch still completes before it stops counting.
+            let _ = l.wait();
+        }
+        self.gate.leave_launch();
+    }
+}
+
+impl Context {
+    /// A context with default settings; add devices with [`ContextBuilder::device`].
+    pub fn builder() -> ContextBuilder {
+        ContextBuilder::default()
+    }
+
+    /// The devices, in the order they were added.
+    pub fn devices(&self) -> Vec<DeviceId> {
+        self.devices.iter().map(|d| d.id()).collect()
+    }
+
+    /// Device `id`.
+    pub fn device(&self, id: DeviceId) -> Result<&Accelerator, RuntimeError> {
+        self.devices
+            .iter()
+            .find(|d| d.id() == id)
+            .map(|d| &**d)
+            .ok_or(RuntimeError::NoSuchDevice(id))
+    }
+
+    fn check_processor(&self, p: Processor) -> Result<(), RuntimeError> {
+        match p {
+            Processor::Cpu => Ok(()),
+            Processor::Device(id) => self.device(id).map(|_| ()),
+        }
+    }
+
+    fn check_managed(&self, range: PageRange) -> Result<(), RuntimeError> {
+        let mut covered = 0;
+        for r in self.mm.regions_in(range) {
+            if let Some(sub) = r.range().intersect(&range) {
+                covered += sub.npages();
+            }
+        }
+        if covered == range.npages() {
+            Ok(())
+        } else {
+            Err(RuntimeError::NotManaged(range))
+        }
+    }
+
+    /// Allocates `bytes` of managed memory (zeroed, read-write, rounded up to pages).
+    pub fn alloc(&self, bytes: u64) -> Result<Managed, RuntimeError> {
+        if bytes == 0 {
+            return Err(RuntimeError::EmptyAllocation);
+        }
+        let len = bytes
+            .checked_next_multiple_of(PAGE_SIZE)
+            .ok_or(RuntimeError::TooLarge(bytes))?;
+        let range = self
+            .mm
+            .map_anonymous(len, Prot::READ | Prot::WRITE, false)?;
+        Ok(Managed::new(self.mm, range, bytes, Arc::clone(&self.gate)))
+    }
+
+    /// Launches `kernel` over `threads` threads on device `dev`. Refused while a CPU view of
+    /// managed memory is open (see [`crate::managed`]).
+    pub fn launch(
+        &self,
+        dev: DeviceId,
+        kernel: Arc<dyn Kernel>,
+        threads: u64,
+    ) -> Result<LaunchHandle, RuntimeError> {
+        let d = self.device(dev)?;
+        self.gate.enter_launch()?;
+        match ComputeDevice::launch(d, kernel, threads) {
+            Ok(launch) => Ok(LaunchHandle {
+                launch: Some(launch),
+                gate: Arc::clone(&self.gate),
+            }),
+            Err(e) => {
+                self.gate.leave_launch();
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Applies `advice` to `range` (managed memory). Accessed-by maps the range on that device
+    /// at once, wherever its pages are; the other advice steers later faults and prefetches.
+    pub fn advise(&self, range: PageRange, advice: Advice) -> Result<(), RuntimeError> {
+        self.check_managed(range)?;
+        match advice {
+            Advice::SetPreferredLocation(p)
+            | Advice::SetAccessedBy(p)
+            | Advice::UnsetAccessedBy(p) => self.check_processor(p)?,
+            Advice::SetGranularity(g) => check_granularity(g)?,
+            _ => {}
+        }
+        self.advice.write().advise(range, advice);
+        self.counters.add_advice();
+        if let Advice::SetAccessedBy(Processor::Device(id)) = advice {
+            self.device(id)?.map_remote(range, false)?;
+        }
+        Ok(())
+    }
+
+    /// The advice in force over `range` and where its pages are.
+    pub fn attributes(&self, range: PageRange) -> Result<RangeAttributes, RuntimeError> {
+        self.check_managed(range)?;
+        let mut attrs = self.advice.read().attributes(range);
+        attrs.residency = self.residency(range);
+        Ok(attrs)
+    }
+
+    /// Where the pages of `range` are, as maximal runs.
+    pub fn residency(&self, range: PageRange) -> Vec<(PageRange, Processor)> {
+        let mut runs: Vec<(PageRange, Processor)> = Vec::new();
+        for region in self.mm.regions_in(range) {
+            let Some(sub) = region.range().intersect(&range) else {
+                continue;
+            };
+            for a in sub.pages() {
+                let p = match region.states.get(region.index(a)).location {
+                    Location::Device { dev, .. } | Location::Exclusive { dev, .. } => {
+                        Processor::Device(dev)
+                    }
+                    Location::System => Processor::Cpu,
+                };
+                match runs.last_mut() {
+                    Some((r, q)) if *q == p && r.end() == a => {
+                        *r = PageRange::new(r.start().0, r.npages() * PAGE_SIZE + PAGE_SIZE)
+                            .expect("run");
+                    }
+                    _ => runs.push((PageRange::new(a.0, PAGE_SIZE).expect("page"), p)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Moves `range` to `to` in the background (`cudaMemPrefetchAsync`): into a device's memory
+    /// (evicting what its policy chooses if it is full) and mapped there, or back to system
+    /// memory. The range's last prefetch location is recorded at once.
+    pub fn prefetch(&self, range: PageRange, to: Processor) -> Result<Fence, RuntimeError> {
+        self.check_managed(range)?;
+        self.check_processor(to)?;
+        self.advice
+            .write()
+            .update(range, |a| a.last_prefetch = Some(to));
+        let mm = self.mm;
+        let counters = Arc::clone(&self.counters);
+        let dev = match to {
+            Processor::Device(id) => Some(Arc::clone(
+                self.devices.iter().find(|d| d.id() == id).expect("checked"),
+            )),
+            Processor::Cpu => None,
+        };
+        let before = pages_on(mm, range, to);
+        let worker = std::thread::Builder::new()
+            .name("hetmem-prefetch".into())
+            .spawn(move || -> Result<u64, RuntimeError> {
+                match &dev {
+                    Some(d) => {
+                        for block in range.chunks(HUGE_PAGE_SIZE) {
+                            d.make_resident(block, false)?;
+                        }
+                    }
+                    None => {
+                        mm.evict_range(range, None)?;
+                    }
+                }
+                let moved = pages_on(mm, range, to).saturating_sub(before);
+                match to {
+                    Processor::Cpu => counters.add_prefetch(0, moved),
+                    Processor::Device(_) => counters.add_prefetch(moved, 0),
+                }
+                Ok(moved)
+            })
+            .map_err(|_| RuntimeError::Worker)?;
+        Ok(Fence { worker })
+    }
+
+    /// Moves every page the context's devices hold back to system memory (seed 003's suspend
+    /// trigger). Returns the pages moved.
+    pub fn suspend(&self) -> Result<u64, RuntimeError> {
+        self.gate.quiesce();
+        let mut moved = 0;
+        for d in &self.devices {
+            moved += self.mm.evict_device(d.id())?;
+        }
+        self.counters.add_suspended(moved);
+        Ok(moved)
+    }
+
+    /// The runtime's counters.
+    pub fn stats(&self) -> RuntimeStats {
+        self.counters.snapshot()
+    }
+
+    /// Device memory in use by this context on `dev`, in bytes.
+    pub fn memory_in_use(&self, dev: DeviceId) -> Result<u64, RuntimeError> {
+        let d = self.device(dev)?;
+        let pages = d.memory().pool().lock().stats().pages_in_use;
+        Ok(pages * PAGE_SIZE)
+    }
+
+    /// Checks the devices' and the address space's invariants.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        for d in &self.devices {
+            d.check_invariants()?;
+        }
+        self.mm.check_invariants()
+    }
+}

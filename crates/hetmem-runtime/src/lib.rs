@@ -1,0 +1,74 @@
+//! hetmem-runtime: unified memory over hetmem, as a CUDA managed-memory, HIP or AMD SVM user
+//! expects it (issue 4): a [`Context`] of devices sharing the process's address space,
+//! [`Managed`] allocations the CPU uses as ordinary slices and kernels reach by the same address,
+//! advice and range attributes ([`Advice`], [`RangeAttributes`]), asynchronous prefetch,
+//! eviction of least recently used chunks when device memory runs out, a per-context memory limit,
+//! and suspend.
+//!
+//! ```text
+//!   Context ── devices (ComputeDevice: hetmem-sim's Accelerator) ── each with a RuntimePlacement
+//!      │                                                             policy its fault service asks
+//!      ├─ AdviceMap (RangeMap of per-range attributes) ◄─────────────── per faulted block
+//!      ├─ alloc → Managed ── view / view_mut (CPU slices; exclude launches: the Gate)
+//!      ├─ advise / attributes / prefetch (a worker, a Fence) / suspend
+//!      └─ RuntimeStats (evictions, remote blocks, prefetches, by trigger)
+//! ```
+#![deny(unsafe_code)]
+
+pub mod advice;
+pub mod context;
+#[allow(unsafe_code)] // the CPU views: slices over managed memory (see the module)
+pub mod managed;
+mod policy;
+pub mod stats;
+
+pub use advice::{Advice, Attr, RangeAttributes};
+pub use context::{Context, ContextBuilder, Fence, LaunchHandle};
+pub use hetmem_core::policy::Processor;
+pub use managed::{Managed, Plain, View, ViewMut};
+pub use stats::RuntimeStats;
+
+use hetmem::{MigrateError, MmError};
+use hetmem_core::{DeviceId, PageRange};
+use hetmem_sim::accel::AccelError;
+
+/// What can go wrong in the runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// The address space refused.
+    #[error(transparent)]
+    Mm(#[from] MmError),
+    /// A device refused (a launch that failed, a range it cannot map).
+    #[error(transparent)]
+    Accel(#[from] AccelError),
+    /// A migration failed.
+    #[error(transparent)]
+    Migrate(#[from] MigrateError),
+    /// A context needs a device.
+    #[error("a context needs at least one device")]
+    NoDevices,
+    /// No such device in this context.
+    #[error("no device {0:?} in this context")]
+    NoSuchDevice(DeviceId),
+    /// The range is not (wholly) managed memory.
+    #[error("range {0:?} is not managed memory")]
+    NotManaged(PageRange),
+    /// A granularity that is not a power of two from 4 KiB to 2 MiB.
+    #[error("granularity {0} is not a power of two from 4 KiB to 2 MiB")]
+    BadGranularity(u64),
+    /// An allocation of zero bytes.
+    #[error("an allocation needs at least one byte")]
+    EmptyAllocation,
+    /// An allocation too large to round up to pages.
+    #[error("an allocation of {0} bytes is too large")]
+    TooLarge(u64),
+    /// A launch while CPU views of managed memory are open.
+    #[error("{views} CPU views of managed memory are open: drop them before launching")]
+    ViewsOpen {
+        /// Views open.
+        views: usize,
+    },
+    /// A background worker could not start or panicked.
+    #[error("a background worker failed")]
+    Worker,
+}

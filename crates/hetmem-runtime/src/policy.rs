@@ -1,0 +1,216 @@
+//! The runtime's placement policy, one per device: what the device's fault service does with
+//! each faulted 2 MiB block, given the advice in force, and which chunks leave device memory
+//! when it is full.
+//!
+//! Per block: pages whose preferred location is elsewhere, or that this device is advised to
+//! access where they are (accessed-by, no preferred location), are mapped remotely (UVM's
+//! policy: advice beats migration). The others migrate, widened to the range's granularity
+//! window. Before a migration that would not fit, victims go: whole 2 MiB chunks of this device,
+//! least recently used first, where "used" is read from the device's accessed bits (seed 000's
+//! `clear_flush_young`, sampled when a victim is needed), not allocation order as NVIDIA's driver
+//! has it. The block being serviced is never its own victim.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use hetmem::AddressSpace;
+use hetmem_core::{
+    page_state::Location, policy::Processor, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
+};
+use hetmem_sim::accel::AccelHandle;
+use hetmem_sim::placement::{BlockFaults, BlockPlan, PlacementAction, PlacementPolicy};
+use parking_lot::{Mutex, RwLock};
+
+use crate::advice::AdviceMap;
+use crate::stats::Counters;
+
+/// Chunks of device memory in use, with the tick each was last seen used.
+#[derive(Debug, Default)]
+struct Lru {
+    last_used: BTreeMap<u64, u64>,
+    tick: u64,
+}
+
+/// The placement policy of one device of a context.
+#[derive(Debug)]
+pub(crate) struct RuntimePlacement {
+    mm: &'static Arc<AddressSpace>,
+    advice: Arc<RwLock<AdviceMap>>,
+    counters: Arc<Counters>,
+    /// Set once the device exists (the policy is built before it).
+    me: OnceLock<AccelHandle>,
+    granularity: u64,
+    /// Held across an eviction, so two of them never pick the same victims.
+    lru: Mutex<Lru>,
+}
+
+impl RuntimePlacement {
+    pub(crate) fn new(
+        mm: &'static Arc<AddressSpace>,
+        advice: Arc<RwLock<AdviceMap>>,
+        counters: Arc<Counters>,
+        granularity: u64,
+    ) -> Self {
+        RuntimePlacement {
+            mm,
+            advice,
+            counters,
+            me: OnceLock::new(),
+            granularity,
+            lru: Mutex::new(Lru::default()),
+        }
+    }
+
+    pub(crate) fn attach(&self, handle: AccelHandle) {
+        let _ = self.me.set(handle);
+    }
+
+    fn me(&self) -> Option<DeviceId> {
+        self.me.get().map(AccelHandle::id)
+    }
+
+    /// Should this device map `addr` where it is rather than migrate it?
+    fn remote(&self, advice: &AdviceMap, addr: u64, me: DeviceId) -> bool {
+        let a = advice.at(addr);
+        match a.preferred {
+            Some(p) => p != Processor::Device(me),
+            None => a.accessed_by.contains(&Processor::Device(me)),
+        }
+    }
+
+    /// Pages of `block` held by this device now.
+    fn resident_pages(&self, block: PageRange, me: DeviceId) -> u64 {
+        let mut n = 0;
+        for region in self.mm.regions_in(block) {
+            let Some(sub) = region.range().intersect(&block) else {
+                continue;
+            };
+            n += sub
+                .pages()
+                .filter(|&a| {
+                    matches!(region.states.get(region.index(a)).location,
+                        Location::Device { dev, .. } if dev == me)
+                })
+                .count() as u64;
+        }
+        n
+    }
+
+    /// Makes room for `needed` frames by evicting least recently used chunks other than
+    /// `keep`. Returns the pages evicted.
+    fn make_room(&self, needed: u64, free: u64, keep: PageRange) -> u64 {
+        let Some(handle) = self.me.get() else {
+            return 0;
+        };
+        let me = handle.id();
+        let mut lru = self.lru.lock();
+        lru.tick += 1;
+        let tick = lru.tick;
+        // Sample the accessed bits: a chunk used since the last sample is young again.
+        let chunks: Vec<u64> = lru.last_used.keys().copied().collect();
+        for base in chunks {
+            let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
+            if let Some(Ok(young)) = handle.take_accessed(chunk) {
+                if !young.is_empty() {
+                    lru.last_used.insert(base, tick);
+                }
+            }
+        }
+        let mut order: Vec<(u64, u64)> = lru
+            .last_used
+            .iter()
+            .filter(|(&b, _)| b != keep.start().0)
+            .map(|(&b, &t)| (t, b))
+            .collect();
+        order.sort_unstable();
+        let mut freed = 0;
+        for (_, base) in order {
+            if free + freed >= needed {
+                break;
+            }
+            let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
+            lru.last_used.remove(&base);
+            match self.mm.evict_range(chunk, Some(me)) {
+                Ok(pages) => {
+                    freed += pages;
+                    if pages > 0 {
+                        self.counters.add_eviction(pages);
+                        tracing::debug!(
+                            dev = me.0,
+                            trigger = "eviction",
+                            start = %chunk.start(),
+                            pages,
+                            "migration"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(chunk = %chunk.start(), error = %e, "eviction failed"),
+            }
+        }
+        freed
+    }
+
+    /// Notes that `block` holds pages of this device now.
+    fn touch(&self, block: PageRange) {
+        let mut lru = self.lru.lock();
+        let tick = lru.tick;
+        lru.last_used.insert(block.start().0, tick);
+    }
+}
+
+impl PlacementPolicy for RuntimePlacement {
+    fn place(&self, f: &BlockFaults<'_>) -> BlockPlan {
+        let Some(me) = self.me() else {
+            return BlockPlan {
+                action: PlacementAction::Migrate,
+                spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
+            };
+        };
+        let advice = self.advice.read();
+        let remote: Vec<bool> = f
+            .pages
+            .iter()
+            .map(|&(a, _)| self.remote(&advice, a.0, me))
+            .collect();
+        if remote.iter().all(|&r| r) {
+            self.counters.add_remote_blocks(1);
+            return BlockPlan {
+                action: PlacementAction::MapRemote,
+                spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
+            };
+        }
+        // Windows of the range's granularity around each faulted page, merged.
+        let mut spans: Vec<PageRange> = Vec::new();
+        for &(a, _) in f.pages {
+            let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
+            let start = a.0 & !(g - 1);
+            let w = PageRange::new(start, g).expect("aligned window");
+            let Some(w) = w.intersect(&f.block) else {
+                continue;
+            };
+            match spans.last_mut() {
+                Some(last) if last.end().0 >= w.start().0 => {
+                    if w.end().0 > last.end().0 {
+                        *last = last.hull(&w);
+                    }
+                }
+                _ => spans.push(w),
+            }
+        }
+        drop(advice);
+        let wanted: u64 = spans.iter().map(|s| s.npages()).sum();
+        let needed = wanted.saturating_sub(self.resident_pages(f.block, me));
+        if needed > f.free_frames {
+            self.make_room(needed, f.free_frames, f.block);
+        }
+        self.touch(f.block);
+        BlockPlan {
+            action: PlacementAction::Migrate,
+            spans,
+        }
+    }
+}
+
+fn page(a: u64) -> PageRange {
+    PageRange::new(a & !(PAGE_SIZE - 1), PAGE_SIZE).expect("page")
+}

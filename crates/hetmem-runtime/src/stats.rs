@@ -1,0 +1,75 @@
+//! The runtime's counters: what its policies and its user calls did, by trigger (seed 003 names
+//! the migration triggers: prefetch, device fault, CPU fault, eviction, suspend).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counters shared by the context and its device policies.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    evictions: AtomicU64,
+    pages_evicted: AtomicU64,
+    remote_blocks: AtomicU64,
+    prefetches: AtomicU64,
+    pages_prefetched_to_device: AtomicU64,
+    pages_prefetched_to_cpu: AtomicU64,
+    pages_suspended: AtomicU64,
+    advice_calls: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add_eviction(&self, pages: u64) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.pages_evicted.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn add_remote_blocks(&self, n: u64) {
+        self.remote_blocks.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_prefetch(&self, to_device: u64, to_cpu: u64) {
+        self.prefetches.fetch_add(1, Ordering::Relaxed);
+        self.pages_prefetched_to_device
+            .fetch_add(to_device, Ordering::Relaxed);
+        self.pages_prefetched_to_cpu
+            .fetch_add(to_cpu, Ordering::Relaxed);
+    }
+    pub(crate) fn add_suspended(&self, pages: u64) {
+        self.pages_suspended.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn add_advice(&self) {
+        self.advice_calls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> RuntimeStats {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RuntimeStats {
+            evictions: g(&self.evictions),
+            pages_evicted: g(&self.pages_evicted),
+            remote_blocks: g(&self.remote_blocks),
+            prefetches: g(&self.prefetches),
+            pages_prefetched_to_device: g(&self.pages_prefetched_to_device),
+            pages_prefetched_to_cpu: g(&self.pages_prefetched_to_cpu),
+            pages_suspended: g(&self.pages_suspended),
+            advice_calls: g(&self.advice_calls),
+        }
+    }
+}
+
+/// A snapshot of the runtime's counters (the devices keep their own: `Accelerator::stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Chunks evicted from device memory to make room (trigger: eviction).
+    pub evictions: u64,
+    /// Pages those evictions moved to system memory.
+    pub pages_evicted: u64,
+    /// Faulted blocks the advice sent to a remote mapping instead of a migration.
+    pub remote_blocks: u64,
+    /// Prefetch calls completed (trigger: prefetch).
+    pub prefetches: u64,
+    /// Pages prefetches moved into device memory.
+    pub pages_prefetched_to_device: u64,
+    /// Pages prefetches moved to system memory.
+    pub pages_prefetched_to_cpu: u64,
+    /// Pages a suspend moved to system memory (trigger: suspend).
+    pub pages_suspended: u64,
+    /// Advice calls.
+    pub advice_calls: u64,
+}

@@ -1,0 +1,323 @@
+//! The unified memory runtime end to end: managed memory through CPU views and kernels, advice
+//! and prefetch read back through range attributes (CUDA's semantics), eviction under
+//! oversubscription, the per-context memory limit, and suspend.
+
+use std::sync::Arc;
+
+use hetmem_core::{link::LinkModel, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE};
+use hetmem_runtime::{Advice, Attr, Context, Managed, Processor, RuntimeError};
+use hetmem_sim::accel::{AccelConfig, Kernel, Miss, Thread};
+
+fn device(mib: u64) -> AccelConfig {
+    AccelConfig {
+        memory_bytes: mib << 20,
+        compute_units: 2,
+        link: LinkModel::off(),
+        ..AccelConfig::default()
+    }
+}
+
+fn ctx(mib: u64) -> Context {
+    Context::builder().device(device(mib)).build().unwrap()
+}
+
+fn dev0(c: &Context) -> DeviceId {
+    c.devices()[0]
+}
+
+/// `x[i] = 2 * x[i] + 1` over `n` u32.
+fn scale(x: &Managed) -> (Arc<dyn Kernel>, u64) {
+    let base = x.addr();
+    let n = x.len() / 4;
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let v = t.load_u32(base + 4 * i)?;
+        t.store_u32(base + 4 * i, v.wrapping_mul(2).wrapping_add(1))
+    };
+    (Arc::new(k), n)
+}
+
+fn fill(x: &mut Managed, f: impl Fn(usize) -> u32) {
+    let mut v = x.view_mut::<u32>();
+    for (i, e) in v.iter_mut().enumerate() {
+        *e = f(i);
+    }
+}
+
+fn run(c: &Context, k: (Arc<dyn Kernel>, u64)) {
+    c.launch(dev0(c), k.0, k.1).unwrap().wait().unwrap();
+}
+
+fn on(c: &Context, r: PageRange, p: Processor) -> u64 {
+    c.residency(r)
+        .iter()
+        .filter(|(_, q)| *q == p)
+        .map(|(r, _)| r.npages())
+        .sum()
+}
+
+#[test]
+fn kernels_and_cpu_views_share_managed_memory() {
+    let c = ctx(32);
+    let n = 64 * 1024u64;
+    let mut a = c.alloc(4 * n).unwrap();
+    let mut b = c.alloc(4 * n).unwrap();
+    let out = c.alloc(4 * n).unwrap();
+    fill(&mut a, |i| i as u32);
+    fill(&mut b, |i| 7 * i as u32 + 3);
+    let (pa, pb, po) = (a.addr(), b.addr(), out.addr());
+    let add = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        let y = t.load_u32(pb + 4 * i)?;
+        t.store_u32(po + 4 * i, x.wrapping_add(y))
+    };
+    {
+        // A launch while a CPU view is open is refused, not a data race.
+        let _v = a.view::<u32>();
+        let e = c.launch(dev0(&c), Arc::new(add), n).unwrap_err();
+        assert!(matches!(e, RuntimeError::ViewsOpen { views: 1 }), "{e}");
+    }
+    c.launch(dev0(&c), Arc::new(add), n)
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(on(&c, out.range(), Processor::Device(dev0(&c))) > 0);
+    let v = out.view::<u32>();
+    for (i, &x) in v.iter().enumerate() {
+        assert_eq!(x, (i as u32).wrapping_add(7 * i as u32 + 3), "out[{i}]");
+    }
+    drop(v);
+    // The CPU writes between launches; the next launch sees it.
+    fill(&mut a, |i| 2 * i as u32);
+    run(&c, scale(&a));
+    let v = a.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &x)| x == 4 * i as u32 + 1));
+    drop(v);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn a_working_set_twice_device_memory_completes_by_evicting_least_recently_used_chunks() {
+    // 8 MiB of device memory, 16 MiB of data, whole-block migrations.
+    let c = Context::builder()
+        .device(device(8))
+        .granularity(HUGE_PAGE_SIZE)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(16 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    for _ in 0..2 {
+        run(&c, scale(&x));
+        let used = c.memory_in_use(dev0(&c)).unwrap();
+        assert!(used <= 8 << 20, "device memory over capacity: {used}");
+    }
+    let s = c.stats();
+    assert!(s.evictions > 0 && s.pages_evicted > 0, "{s:?}");
+    let acc = c.device(dev0(&c)).unwrap().stats();
+    assert!(
+        acc.pages_to_device > (8 << 20) / PAGE_SIZE,
+        "more migrated in than fits: eviction made room ({acc:?})"
+    );
+    let v = x.view::<u32>();
+    for (i, &e) in v.iter().enumerate() {
+        let want = (i as u32).wrapping_mul(4).wrapping_add(3);
+        assert_eq!(e, want, "x[{i}] after two launches");
+    }
+    drop(v);
+    c.check_invariants().unwrap();
+}
+
+#[test]
+fn the_memory_limit_holds_and_eviction_to_system_memory_never_fails_for_it() {
+    let limit = 4u64 << 20;
+    let c = Context::builder()
+        .device(device(32))
+        .memory_limit(limit)
+        .granularity(64 << 10)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(12 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    let d = dev0(&c);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let peak = std::thread::scope(|s| {
+        let sampler = s.spawn(|| {
+            let mut peak = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(c.memory_in_use(d).unwrap());
+                std::thread::yield_now();
+            }
+            peak
+        });
+        run(&c, scale(&x));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.join().unwrap()
+    });
+    assert!(peak <= limit, "peak {peak} over the limit {limit}");
+    assert!(peak > 0, "the device used its memory");
+    assert!(c.stats().evictions > 0);
+    // Everything comes back, however much the device holds.
+    let back = c.suspend().unwrap();
+    assert!(back > 0);
+    assert_eq!(on(&c, x.range(), Processor::Cpu), x.range().npages());
+    let v = x.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &e)| e == 2 * i as u32 + 1));
+}
+
+#[test]
+fn prefetch_moves_the_range_and_records_its_location() {
+    let c = ctx(32);
+    let d = Processor::Device(dev0(&c));
+    let mut x = c.alloc(4 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    let r = x.range();
+    assert_eq!(c.attributes(r).unwrap().last_prefetch_location, Attr::Unset);
+    let moved = c.prefetch(r, d).unwrap().wait().unwrap();
+    assert_eq!(moved, r.npages());
+    let a = c.attributes(r).unwrap();
+    assert_eq!(a.last_prefetch_location, Attr::Same(d));
+    assert_eq!(a.residency, vec![(r, d)]);
+    // Prefetched and mapped: the kernel takes no fault.
+    let acc = c.device(dev0(&c)).unwrap();
+    let before = acc.stats();
+    run(&c, scale(&x));
+    let after = acc.stats();
+    assert_eq!(
+        after.faults_read + after.faults_write,
+        before.faults_read + before.faults_write,
+        "a prefetched range does not fault"
+    );
+    // Back to the CPU.
+    let half = PageRange::from_pages(r.start().0, r.npages() / 2).unwrap();
+    assert_eq!(
+        c.prefetch(half, Processor::Cpu).unwrap().wait().unwrap(),
+        half.npages()
+    );
+    let a = c.attributes(r).unwrap();
+    assert_eq!(a.last_prefetch_location, Attr::Mixed);
+    assert_eq!(a.residency[0], (half, Processor::Cpu));
+    let s = c.stats();
+    assert_eq!(s.prefetches, 2);
+    assert_eq!(s.pages_prefetched_to_device, r.npages());
+    assert_eq!(s.pages_prefetched_to_cpu, half.npages());
+    let v = x.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &e)| e == 2 * i as u32 + 1));
+}
+
+#[test]
+fn preferred_location_elsewhere_maps_remotely_instead_of_migrating() {
+    let c = ctx(32);
+    let d = dev0(&c);
+    let mut x = c.alloc(1 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    c.advise(x.range(), Advice::SetPreferredLocation(Processor::Cpu))
+        .unwrap();
+    assert_eq!(
+        c.attributes(x.range()).unwrap().preferred_location,
+        Attr::Same(Processor::Cpu)
+    );
+    run(&c, scale(&x));
+    let acc = c.device(d).unwrap();
+    assert_eq!(acc.stats().pages_to_device, 0, "nothing migrated");
+    assert!(acc.stats().pages_mapped_remote > 0);
+    assert!(c.stats().remote_blocks > 0);
+    assert_eq!(on(&c, x.range(), Processor::Cpu), x.range().npages());
+    // Preferred here: the next faults migrate.
+    c.advise(
+        x.range(),
+        Advice::SetPreferredLocation(Processor::Device(d)),
+    )
+    .unwrap();
+    hetmem::ComputeDevice::unmap(acc, x.range()).unwrap();
+    run(&c, scale(&x));
+    assert!(acc.stats().pages_to_device > 0);
+    let v = x.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &e)| e == 4 * i as u32 + 3));
+}
+
+#[test]
+fn accessed_by_maps_the_range_at_once_so_kernels_do_not_fault() {
+    let c = ctx(32);
+    let d = dev0(&c);
+    let mut x = c.alloc(1 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    c.advise(x.range(), Advice::SetAccessedBy(Processor::Device(d)))
+        .unwrap();
+    assert_eq!(
+        c.attributes(x.range()).unwrap().accessed_by,
+        vec![Processor::Device(d)]
+    );
+    let acc = c.device(d).unwrap();
+    run(&c, scale(&x));
+    let s = acc.stats();
+    assert_eq!(
+        s.faults_read + s.faults_write,
+        0,
+        "mapped before the launch"
+    );
+    assert_eq!(s.pages_to_device, 0, "accessed-by migrates nothing");
+    c.advise(x.range(), Advice::UnsetAccessedBy(Processor::Device(d)))
+        .unwrap();
+    assert!(c.attributes(x.range()).unwrap().accessed_by.is_empty());
+}
+
+#[test]
+fn a_granularity_advice_widens_what_one_fault_migrates() {
+    let c = ctx(32);
+    let d = dev0(&c);
+    let x = c.alloc(2 * HUGE_PAGE_SIZE).unwrap();
+    let first = PageRange::new(x.addr() & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE).unwrap();
+    let block = if first.start().0 == x.addr() {
+        first
+    } else {
+        PageRange::new(first.end().0, HUGE_PAGE_SIZE).unwrap()
+    };
+    c.advise(block, Advice::SetGranularity(HUGE_PAGE_SIZE))
+        .unwrap();
+    assert_eq!(
+        c.attributes(block).unwrap().granularity,
+        Attr::Same(HUGE_PAGE_SIZE)
+    );
+    let a = block.start().0;
+    let one = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> { t.load_u32(a).map(|_| ()) };
+    c.launch(d, Arc::new(one), 1).unwrap().wait().unwrap();
+    assert_eq!(
+        on(&c, block, Processor::Device(d)),
+        block.npages(),
+        "one fault took the whole 2 MiB window"
+    );
+}
+
+#[test]
+fn bad_input_gets_typed_errors() {
+    let c = ctx(8);
+    let x = c.alloc(PAGE_SIZE).unwrap();
+    assert!(matches!(c.alloc(0), Err(RuntimeError::EmptyAllocation)));
+    assert!(matches!(
+        c.advise(
+            x.range(),
+            Advice::SetPreferredLocation(Processor::Device(DeviceId(99)))
+        ),
+        Err(RuntimeError::NoSuchDevice(DeviceId(99)))
+    ));
+    assert!(matches!(
+        c.advise(x.range(), Advice::SetGranularity(3 * PAGE_SIZE)),
+        Err(RuntimeError::BadGranularity(_))
+    ));
+    let outside = PageRange::new(x.range().end().0 + (1 << 30), PAGE_SIZE).unwrap();
+    assert!(matches!(
+        c.prefetch(outside, Processor::Cpu),
+        Err(RuntimeError::NotManaged(_))
+    ));
+    assert!(matches!(
+        c.attributes(outside),
+        Err(RuntimeError::NotManaged(_))
+    ));
+    assert!(matches!(
+        Context::builder().build(),
+        Err(RuntimeError::NoDevices)
+    ));
+    assert!(matches!(
+        Context::builder().device(device(8)).granularity(0).build(),
+        Err(RuntimeError::BadGranularity(0))
+    ));
+}
