@@ -223,6 +223,8 @@ struct Counters {
     launches: AtomicU64,
     lanes_run: AtomicU64,
     lane_retries: AtomicU64,
+    remote_accesses: AtomicU64,
+    counter_migrations: AtomicU64,
 }
 
 /// A snapshot of the accelerator's counters.
@@ -282,6 +284,12 @@ pub struct AccelStats {
     pub lanes_run: u64,
     /// Lane re-runs after a miss.
     pub lane_retries: u64,
+    /// Accesses that went over the link to memory outside this device (what access counters
+    /// count).
+    pub remote_accesses: u64,
+    /// Blocks migrated in because the placement policy's access counters asked (trigger:
+    /// access counters).
+    pub counter_migrations: u64,
 }
 
 /// The device proper: what `AddressSpace` holds as a `Device`.
@@ -584,6 +592,8 @@ impl Accelerator {
             launches: g(&c.launches),
             lanes_run: g(&c.lanes_run),
             lane_retries: g(&c.lane_retries),
+            remote_accesses: g(&c.remote_accesses),
+            counter_migrations: g(&c.counter_migrations),
         }
     }
 
@@ -1004,8 +1014,14 @@ impl Thread<'_> {
         }
     }
 
-    /// Charges a remote access of `bytes` over the link.
-    fn charge_remote(&self, dir: Direction, bytes: usize) {
+    /// Charges a remote access of `bytes` at `va` over the link, and counts it for the
+    /// placement policy's access counters.
+    fn charge_remote(&self, va: VirtAddr, dir: Direction, bytes: usize) {
+        self.dev.config.placement.remote_access(va);
+        self.dev
+            .counters
+            .remote_accesses
+            .fetch_add(1, Ordering::Relaxed);
         self.dev.clock.charge(
             Cause::RemoteAccess,
             self.dev.config.link.remote_access(dir, bytes as u64),
@@ -1017,7 +1033,7 @@ impl Thread<'_> {
         let ok = match self.with_frames(target, |mem, base| mem.arena().read(base + off, buf)) {
             Some(r) => r.is_some_and(|r| r.is_ok()),
             None => {
-                self.charge_remote(Direction::DeviceToHost, buf.len());
+                self.charge_remote(va, Direction::DeviceToHost, buf.len());
                 hetmem_sys::dma::read_user(va.as_usize(), buf).is_ok()
             }
         };
@@ -1036,7 +1052,7 @@ impl Thread<'_> {
                 match self.with_frames(target, |mem, base| mem.arena().write(base + off, &data)) {
                     Some(r) => r.is_some_and(|r| r.is_ok()),
                     None => {
-                        self.charge_remote(Direction::HostToDevice, data.len());
+                        self.charge_remote(va, Direction::HostToDevice, data.len());
                         hetmem::write_user(va.as_usize(), &data).is_ok()
                     }
                 };
@@ -1318,6 +1334,7 @@ impl SimDevice {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
+            self.service_counter_migrations();
             entries.clear();
             // Interrupt moderation: once a fault arrived, give the other warps a moment to add
             // theirs, so one batch carries many (a GPU's fault interrupt reaches the driver's
@@ -1354,6 +1371,29 @@ impl SimDevice {
                 (hetmem_sys::clock::thread_cpu_time() - cpu).as_nanos() as u64,
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    /// Migrates what the placement policy's access counters ask for (UVM services access
+    /// counter notifications like faults, with the prefetch access type): the pages come into
+    /// this device's memory and are mapped there; warps that reached them remotely fault once
+    /// more and then hit locally.
+    fn service_counter_migrations(&self) {
+        for range in self.config.placement.take_migrations() {
+            for block in range.chunks(HUGE_PAGE_SIZE) {
+                let pages: Vec<(VirtAddr, FaultAccess)> =
+                    block.pages().map(|a| (a, FaultAccess::Prefetch)).collect();
+                match self.service_faults(&pages, Some(PlacementAction::Migrate)) {
+                    Ok(()) => {
+                        self.counters
+                            .counter_migrations
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err((addr, _, e)) => {
+                        tracing::debug!(%addr, error = %e, "access-counter migration failed");
+                    }
+                }
+            }
         }
     }
 

@@ -47,6 +47,20 @@ pub struct BlockPlan {
 pub trait PlacementPolicy: Send + Sync + Debug {
     /// The plan for `faults`.
     fn place(&self, faults: &BlockFaults<'_>) -> BlockPlan;
+
+    /// A lane of the device reached `addr` over the link (a remote mapping): the input of
+    /// access counters. Called on a compute unit's hot path, so it must be cheap. Default:
+    /// ignored.
+    fn remote_access(&self, addr: VirtAddr) {
+        let _ = addr;
+    }
+
+    /// Ranges to migrate into the device because their remote accesses crossed a threshold
+    /// (UVM's access counter notifications); the fault service drains them between batches.
+    /// Default: none.
+    fn take_migrations(&self) -> Vec<PageRange> {
+        Vec::new()
+    }
 }
 
 /// Migrates the faulted pages widened to aligned windows of `bytes` (a power of two from 4 KiB to
