@@ -3,6 +3,8 @@
 //! acts on what they answer. Defaults are NVIDIA UVM's (../shared/reference/uvm-svm.md, A.8 to
 //! A.10), each parameter configurable.
 
+pub mod prefetch;
+
 use crate::addr::DeviceId;
 
 /// Where a page can live or who touches it: the CPU (system memory) or a device.
