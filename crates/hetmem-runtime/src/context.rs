@@ -6,14 +6,19 @@ use std::thread::JoinHandle;
 
 use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, Prot};
 use hetmem_core::{
-    page_state::Location, policy::Processor, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
+    page_state::Location,
+    policy::{
+        prefetch::{PrefetchConfig, StreamConfig, StreamDetector, TreePrefetcher},
+        Processor,
+    },
+    DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 use hetmem_sim::accel::{AccelConfig, Accelerator, Kernel, Launch};
 use parking_lot::RwLock;
 
 use crate::advice::{Advice, AdviceMap, RangeAttributes};
 use crate::managed::{Gate, Managed};
-use crate::policy::RuntimePlacement;
+use crate::policy::{Policies, RuntimePlacement};
 use crate::stats::{Counters, RuntimeStats};
 use crate::RuntimeError;
 
@@ -24,6 +29,8 @@ pub struct ContextBuilder {
     memory_limit: Option<u64>,
     granularity: u64,
     backend: Option<CpuFaultBackend>,
+    prefetch: Option<PrefetchConfig>,
+    stream: Option<StreamConfig>,
 }
 
 impl Default for ContextBuilder {
@@ -33,6 +40,8 @@ impl Default for ContextBuilder {
             memory_limit: None,
             granularity: PAGE_SIZE,
             backend: None,
+            prefetch: Some(PrefetchConfig::default()),
+            stream: None,
         }
     }
 }
@@ -65,6 +74,20 @@ impl ContextBuilder {
         self
     }
 
+    /// UVM's tree-based density prefetcher (on by default with UVM's parameters: 64 KiB leaves,
+    /// threshold 51%); `None` turns it off.
+    pub fn prefetcher(mut self, config: Option<PrefetchConfig>) -> Self {
+        self.prefetch = config;
+        self
+    }
+
+    /// Our sequential-stream detector, which migrates ahead of faults that advance through
+    /// memory (off by default).
+    pub fn stream_prefetcher(mut self, config: Option<StreamConfig>) -> Self {
+        self.stream = config;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -80,12 +103,21 @@ impl ContextBuilder {
         let advice = Arc::new(RwLock::new(AdviceMap::new()));
         let counters = Arc::new(Counters::default());
         let mut devices = Vec::with_capacity(self.devices.len());
+        let tree = self.prefetch.map(TreePrefetcher::new).transpose()?;
+        if let Some(s) = &self.stream {
+            s.validate()?;
+        }
         for mut config in self.devices {
+            let policies = Policies {
+                tree: tree.clone(),
+                stream: self.stream.clone().map(StreamDetector::new).transpose()?,
+            };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,
                 Arc::clone(&advice),
                 Arc::clone(&counters),
                 self.granularity,
+                policies,
             ));
             config.placement = policy.clone();
             let acc = Accelerator::new(config)?;

@@ -68,6 +68,9 @@ pub enum RuntimeError {
         /// Views open.
         views: usize,
     },
+    /// A prefetcher parameter is out of range.
+    #[error(transparent)]
+    Prefetch(#[from] hetmem_core::policy::prefetch::PrefetchError),
     /// A background worker could not start or panicked.
     #[error("a background worker failed")]
     Worker,

@@ -10,12 +10,17 @@
 //! `clear_flush_young`, sampled when a victim is needed), not allocation order as NVIDIA's driver
 //! has it. The block being serviced is never its own victim.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
 use hetmem::AddressSpace;
 use hetmem_core::{
-    page_state::Location, policy::Processor, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
+    page_state::Location,
+    policy::{
+        prefetch::{BlockMask, StreamDetector, TreePrefetcher},
+        Processor,
+    },
+    DeviceId, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 use hetmem_sim::accel::AccelHandle;
 use hetmem_sim::placement::{BlockFaults, BlockPlan, PlacementAction, PlacementPolicy};
@@ -42,6 +47,22 @@ pub(crate) struct RuntimePlacement {
     granularity: u64,
     /// Held across an eviction, so two of them never pick the same victims.
     lru: Mutex<Lru>,
+    /// UVM's density prefetcher, per block.
+    tree: Option<TreePrefetcher>,
+    /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
+    fault_migrations: Mutex<HashMap<u64, u32>>,
+    /// Our sequential-stream detector, fed each serviced block's faults.
+    stream: Option<Mutex<StreamDetector>>,
+    /// Ranges to migrate that lie beyond the block being serviced (stream prefetch ahead):
+    /// handed to the fault service through `take_migrations`.
+    ahead: Mutex<Vec<PageRange>>,
+}
+
+/// The policies a device's placement runs.
+#[derive(Debug, Default)]
+pub(crate) struct Policies {
+    pub(crate) tree: Option<TreePrefetcher>,
+    pub(crate) stream: Option<StreamDetector>,
 }
 
 impl RuntimePlacement {
@@ -50,6 +71,7 @@ impl RuntimePlacement {
         advice: Arc<RwLock<AdviceMap>>,
         counters: Arc<Counters>,
         granularity: u64,
+        policies: Policies,
     ) -> Self {
         RuntimePlacement {
             mm,
@@ -58,6 +80,10 @@ impl RuntimePlacement {
             me: OnceLock::new(),
             granularity,
             lru: Mutex::new(Lru::default()),
+            tree: policies.tree,
+            fault_migrations: Mutex::new(HashMap::new()),
+            stream: policies.stream.map(Mutex::new),
+            ahead: Mutex::new(Vec::new()),
         }
     }
 
@@ -78,22 +104,25 @@ impl RuntimePlacement {
         }
     }
 
-    /// Pages of `block` held by this device now.
-    fn resident_pages(&self, block: PageRange, me: DeviceId) -> u64 {
-        let mut n = 0;
+    /// Pages of `block` held by this device now, and those that are managed memory.
+    fn block_masks(&self, block: PageRange, me: DeviceId) -> (BlockMask, BlockMask) {
+        let mut resident = BlockMask::new();
+        let mut managed = BlockMask::new();
         for region in self.mm.regions_in(block) {
             let Some(sub) = region.range().intersect(&block) else {
                 continue;
             };
-            n += sub
-                .pages()
-                .filter(|&a| {
-                    matches!(region.states.get(region.index(a)).location,
-                        Location::Device { dev, .. } if dev == me)
-                })
-                .count() as u64;
+            for a in sub.pages() {
+                let k = block.index_of(a) as usize;
+                managed.set(k);
+                if matches!(region.states.get(region.index(a)).location,
+                    Location::Device { dev, .. } if dev == me)
+                {
+                    resident.set(k);
+                }
+            }
         }
-        n
+        (resident, managed)
     }
 
     /// Makes room for `needed` frames by evicting least recently used chunks other than
@@ -179,35 +208,77 @@ impl PlacementPolicy for RuntimePlacement {
                 spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
             };
         }
-        // Windows of the range's granularity around each faulted page, merged.
-        let mut spans: Vec<PageRange> = Vec::new();
+        // Windows of the range's granularity around each faulted page.
+        let block = f.block;
+        let mut want = BlockMask::new();
+        let mut faulted = BlockMask::new();
         for &(a, _) in f.pages {
             let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
-            let start = a.0 & !(g - 1);
-            let w = PageRange::new(start, g).expect("aligned window");
-            let Some(w) = w.intersect(&f.block) else {
-                continue;
-            };
-            match spans.last_mut() {
-                Some(last) if last.end().0 >= w.start().0 => {
-                    if w.end().0 > last.end().0 {
-                        *last = last.hull(&w);
-                    }
-                }
-                _ => spans.push(w),
-            }
+            let start = (a.0 & !(g - 1)).max(block.start().0);
+            let end = (start + g).min(block.end().0);
+            want.set_range(
+                block.index_of(VirtAddr(start)) as usize
+                    ..(end - block.start().0) as usize / PAGE_SIZE as usize,
+            );
+            faulted.set(block.index_of(a) as usize);
         }
         drop(advice);
-        let wanted: u64 = spans.iter().map(|s| s.npages()).sum();
-        let needed = wanted.saturating_sub(self.resident_pages(f.block, me));
-        if needed > f.free_frames {
-            self.make_room(needed, f.free_frames, f.block);
+        let (resident, managed) = self.block_masks(block, me);
+        if let Some(tree) = &self.tree {
+            let mut seen = self.fault_migrations.lock();
+            let n = seen.entry(block.start().0).or_insert(0);
+            let extra = tree.prefetch(&resident, &want, &BlockMask::new(), *n);
+            *n = n.saturating_add(faulted.count());
+            let extra = extra.intersection(&managed);
+            self.counters.add_tree_prefetch(extra.count() as u64);
+            want = want.union(&extra);
         }
-        self.touch(f.block);
+        if let Some(stream) = &self.stream {
+            let addrs: Vec<VirtAddr> = f.pages.iter().map(|&(a, _)| a).collect();
+            let ahead = stream.lock().observe(&addrs);
+            let mut later = Vec::new();
+            for r in ahead {
+                if let Some(inside) = r.intersect(&block) {
+                    let from = block.index_of(inside.start()) as usize;
+                    let before = want.count();
+                    want.set_range(from..from + inside.npages() as usize);
+                    let added = (want.count() - before) as u64;
+                    self.counters.add_stream_prefetch(added);
+                }
+                // The part past this block goes through the service's migration queue.
+                if r.end().0 > block.end().0 {
+                    let s = r.start().0.max(block.end().0);
+                    if let Ok(past) = PageRange::from_bounds(s, r.end().0) {
+                        self.counters.add_stream_prefetch(past.npages());
+                        later.push(past);
+                    }
+                }
+            }
+            if !later.is_empty() {
+                self.ahead.lock().extend(later);
+            }
+        }
+        let want = want.intersection(&managed).union(&faulted);
+        let spans: Vec<PageRange> = want
+            .runs()
+            .map(|r| {
+                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
+                    .expect("run inside the block")
+            })
+            .collect();
+        let needed = want.difference(&resident).count() as u64;
+        if needed > f.free_frames {
+            self.make_room(needed, f.free_frames, block);
+        }
+        self.touch(block);
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
         }
+    }
+
+    fn take_migrations(&self) -> Vec<PageRange> {
+        std::mem::take(&mut *self.ahead.lock())
     }
 }
 

@@ -14,6 +14,8 @@ pub(crate) struct Counters {
     pages_prefetched_to_cpu: AtomicU64,
     pages_suspended: AtomicU64,
     advice_calls: AtomicU64,
+    pages_tree_prefetch: AtomicU64,
+    pages_stream_prefetch: AtomicU64,
 }
 
 impl Counters {
@@ -34,6 +36,13 @@ impl Counters {
     pub(crate) fn add_suspended(&self, pages: u64) {
         self.pages_suspended.fetch_add(pages, Ordering::Relaxed);
     }
+    pub(crate) fn add_tree_prefetch(&self, pages: u64) {
+        self.pages_tree_prefetch.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn add_stream_prefetch(&self, pages: u64) {
+        self.pages_stream_prefetch
+            .fetch_add(pages, Ordering::Relaxed);
+    }
     pub(crate) fn add_advice(&self) {
         self.advice_calls.fetch_add(1, Ordering::Relaxed);
     }
@@ -49,6 +58,8 @@ impl Counters {
             pages_prefetched_to_cpu: g(&self.pages_prefetched_to_cpu),
             pages_suspended: g(&self.pages_suspended),
             advice_calls: g(&self.advice_calls),
+            pages_tree_prefetch: g(&self.pages_tree_prefetch),
+            pages_stream_prefetch: g(&self.pages_stream_prefetch),
         }
     }
 }
@@ -72,4 +83,8 @@ pub struct RuntimeStats {
     pub pages_suspended: u64,
     /// Advice calls.
     pub advice_calls: u64,
+    /// Pages the tree prefetcher added to fault migrations (trigger: prefetch).
+    pub pages_tree_prefetch: u64,
+    /// Pages the stream detector asked to migrate ahead of the faults (trigger: prefetch).
+    pub pages_stream_prefetch: u64,
 }
