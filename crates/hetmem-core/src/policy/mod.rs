@@ -3,7 +3,9 @@
 //! acts on what they answer. Defaults are NVIDIA UVM's (../shared/reference/uvm-svm.md, A.8 to
 //! A.10), each parameter configurable.
 
+pub mod access_counters;
 pub mod prefetch;
+pub mod thrashing;
 
 use crate::addr::DeviceId;
 
