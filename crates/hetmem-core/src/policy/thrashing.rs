@@ -637,6 +637,7 @@ mod tests {
     use proptest::prelude::*;
 
     const CPU: Processor = Processor::Cpu;
+    use crate::addr::DeviceId;
     const GPU: Processor = Processor::Device(DeviceId(0));
     const GPU1: Processor = Processor::Device(DeviceId(1));
     const PAGE: VirtAddr = VirtAddr(0x7f00_0020_3000);
