@@ -8,6 +8,7 @@ use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, Prot};
 use hetmem_core::{
     page_state::Location,
     policy::{
+        access_counters::{AccessCounterConfig, AccessCounters},
         prefetch::{PrefetchConfig, StreamConfig, StreamDetector, TreePrefetcher},
         Processor,
     },
@@ -31,6 +32,7 @@ pub struct ContextBuilder {
     backend: Option<CpuFaultBackend>,
     prefetch: Option<PrefetchConfig>,
     stream: Option<StreamConfig>,
+    access: Option<AccessCounterConfig>,
 }
 
 impl Default for ContextBuilder {
@@ -42,6 +44,7 @@ impl Default for ContextBuilder {
             backend: None,
             prefetch: Some(PrefetchConfig::default()),
             stream: None,
+            access: None,
         }
     }
 }
@@ -88,6 +91,13 @@ impl ContextBuilder {
         self
     }
 
+    /// Access counters: a device's remote accesses are counted per region, and a region past
+    /// the threshold migrates into the device (off by default, as UVM has it on PCIe systems).
+    pub fn access_counters(mut self, config: Option<AccessCounterConfig>) -> Self {
+        self.access = config;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -111,6 +121,7 @@ impl ContextBuilder {
             let policies = Policies {
                 tree: tree.clone(),
                 stream: self.stream.clone().map(StreamDetector::new).transpose()?,
+                access: self.access.clone().map(AccessCounters::new).transpose()?,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,

@@ -71,6 +71,9 @@ pub enum RuntimeError {
     /// A prefetcher parameter is out of range.
     #[error(transparent)]
     Prefetch(#[from] hetmem_core::policy::prefetch::PrefetchError),
+    /// An access-counter parameter is out of range.
+    #[error(transparent)]
+    AccessCounters(#[from] hetmem_core::policy::access_counters::AccessCounterError),
     /// A background worker could not start or panicked.
     #[error("a background worker failed")]
     Worker,

@@ -17,6 +17,7 @@ use hetmem::AddressSpace;
 use hetmem_core::{
     page_state::Location,
     policy::{
+        access_counters::AccessCounters,
         prefetch::{BlockMask, StreamDetector, TreePrefetcher},
         Processor,
     },
@@ -56,6 +57,8 @@ pub(crate) struct RuntimePlacement {
     /// Ranges to migrate that lie beyond the block being serviced (stream prefetch ahead):
     /// handed to the fault service through `take_migrations`.
     ahead: Mutex<Vec<PageRange>>,
+    /// Remote accesses per region; hot regions migrate in (trigger: access counters).
+    access: Option<Mutex<AccessCounters>>,
 }
 
 /// The policies a device's placement runs.
@@ -63,6 +66,7 @@ pub(crate) struct RuntimePlacement {
 pub(crate) struct Policies {
     pub(crate) tree: Option<TreePrefetcher>,
     pub(crate) stream: Option<StreamDetector>,
+    pub(crate) access: Option<AccessCounters>,
 }
 
 impl RuntimePlacement {
@@ -84,6 +88,7 @@ impl RuntimePlacement {
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
             ahead: Mutex::new(Vec::new()),
+            access: policies.access.map(Mutex::new),
         }
     }
 
@@ -97,11 +102,7 @@ impl RuntimePlacement {
 
     /// Should this device map `addr` where it is rather than migrate it?
     fn remote(&self, advice: &AdviceMap, addr: u64, me: DeviceId) -> bool {
-        let a = advice.at(addr);
-        match a.preferred {
-            Some(p) => p != Processor::Device(me),
-            None => a.accessed_by.contains(&Processor::Device(me)),
-        }
+        advised_remote(&advice.at(addr), me)
     }
 
     /// Pages of `block` held by this device now, and those that are managed memory.
@@ -193,6 +194,7 @@ impl PlacementPolicy for RuntimePlacement {
             return BlockPlan {
                 action: PlacementAction::Migrate,
                 spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
+                remote: Vec::new(),
             };
         };
         let advice = self.advice.read();
@@ -201,18 +203,38 @@ impl PlacementPolicy for RuntimePlacement {
             .iter()
             .map(|&(a, _)| self.remote(&advice, a.0, me))
             .collect();
+        // Pages the advice keeps where they are: mapped remotely, never migrated.
+        let kept: Vec<PageRange> = f
+            .pages
+            .iter()
+            .zip(&remote)
+            .filter(|(_, &r)| r)
+            .map(|(&(a, _), _)| page(a.0))
+            .collect();
+        if !kept.is_empty() {
+            self.counters.add_remote_pages(kept.len() as u64);
+        }
         if remote.iter().all(|&r| r) {
-            self.counters.add_remote_blocks(1);
             return BlockPlan {
                 action: PlacementAction::MapRemote,
-                spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
+                spans: kept,
+                remote: Vec::new(),
             };
         }
         // Windows of the range's granularity around each faulted page.
         let block = f.block;
         let mut want = BlockMask::new();
         let mut faulted = BlockMask::new();
-        for &(a, _) in f.pages {
+        // Every page of the block the advice keeps remote, faulted or not: neither windows nor
+        // prefetchers may take them along.
+        let mut keep = BlockMask::new();
+        for (r, attrs) in advice.pieces(f.block.start().0..f.block.end().0) {
+            if advised_remote(&attrs, me) {
+                let from = block_index(f.block, VirtAddr(r.start));
+                keep.set_range(from..from + ((r.end - r.start) / PAGE_SIZE) as usize);
+            }
+        }
+        for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| !r) {
             let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
             let start = (a.0 & !(g - 1)).max(block.start().0);
             let end = (start + g).min(block.end().0);
@@ -258,7 +280,11 @@ impl PlacementPolicy for RuntimePlacement {
                 self.ahead.lock().extend(later);
             }
         }
-        let want = want.intersection(&managed).union(&faulted);
+        // Never migrate what the advice keeps remote, however the windows and prefetchers grew.
+        let want = want
+            .intersection(&managed)
+            .union(&faulted)
+            .difference(&keep);
         let spans: Vec<PageRange> = want
             .runs()
             .map(|r| {
@@ -274,12 +300,39 @@ impl PlacementPolicy for RuntimePlacement {
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
+            remote: kept,
+        }
+    }
+
+    fn remote_access(&self, addr: VirtAddr) {
+        if let Some(ac) = &self.access {
+            ac.lock().record(addr, 1);
         }
     }
 
     fn take_migrations(&self) -> Vec<PageRange> {
-        std::mem::take(&mut *self.ahead.lock())
+        let mut out = std::mem::take(&mut *self.ahead.lock());
+        if let Some(ac) = &self.access {
+            // UVM's notification batch size.
+            let hot = ac.lock().take_notifications(256);
+            self.counters.add_counter_notifications(hot.len() as u64);
+            out.extend(hot);
+        }
+        out
     }
+}
+
+/// UVM's rule: advice beats migration. A page preferred elsewhere, or one this device is advised
+/// to access where it is (with no preferred location), is mapped remotely.
+fn advised_remote(a: &crate::advice::PageAttrs, me: DeviceId) -> bool {
+    match a.preferred {
+        Some(p) => p != Processor::Device(me),
+        None => a.accessed_by.contains(&Processor::Device(me)),
+    }
+}
+
+fn block_index(block: PageRange, a: VirtAddr) -> usize {
+    block.index_of(a) as usize
 }
 
 fn page(a: u64) -> PageRange {

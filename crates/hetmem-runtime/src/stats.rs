@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub(crate) struct Counters {
     evictions: AtomicU64,
     pages_evicted: AtomicU64,
-    remote_blocks: AtomicU64,
+    pages_advised_remote: AtomicU64,
     prefetches: AtomicU64,
     pages_prefetched_to_device: AtomicU64,
     pages_prefetched_to_cpu: AtomicU64,
@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     advice_calls: AtomicU64,
     pages_tree_prefetch: AtomicU64,
     pages_stream_prefetch: AtomicU64,
+    counter_notifications: AtomicU64,
 }
 
 impl Counters {
@@ -23,8 +24,8 @@ impl Counters {
         self.evictions.fetch_add(1, Ordering::Relaxed);
         self.pages_evicted.fetch_add(pages, Ordering::Relaxed);
     }
-    pub(crate) fn add_remote_blocks(&self, n: u64) {
-        self.remote_blocks.fetch_add(n, Ordering::Relaxed);
+    pub(crate) fn add_remote_pages(&self, n: u64) {
+        self.pages_advised_remote.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn add_prefetch(&self, to_device: u64, to_cpu: u64) {
         self.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -43,6 +44,9 @@ impl Counters {
         self.pages_stream_prefetch
             .fetch_add(pages, Ordering::Relaxed);
     }
+    pub(crate) fn add_counter_notifications(&self, n: u64) {
+        self.counter_notifications.fetch_add(n, Ordering::Relaxed);
+    }
     pub(crate) fn add_advice(&self) {
         self.advice_calls.fetch_add(1, Ordering::Relaxed);
     }
@@ -52,7 +56,7 @@ impl Counters {
         RuntimeStats {
             evictions: g(&self.evictions),
             pages_evicted: g(&self.pages_evicted),
-            remote_blocks: g(&self.remote_blocks),
+            pages_advised_remote: g(&self.pages_advised_remote),
             prefetches: g(&self.prefetches),
             pages_prefetched_to_device: g(&self.pages_prefetched_to_device),
             pages_prefetched_to_cpu: g(&self.pages_prefetched_to_cpu),
@@ -60,6 +64,7 @@ impl Counters {
             advice_calls: g(&self.advice_calls),
             pages_tree_prefetch: g(&self.pages_tree_prefetch),
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
+            counter_notifications: g(&self.counter_notifications),
         }
     }
 }
@@ -71,8 +76,8 @@ pub struct RuntimeStats {
     pub evictions: u64,
     /// Pages those evictions moved to system memory.
     pub pages_evicted: u64,
-    /// Faulted blocks the advice sent to a remote mapping instead of a migration.
-    pub remote_blocks: u64,
+    /// Faulted pages the advice mapped remotely instead of migrating them.
+    pub pages_advised_remote: u64,
     /// Prefetch calls completed (trigger: prefetch).
     pub prefetches: u64,
     /// Pages prefetches moved into device memory.
@@ -87,4 +92,7 @@ pub struct RuntimeStats {
     pub pages_tree_prefetch: u64,
     /// Pages the stream detector asked to migrate ahead of the faults (trigger: prefetch).
     pub pages_stream_prefetch: u64,
+    /// Regions whose remote accesses crossed the access-counter threshold (each migrates in;
+    /// trigger: access counters).
+    pub counter_notifications: u64,
 }

@@ -219,7 +219,7 @@ fn preferred_location_elsewhere_maps_remotely_instead_of_migrating() {
     let acc = c.device(d).unwrap();
     assert_eq!(acc.stats().pages_to_device, 0, "nothing migrated");
     assert!(acc.stats().pages_mapped_remote > 0);
-    assert!(c.stats().remote_blocks > 0);
+    assert!(c.stats().pages_advised_remote > 0);
     assert_eq!(on(&c, x.range(), Processor::Cpu), x.range().npages());
     // Preferred here: the next faults migrate.
     c.advise(

@@ -1381,8 +1381,12 @@ impl SimDevice {
     fn service_counter_migrations(&self) {
         for range in self.config.placement.take_migrations() {
             for block in range.chunks(HUGE_PAGE_SIZE) {
-                let pages: Vec<(VirtAddr, FaultAccess)> =
-                    block.pages().map(|a| (a, FaultAccess::Prefetch)).collect();
+                // A counter region may reach past managed memory: only its managed pages move.
+                let pages: Vec<(VirtAddr, FaultAccess)> = block
+                    .pages()
+                    .filter(|&a| self.mm.region_of(a).is_some())
+                    .map(|a| (a, FaultAccess::Prefetch))
+                    .collect();
                 match self.service_faults(&pages, Some(PlacementAction::Migrate)) {
                     Ok(()) => {
                         self.counters
@@ -1544,18 +1548,30 @@ impl SimDevice {
             pages: &pending,
             free_frames: self.free_frames(),
         });
+        // A residency request (`action` given) migrates every page, the plan's remote ones too.
+        let forced = action.is_some();
         let action = action.unwrap_or(plan.action);
+        let clip = |v: &[PageRange]| -> Vec<PageRange> {
+            v.iter().filter_map(|s| s.intersect(&block)).collect()
+        };
+        let remote = if forced {
+            Vec::new()
+        } else {
+            clip(&plan.remote)
+        };
+        let mut moving = clip(&plan.spans);
+        if forced {
+            moving.extend(clip(&plan.remote));
+        }
         // Spans stay inside the block; a faulted page no span covers is serviced on its own.
-        let mut spans: Vec<PageRange> = plan
-            .spans
-            .iter()
-            .filter_map(|s| s.intersect(&block))
-            .collect();
         for &(a, _) in &pending {
-            if !spans.iter().any(|s| s.contains(a)) {
-                spans.push(PageRange::new(a.0, PAGE_SIZE).map_err(bad)?);
+            if !moving.iter().chain(&remote).any(|s| s.contains(a)) {
+                moving.push(PageRange::new(a.0, PAGE_SIZE).map_err(bad)?);
             }
         }
+        moving.sort_by_key(|s| s.start());
+        // Mapped: what moves and what stays remote.
+        let mut spans: Vec<PageRange> = moving.iter().chain(&remote).copied().collect();
         spans.sort_by_key(|s| s.start());
         // One migration and one page-table update per region over the hull of the spans: pages
         // between spans are collected but get no destination and are not mapped.
@@ -1567,9 +1583,9 @@ impl SimDevice {
             let Some(sub) = region.range().intersect(&hull) else {
                 continue;
             };
-            let busy = if action == PlacementAction::Migrate {
-                self.pull_from_peers(&region, sub, &spans);
-                self.migrate_in(sub, &spans)
+            let busy = if action == PlacementAction::Migrate && !moving.is_empty() {
+                self.pull_from_peers(&region, sub, &moving);
+                self.migrate_in(sub, &moving)
             } else {
                 Vec::new()
             };

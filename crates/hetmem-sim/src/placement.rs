@@ -41,6 +41,10 @@ pub struct BlockPlan {
     /// worth taking along. The service clips them to the block and to managed memory, and
     /// services a faulted page that no span covers on its own.
     pub spans: Vec<PageRange>,
+    /// Pages to map where they are even when the action is [`PlacementAction::Migrate`] (sorted,
+    /// disjoint, apart from `spans`): what the advice keeps remote in a block whose other pages
+    /// migrate.
+    pub remote: Vec<PageRange>,
 }
 
 /// Decides, per faulted block, where its pages go.
@@ -117,6 +121,7 @@ impl PlacementPolicy for Granularity {
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
+            remote: Vec::new(),
         }
     }
 }

@@ -1,0 +1,170 @@
+//! Each policy on and off on a workload built to need it, with the statistics that show it
+//! acting (issue 4, "Must show"): the tree prefetcher cuts fault batches, the stream detector
+//! migrates ahead of a streaming kernel, access counters pull a hot remote range into the device.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hetmem_core::{
+    link::LinkModel,
+    policy::{access_counters::AccessCounterConfig, prefetch::StreamConfig},
+    PAGE_SIZE,
+};
+use hetmem_runtime::{Advice, Context, ContextBuilder, Managed, Processor};
+use hetmem_sim::accel::{AccelConfig, AccelStats, Miss, Thread};
+
+fn device() -> AccelConfig {
+    AccelConfig {
+        memory_bytes: 64 << 20,
+        compute_units: 2,
+        link: LinkModel::off(),
+        ..AccelConfig::default()
+    }
+}
+
+fn builder() -> ContextBuilder {
+    Context::builder().device(device())
+}
+
+/// Sums every u32 of `x` into `out[0]`, one thread per 64 bytes, in address order.
+fn stream_sum(c: &Context, x: &Managed, out: &Managed) -> AccelStats {
+    let (base, o) = (x.addr(), out.addr());
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let mut s = 0u32;
+        for w in 0..16 {
+            s = s.wrapping_add(t.load_u32(base + 64 * i + 4 * w)?);
+        }
+        t.atomic_add_u32(o, s).map(|_| ())
+    };
+    let d = c.devices()[0];
+    c.launch(d, Arc::new(k), x.len() / 64)
+        .unwrap()
+        .wait()
+        .unwrap();
+    c.device(d).unwrap().stats()
+}
+
+fn data(c: &Context, bytes: u64) -> (Managed, Managed, u32) {
+    let mut x = c.alloc(bytes).unwrap();
+    let mut v = x.view_mut::<u32>();
+    for (i, e) in v.iter_mut().enumerate() {
+        *e = (i as u32).wrapping_mul(2654435761);
+    }
+    let sum = v.iter().fold(0u32, |a, &b| a.wrapping_add(b));
+    drop(v);
+    (x, c.alloc(PAGE_SIZE).unwrap(), sum)
+}
+
+fn result(out: &Managed) -> u32 {
+    out.view::<u32>()[0]
+}
+
+#[test]
+fn the_tree_prefetcher_cuts_fault_batches() {
+    let mut batches = Vec::new();
+    for on in [false, true] {
+        let b = builder();
+        let c = if on { b } else { b.prefetcher(None) }.build().unwrap();
+        let (x, out, sum) = data(&c, 8 << 20);
+        let s = stream_sum(&c, &x, &out);
+        assert_eq!(result(&out), sum, "prefetcher on: {on}");
+        let rs = c.stats();
+        if on {
+            assert!(rs.pages_tree_prefetch > 0, "{rs:?}");
+        } else {
+            assert_eq!(rs.pages_tree_prefetch, 0);
+        }
+        eprintln!(
+            "tree prefetcher {on}: {} batches, {} faults, {} pages prefetched",
+            s.batches, s.faults_read, rs.pages_tree_prefetch
+        );
+        batches.push((s.batches, s.faults_read));
+        c.check_invariants().unwrap();
+    }
+    let (off, on) = (batches[0], batches[1]);
+    assert!(on.1 * 2 < off.1, "faults: off {off:?}, on {on:?}");
+    assert!(on.0 < off.0, "batches: off {off:?}, on {on:?}");
+}
+
+#[test]
+fn the_stream_detector_migrates_ahead_of_a_streaming_kernel() {
+    let mut faults = Vec::new();
+    for on in [false, true] {
+        let b = builder().prefetcher(None);
+        let b = if on {
+            b.stream_prefetcher(Some(StreamConfig::default()))
+        } else {
+            b
+        };
+        let c = b.build().unwrap();
+        let (x, out, sum) = data(&c, 8 << 20);
+        let s = stream_sum(&c, &x, &out);
+        assert_eq!(result(&out), sum, "stream detector on: {on}");
+        let rs = c.stats();
+        assert_eq!(rs.pages_stream_prefetch > 0, on, "{rs:?}");
+        eprintln!(
+            "stream detector {on}: {} batches, {} faults, {} pages ahead",
+            s.batches, s.faults_read, rs.pages_stream_prefetch
+        );
+        faults.push(s.faults_read);
+        c.check_invariants().unwrap();
+    }
+    assert!(faults[1] < faults[0], "faults off/on: {faults:?}");
+}
+
+#[test]
+fn access_counters_pull_a_hot_remote_range_into_the_device() {
+    for on in [false, true] {
+        let b = builder();
+        let b = if on {
+            b.access_counters(Some(AccessCounterConfig {
+                threshold: 64,
+                ..AccessCounterConfig::default()
+            }))
+        } else {
+            b
+        };
+        let c = b.build().unwrap();
+        let d = c.devices()[0];
+        let (x, out, sum) = data(&c, 1 << 20);
+        // Placed on the CPU: the device maps it remotely and counts its accesses.
+        c.advise(x.range(), Advice::SetPreferredLocation(Processor::Cpu))
+            .unwrap();
+        let first = stream_sum(&c, &x, &out);
+        assert!(first.remote_accesses > 0);
+        if !on {
+            assert_eq!(first.pages_to_device, 1, "only the output page migrates");
+        }
+        // The service drains the notifications between batches (at least every 5 ms).
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let on_device = || {
+            c.residency(x.range())
+                .iter()
+                .filter(|(_, p)| *p == Processor::Device(d))
+                .map(|(r, _)| r.npages())
+                .sum::<u64>()
+        };
+        while on && on_device() < x.range().npages() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let s = stream_sum(&c, &x, &out);
+        let rs = c.stats();
+        if on {
+            assert!(rs.counter_notifications > 0, "{rs:?}");
+            assert!(s.counter_migrations > 0);
+            assert_eq!(on_device(), x.range().npages(), "the hot range moved in");
+            assert!(
+                s.remote_accesses - first.remote_accesses < first.remote_accesses,
+                "fewer remote accesses once local: first {}, then {}",
+                first.remote_accesses,
+                s.remote_accesses - first.remote_accesses
+            );
+        } else {
+            assert_eq!(rs.counter_notifications, 0);
+            assert_eq!(s.counter_migrations, 0);
+            assert_eq!(on_device(), 0, "without counters the range stays remote");
+        }
+        assert_eq!(result(&out), sum.wrapping_mul(2));
+        c.check_invariants().unwrap();
+    }
+}
