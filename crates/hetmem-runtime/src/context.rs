@@ -120,8 +120,8 @@ impl ContextBuilder {
         for mut config in self.devices {
             let policies = Policies {
                 tree: tree.clone(),
-                stream: self.stream.clone().map(StreamDetector::new).transpose()?,
-                access: self.access.clone().map(AccessCounters::new).transpose()?,
+                stream: self.stream.map(StreamDetector::new).transpose()?,
+                access: self.access.map(AccessCounters::new).transpose()?,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,
