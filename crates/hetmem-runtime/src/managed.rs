@@ -5,7 +5,7 @@
 //! it with plain loads and stores, and a page that lives on a device comes back on the CPU fault
 //! (userfaultfd or SIGSEGV), invisibly. What Rust needs for such a slice is that nothing else
 //! writes the memory while it lives. Devices write it only from kernels, so a view and a launch
-//! exclude each other through the context's [`Gate`]: opening a view waits for the launches in
+//! exclude each other through the context's gate: opening a view waits for the launches in
 //! flight, and a launch while a view is open is refused with a typed error rather than blocking
 //! (the thread holding the view would wait for itself). Migrations and evictions move pages but
 //! never change their bytes, so they run under views freely.
