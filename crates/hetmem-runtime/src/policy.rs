@@ -100,11 +100,6 @@ impl RuntimePlacement {
         self.me.get().map(AccelHandle::id)
     }
 
-    /// Should this device map `addr` where it is rather than migrate it?
-    fn remote(&self, advice: &AdviceMap, addr: u64, me: DeviceId) -> bool {
-        advised_remote(&advice.at(addr), me)
-    }
-
     /// Pages of `block` held by this device now, and those that are managed memory.
     fn block_masks(&self, block: PageRange, me: DeviceId) -> (BlockMask, BlockMask) {
         let mut resident = BlockMask::new();
@@ -201,7 +196,7 @@ impl PlacementPolicy for RuntimePlacement {
         let remote: Vec<bool> = f
             .pages
             .iter()
-            .map(|&(a, _)| self.remote(&advice, a.0, me))
+            .map(|&(a, _)| advised_remote(&advice.at(a.0), me))
             .collect();
         // Pages the advice keeps where they are: mapped remotely, never migrated.
         let kept: Vec<PageRange> = f
@@ -267,12 +262,19 @@ impl PlacementPolicy for RuntimePlacement {
                     let added = (want.count() - before) as u64;
                     self.counters.add_stream_prefetch(added);
                 }
-                // The part past this block goes through the service's migration queue.
+                // The part past this block goes through the service's migration queue, without
+                // what the advice keeps remote there.
                 if r.end().0 > block.end().0 {
                     let s = r.start().0.max(block.end().0);
-                    if let Ok(past) = PageRange::from_bounds(s, r.end().0) {
-                        self.counters.add_stream_prefetch(past.npages());
-                        later.push(past);
+                    let advice = self.advice.read();
+                    for (piece, attrs) in advice.pieces(s..r.end().0) {
+                        if advised_remote(&attrs, me) {
+                            continue;
+                        }
+                        if let Ok(past) = PageRange::from_bounds(piece.start, piece.end) {
+                            self.counters.add_stream_prefetch(past.npages());
+                            later.push(past);
+                        }
                     }
                 }
             }

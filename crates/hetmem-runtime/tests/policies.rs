@@ -151,7 +151,7 @@ fn access_counters_pull_a_hot_remote_range_into_the_device() {
         let rs = c.stats();
         if on {
             assert!(rs.counter_notifications > 0, "{rs:?}");
-            assert!(s.counter_migrations > 0);
+            assert!(s.policy_migrations > 0);
             assert_eq!(on_device(), x.range().npages(), "the hot range moved in");
             assert!(
                 s.remote_accesses - first.remote_accesses < first.remote_accesses,
@@ -161,7 +161,7 @@ fn access_counters_pull_a_hot_remote_range_into_the_device() {
             );
         } else {
             assert_eq!(rs.counter_notifications, 0);
-            assert_eq!(s.counter_migrations, 0);
+            assert_eq!(s.policy_migrations, 0);
             assert_eq!(on_device(), 0, "without counters the range stays remote");
         }
         assert_eq!(result(&out), sum.wrapping_mul(2));

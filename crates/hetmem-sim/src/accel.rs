@@ -224,7 +224,7 @@ struct Counters {
     lanes_run: AtomicU64,
     lane_retries: AtomicU64,
     remote_accesses: AtomicU64,
-    counter_migrations: AtomicU64,
+    policy_migrations: AtomicU64,
 }
 
 /// A snapshot of the accelerator's counters.
@@ -287,9 +287,9 @@ pub struct AccelStats {
     /// Accesses that went over the link to memory outside this device (what access counters
     /// count).
     pub remote_accesses: u64,
-    /// Blocks migrated in because the placement policy's access counters asked (trigger:
-    /// access counters).
-    pub counter_migrations: u64,
+    /// Blocks migrated in because the placement policy asked between batches (its access
+    /// counters, or a prefetcher reaching past the faulted block).
+    pub policy_migrations: u64,
 }
 
 /// The device proper: what `AddressSpace` holds as a `Device`.
@@ -593,7 +593,7 @@ impl Accelerator {
             lanes_run: g(&c.lanes_run),
             lane_retries: g(&c.lane_retries),
             remote_accesses: g(&c.remote_accesses),
-            counter_migrations: g(&c.counter_migrations),
+            policy_migrations: g(&c.policy_migrations),
         }
     }
 
@@ -1334,7 +1334,7 @@ impl SimDevice {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.service_counter_migrations();
+            self.service_policy_migrations();
             entries.clear();
             // Interrupt moderation: once a fault arrived, give the other warps a moment to add
             // theirs, so one batch carries many (a GPU's fault interrupt reaches the driver's
@@ -1378,7 +1378,7 @@ impl SimDevice {
     /// counter notifications like faults, with the prefetch access type): the pages come into
     /// this device's memory and are mapped there; warps that reached them remotely fault once
     /// more and then hit locally.
-    fn service_counter_migrations(&self) {
+    fn service_policy_migrations(&self) {
         for range in self.config.placement.take_migrations() {
             for block in range.chunks(HUGE_PAGE_SIZE) {
                 // A counter region may reach past managed memory: only its managed pages move.
@@ -1390,11 +1390,11 @@ impl SimDevice {
                 match self.service_faults(&pages, Some(PlacementAction::Migrate)) {
                     Ok(()) => {
                         self.counters
-                            .counter_migrations
+                            .policy_migrations
                             .fetch_add(1, Ordering::Relaxed);
                     }
                     Err((addr, _, e)) => {
-                        tracing::debug!(%addr, error = %e, "access-counter migration failed");
+                        tracing::debug!(%addr, error = %e, "policy migration failed");
                     }
                 }
             }

@@ -59,9 +59,9 @@ pub trait PlacementPolicy: Send + Sync + Debug {
         let _ = addr;
     }
 
-    /// Ranges to migrate into the device because their remote accesses crossed a threshold
-    /// (UVM's access counter notifications); the fault service drains them between batches.
-    /// Default: none.
+    /// Ranges to migrate into the device that no fault asked for: regions whose remote
+    /// accesses crossed a threshold (UVM's access counter notifications), or a prefetch reaching
+    /// past the faulted block. The fault service drains them between batches. Default: none.
     fn take_migrations(&self) -> Vec<PageRange> {
         Vec::new()
     }
