@@ -151,25 +151,39 @@ impl ContextBuilder {
     }
 }
 
-/// Pages of `range` that live on `p`.
-fn pages_on(mm: &AddressSpace, range: PageRange, p: Processor) -> u64 {
-    let mut n = 0;
+/// Where the pages of `range` are, as maximal runs.
+fn residency(mm: &AddressSpace, range: PageRange) -> Vec<(PageRange, Processor)> {
+    let mut runs: Vec<(PageRange, Processor)> = Vec::new();
     for region in mm.regions_in(range) {
         let Some(sub) = region.range().intersect(&range) else {
             continue;
         };
-        n += sub
-            .pages()
-            .filter(
-                |&a| match (p, region.states.get(region.index(a)).location) {
-                    (Processor::Cpu, Location::System) => true,
-                    (Processor::Device(d), Location::Device { dev, .. }) => d == dev,
-                    _ => false,
-                },
-            )
-            .count() as u64;
+        for a in sub.pages() {
+            let p = match region.states.get(region.index(a)).location {
+                Location::Device { dev, .. } | Location::Exclusive { dev, .. } => {
+                    Processor::Device(dev)
+                }
+                Location::System => Processor::Cpu,
+            };
+            match runs.last_mut() {
+                Some((r, q)) if *q == p && r.end() == a => {
+                    *r = PageRange::new(r.start().0, r.npages() * PAGE_SIZE + PAGE_SIZE)
+                        .expect("run");
+                }
+                _ => runs.push((PageRange::new(a.0, PAGE_SIZE).expect("page"), p)),
+            }
+        }
     }
-    n
+    runs
+}
+
+/// Pages of `range` that live on `p`.
+fn pages_on(mm: &AddressSpace, range: PageRange, p: Processor) -> u64 {
+    residency(mm, range)
+        .iter()
+        .filter(|(_, q)| *q == p)
+        .map(|(r, _)| r.npages())
+        .sum()
 }
 
 fn check_granularity(bytes: u64) -> Result<(), RuntimeError> {
@@ -337,28 +351,7 @@ impl Context {
 
     /// Where the pages of `range` are, as maximal runs.
     pub fn residency(&self, range: PageRange) -> Vec<(PageRange, Processor)> {
-        let mut runs: Vec<(PageRange, Processor)> = Vec::new();
-        for region in self.mm.regions_in(range) {
-            let Some(sub) = region.range().intersect(&range) else {
-                continue;
-            };
-            for a in sub.pages() {
-                let p = match region.states.get(region.index(a)).location {
-                    Location::Device { dev, .. } | Location::Exclusive { dev, .. } => {
-                        Processor::Device(dev)
-                    }
-                    Location::System => Processor::Cpu,
-                };
-                match runs.last_mut() {
-                    Some((r, q)) if *q == p && r.end() == a => {
-                        *r = PageRange::new(r.start().0, r.npages() * PAGE_SIZE + PAGE_SIZE)
-                            .expect("run");
-                    }
-                    _ => runs.push((PageRange::new(a.0, PAGE_SIZE).expect("page"), p)),
-                }
-            }
-        }
-        runs
+        residency(self.mm, range)
     }
 
     /// Moves `range` to `to` in the background (`cudaMemPrefetchAsync`): into a device's memory
