@@ -44,8 +44,12 @@ pub enum NotifyEvent {
     Unmap,
     /// Page-table entries are cleared (madvise DONTNEED/FREE, page replacement).
     Clear,
-    /// The protection of the range changes (mprotect).
+    /// The protection of the range changes (mprotect), or a duplicated page collapses to one
+    /// copy: mirrors drop every mapping and copy.
     Protection,
+    /// The CPU's mapping becomes read-only (read duplication starts): mirrors drop their
+    /// writable mappings; read-only mappings and read-only copies stay valid.
+    WriteProtect,
     /// Pages are migrating; `owner` is the migrating device, which may skip its own event.
     Migrate,
     /// A device takes exclusive access; `owner` is that device.

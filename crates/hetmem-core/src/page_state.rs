@@ -7,6 +7,7 @@
 //! ```text
 //!  state (u32):  bit 0 LOCKED   bit 1 WAITERS  bit 2 ON_DEVICE  bit 3 WRITE  bit 4 HUGE
 //!                bit 5 COHERENT bit 6 EXCLUSIVE bit 7 DIRTY     bits 8..16 device id
+//!                bits 16..19 the program's protection               bit 19 DUPLICATED
 //!  frame (u32):  the device frame (DevPfn) while ON_DEVICE or EXCLUSIVE
 //! ```
 //!
@@ -15,6 +16,9 @@
 //! CPU cannot reach it (device-private) or reaches it directly (COHERENT). EXCLUSIVE means a device
 //! holds atomic access (`make_device_exclusive`): the CPU's access is revoked until it touches the
 //! page. WRITE records whether the mapping that was taken away was writable (MIGRATE_PFN_WRITE).
+//! DUPLICATED marks a *system* page that devices may hold read-only copies of (read duplication,
+//! UVM's read-mostly): the CPU's mapping of it is write-protected, and a CPU write first
+//! invalidates every copy. Any change of location clears it.
 //!
 //! Invariant defended (DESIGN.md 3): every change of location happens under LOCKED; a page whose
 //! location is not *system* always names a frame that is allocated to that device.
@@ -34,6 +38,7 @@ const DIRTY: u32 = 1 << 7;
 const DEV_SHIFT: u32 = 8;
 const PROT_SHIFT: u32 = 16;
 const PROT_MASK: u32 = 0x7 << PROT_SHIFT;
+const DUPLICATED: u32 = 1 << 19;
 
 /// Where a page's data is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,6 +76,8 @@ pub struct PageState {
     pub huge: bool,
     /// Written since it last moved.
     pub dirty: bool,
+    /// A system page devices may hold read-only copies of; the CPU's mapping is write-protected.
+    pub duplicated: bool,
 }
 
 /// One page's slot.
@@ -146,6 +153,7 @@ impl PageStates {
             write: s & WRITE != 0,
             huge: s & HUGE != 0,
             dirty: s & DIRTY != 0,
+            duplicated: s & DUPLICATED != 0,
         }
     }
 
@@ -261,6 +269,21 @@ impl PageStates {
         self.slots[i].state.store(s, Ordering::Release);
     }
 
+    /// Marks page `i` (locked by the caller, in system memory) duplicated, or no longer.
+    pub fn set_duplicated(&self, i: usize, on: bool) {
+        let w = &self.slots[i].state;
+        debug_assert!(
+            w.load(Ordering::Relaxed) & LOCKED != 0,
+            "page state changed without its lock"
+        );
+        debug_assert!(w.load(Ordering::Relaxed) & (ON_DEVICE | EXCLUSIVE) == 0);
+        if on {
+            w.fetch_or(DUPLICATED, Ordering::AcqRel);
+        } else {
+            w.fetch_and(!DUPLICATED, Ordering::AcqRel);
+        }
+    }
+
     /// Marks page `i` dirty.
     pub fn set_dirty(&self, i: usize) {
         self.slots[i].state.fetch_or(DIRTY, Ordering::Relaxed);
@@ -290,6 +313,9 @@ impl PageStates {
             match s.location {
                 Location::System => {}
                 Location::Device { dev, frame, .. } | Location::Exclusive { dev, frame } => {
+                    if s.duplicated {
+                        return Err(format!("page {i} is duplicated but not in system memory"));
+                    }
                     if !frame_allocated(dev, frame) {
                         return Err(format!(
                             "page {i} names frame {frame:?} of {dev:?}, which is not allocated"
@@ -338,6 +364,25 @@ mod tests {
         assert!(!t.get(1).locked);
         assert!(t.try_lock(1));
         t.set_system(1);
+        t.set_duplicated(1, true);
+        assert!(t.get(1).duplicated);
+        assert!(t.check_invariants(|_, _| true).is_ok());
+        t.set_device(
+            1,
+            DevicePlacement {
+                dev: DeviceId(1),
+                frame: DevPfn(3),
+                write: false,
+                huge: false,
+                coherent: false,
+                exclusive: false,
+            },
+        );
+        assert!(!t.get(1).duplicated, "a move ends the duplication");
+        t.set_system(1);
+        t.set_duplicated(1, true);
+        t.set_duplicated(1, false);
+        assert!(!t.get(1).duplicated);
         assert!(!t.unlock(1));
         assert_eq!(t.get(1).location, Location::System);
         assert_eq!(PageStates::BYTES_PER_PAGE, 8);

@@ -372,20 +372,38 @@ impl Context {
             Processor::Cpu => None,
         };
         let before = pages_on(mm, range, to);
+        let mostly: Vec<(PageRange, bool)> = self
+            .advice
+            .read()
+            .pieces(range.start().0..range.end().0)
+            .into_iter()
+            .filter_map(|(r, a)| {
+                Some((PageRange::from_bounds(r.start, r.end).ok()?, a.read_mostly))
+            })
+            .collect();
         let worker = std::thread::Builder::new()
             .name("hetmem-prefetch".into())
             .spawn(move || -> Result<u64, RuntimeError> {
+                let mut copies = 0;
                 match &dev {
                     Some(d) => {
-                        for block in range.chunks(HUGE_PAGE_SIZE) {
-                            d.make_resident(block, false)?;
+                        // Read-mostly pieces get read copies there (CUDA's prefetch of a
+                        // read-mostly range), the rest migrates.
+                        for (piece, mostly) in mostly {
+                            for block in piece.chunks(HUGE_PAGE_SIZE) {
+                                if mostly {
+                                    copies += d.read_duplicate(block);
+                                } else {
+                                    d.make_resident(block, false)?;
+                                }
+                            }
                         }
                     }
                     None => {
                         mm.evict_range(range, None)?;
                     }
                 }
-                let moved = pages_on(mm, range, to).saturating_sub(before);
+                let moved = pages_on(mm, range, to).saturating_sub(before) + copies;
                 match to {
                     Processor::Cpu => counters.add_prefetch(0, moved),
                     Processor::Device(_) => counters.add_prefetch(moved, 0),
@@ -402,6 +420,7 @@ impl Context {
         self.gate.quiesce();
         let mut moved = 0;
         for d in &self.devices {
+            d.drop_all_copies();
             moved += self.mm.evict_device(d.id())?;
         }
         self.counters.add_suspended(moved);

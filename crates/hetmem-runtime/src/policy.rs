@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 
 use hetmem::AddressSpace;
 use hetmem_core::{
+    fault_ring::FaultAccess,
     page_state::Location,
     policy::{
         access_counters::AccessCounters,
@@ -155,6 +156,8 @@ impl RuntimePlacement {
             }
             let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
             lru.last_used.remove(&base);
+            // Read copies in the chunk go too: their pages stay in system memory.
+            freed += handle.drop_copies(chunk).unwrap_or(0);
             match self.mm.evict_range(chunk, Some(me)) {
                 Ok(pages) => {
                     freed += pages;
@@ -190,13 +193,23 @@ impl PlacementPolicy for RuntimePlacement {
                 action: PlacementAction::Migrate,
                 spans: f.pages.iter().map(|&(a, _)| page(a.0)).collect(),
                 remote: Vec::new(),
+                duplicate: Vec::new(),
             };
         };
         let advice = self.advice.read();
+        // Read faults on read-mostly pages get a read-only copy here (CUDA: read-mostly
+        // overrides the preferred location); writes to them collapse the copies and go the
+        // ordinary way.
+        let copy: Vec<bool> = f
+            .pages
+            .iter()
+            .map(|&(a, access)| access == FaultAccess::Read && advice.at(a.0).read_mostly)
+            .collect();
         let remote: Vec<bool> = f
             .pages
             .iter()
-            .map(|&(a, _)| advised_remote(&advice.at(a.0), me))
+            .zip(&copy)
+            .map(|(&(a, _), &c)| !c && advised_remote(&advice.at(a.0), me))
             .collect();
         // Pages the advice keeps where they are: mapped remotely, never migrated.
         let kept: Vec<PageRange> = f
@@ -209,27 +222,51 @@ impl PlacementPolicy for RuntimePlacement {
         if !kept.is_empty() {
             self.counters.add_remote_pages(kept.len() as u64);
         }
-        if remote.iter().all(|&r| r) {
+        if copy.iter().all(|&c| !c) && remote.iter().all(|&r| r) {
             return BlockPlan {
                 action: PlacementAction::MapRemote,
                 spans: kept,
                 remote: Vec::new(),
+                duplicate: Vec::new(),
             };
         }
         // Windows of the range's granularity around each faulted page.
         let block = f.block;
         let mut want = BlockMask::new();
         let mut faulted = BlockMask::new();
-        // Every page of the block the advice keeps remote, faulted or not: neither windows nor
-        // prefetchers may take them along.
+        // Every page of the block the advice keeps remote or read-mostly, faulted or not:
+        // neither windows nor prefetchers may migrate them.
         let mut keep = BlockMask::new();
+        let mut mostly = BlockMask::new();
         for (r, attrs) in advice.pieces(f.block.start().0..f.block.end().0) {
-            if advised_remote(&attrs, me) {
-                let from = block_index(f.block, VirtAddr(r.start));
-                keep.set_range(from..from + ((r.end - r.start) / PAGE_SIZE) as usize);
+            let from = block_index(f.block, VirtAddr(r.start));
+            let pages = from..from + ((r.end - r.start) / PAGE_SIZE) as usize;
+            if attrs.read_mostly {
+                mostly.set_range(pages.clone());
+                keep.set_range(pages);
+            } else if advised_remote(&attrs, me) {
+                keep.set_range(pages);
             }
         }
-        for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| !r) {
+        // Read copies: the faulted pages widened to the granularity window, read-mostly pages
+        // only.
+        let mut dup = BlockMask::new();
+        for (&(a, _), _) in f.pages.iter().zip(&copy).filter(|(_, &c)| c) {
+            let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
+            let start = (a.0 & !(g - 1)).max(block.start().0);
+            let end = (start + g).min(block.end().0);
+            dup.set_range(
+                block.index_of(VirtAddr(start)) as usize
+                    ..(end - block.start().0) as usize / PAGE_SIZE as usize,
+            );
+        }
+        let dup = dup.intersection(&mostly);
+        for (&(a, _), _) in f
+            .pages
+            .iter()
+            .zip(remote.iter().zip(&copy))
+            .filter(|(_, (&r, &c))| !r && !c)
+        {
             let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
             let start = (a.0 & !(g - 1)).max(block.start().0);
             let end = (start + g).min(block.end().0);
@@ -282,11 +319,13 @@ impl PlacementPolicy for RuntimePlacement {
                 self.ahead.lock().extend(later);
             }
         }
-        // Never migrate what the advice keeps remote, however the windows and prefetchers grew.
+        // Never migrate what the advice keeps remote or read-mostly, however the windows and
+        // prefetchers grew (a write fault on a read-mostly page migrates it all the same).
+        let dup = dup.intersection(&managed).difference(&resident);
         let want = want
             .intersection(&managed)
-            .union(&faulted)
-            .difference(&keep);
+            .difference(&keep)
+            .union(&faulted);
         let spans: Vec<PageRange> = want
             .runs()
             .map(|r| {
@@ -294,15 +333,23 @@ impl PlacementPolicy for RuntimePlacement {
                     .expect("run inside the block")
             })
             .collect();
-        let needed = want.difference(&resident).count() as u64;
+        let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
             self.make_room(needed, f.free_frames, block);
         }
         self.touch(block);
+        let duplicate = dup
+            .runs()
+            .map(|r| {
+                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
+                    .expect("run inside the block")
+            })
+            .collect();
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
             remote: kept,
+            duplicate,
         }
     }
 

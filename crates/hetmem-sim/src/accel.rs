@@ -71,6 +71,8 @@ use hetmem_core::{
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::copy::{migrate_between, SimCopyBackend};
+
+mod dup;
 use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolicy};
 
 /// Lanes per warp.
@@ -225,6 +227,8 @@ struct Counters {
     lane_retries: AtomicU64,
     remote_accesses: AtomicU64,
     policy_migrations: AtomicU64,
+    pages_duplicated: AtomicU64,
+    copies_dropped: AtomicU64,
 }
 
 /// A snapshot of the accelerator's counters.
@@ -290,6 +294,12 @@ pub struct AccelStats {
     /// Blocks migrated in because the placement policy asked between batches (its access
     /// counters, or a prefetcher reaching past the faulted block).
     pub policy_migrations: u64,
+    /// Pages copied into this device as read-only copies (read duplication).
+    pub pages_duplicated: u64,
+    /// Read-only copies dropped (a write collapsed them, the page moved, eviction).
+    pub copies_dropped: u64,
+    /// Read-only copies held now.
+    pub copies_held: u64,
 }
 
 /// The device proper: what `AddressSpace` holds as a `Device`.
@@ -306,6 +316,8 @@ pub struct SimDevice {
     copy: CopyEngine,
     config: AccelConfig,
     sub: Mutex<Option<Arc<IntervalNotifier>>>,
+    /// Read-only copies of duplicated system pages (read duplication).
+    dups: Mutex<dup::Duplicates>,
     /// Replay epoch: stalled warps wait for it to move.
     epoch: Mutex<u64>,
     replayed: Condvar,
@@ -362,29 +374,50 @@ impl IntervalNotifierOps for SimDevice {
         let own_to_device = range.event == NotifyEvent::Migrate
             && range.owner == Some(self.mem.owner())
             && OWN_TO_DEVICE.with(Cell::get);
+        // Read duplication starting on a page: only writable mappings go (remote ones, since a
+        // duplicated page is never local in a writable way); read copies stay. The duplicating
+        // device's own sequence does not move, or its copies would never map.
+        let write_protect = range.event == NotifyEvent::WriteProtect;
+        let own = range.owner == Some(self.mem.owner());
         let unmap = |c: &mut hetmem_core::device_mmu::MmuCore| {
-            sub.set_seq(cur_seq);
-            let Some(r) = r else { return 0 };
+            if !(write_protect && own) {
+                sub.set_seq(cur_seq);
+            }
+            let Some(r) = r else {
+                return (0, Vec::new());
+            };
+            if write_protect {
+                let n = c.unmap_where(r, |t| !matches!(t, PteTarget::Local(_)));
+                return (n.unwrap_or(0), Vec::new());
+            }
+            // This device's read copies in the range go with every other event.
+            let copies = self.unmap_copies(c, r);
             // Out of range cannot happen (clipped to the width above); nothing to undo.
-            if own_to_device {
+            let n = if own_to_device {
                 c.unmap_where(r, |t| !matches!(t, PteTarget::Local(_)))
             } else {
                 c.unmap(r).map(|rep| rep.pages)
             }
-            .unwrap_or(0)
+            .unwrap_or(0);
+            (n + copies.len() as u64, copies)
         };
         if !range.blockable {
             // A shootdown waits for the warps in flight: not allowed here. What was queued stays
-            // queued and goes out with the next shootdown; the caller retries.
+            // queued and goes out with the next shootdown; the caller retries. (Never in hetmem:
+            // every invalidation may sleep. A read copy is refused rather than freed unreachable.)
+            if r.is_some_and(|r| self.dups.lock().any_in(r)) {
+                return false;
+            }
             return self.mmu.try_update(unmap).is_some() && self.mmu.try_sync();
         }
-        let unmapped = self.mmu.update(unmap);
+        let (unmapped, copies) = self.mmu.update(unmap);
         // Always, even when this update unmapped nothing: the leaves may have gone with another
         // thread's update whose shootdown is still reaching the units, and until it has, a warp
         // can still store through them (into a frame this invalidation's caller is about to copy
         // or hand out: a lost device store).
         // The frames belong to hetmem's page states, not to this table: nothing to free.
         self.mmu.shootdown();
+        self.free_copies(&copies);
         if unmapped > 0 {
             self.counters
                 .tlb_invalidations
@@ -525,6 +558,7 @@ impl Accelerator {
                 copy,
                 config: cfg,
                 sub: Mutex::new(None),
+                dups: Mutex::new(dup::Duplicates::default()),
                 epoch: Mutex::new(0),
                 replayed: Condvar::new(),
                 fatal: Mutex::new(None),
@@ -594,6 +628,9 @@ impl Accelerator {
             lane_retries: g(&c.lane_retries),
             remote_accesses: g(&c.remote_accesses),
             policy_migrations: g(&c.policy_migrations),
+            pages_duplicated: g(&c.pages_duplicated),
+            copies_dropped: g(&c.copies_dropped),
+            copies_held: self.dev.dups.lock().len() as u64,
         }
     }
 
@@ -647,10 +684,15 @@ impl Accelerator {
         Ok(())
     }
 
-    /// Drops the device's mappings of `range`; when it returns no warp can reach them.
+    /// Drops the device's mappings of `range` (and its read copies there); when it returns no
+    /// warp can reach them.
     pub fn unmap(&self, range: PageRange) -> Result<(), AccelError> {
-        let unmapped = self.dev.mmu.update(|c| c.unmap(range))?;
+        let (unmapped, copies) = self.dev.mmu.update(|c| {
+            let copies = self.dev.unmap_copies(c, range);
+            c.unmap(range).map(|u| (u, copies))
+        })?;
         self.dev.mmu.shootdown();
+        self.dev.free_copies(&copies);
         if unmapped.pages > 0 {
             self.dev
                 .counters
@@ -658,6 +700,31 @@ impl Accelerator {
                 .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// Read duplication of `range` (`cudaMemPrefetchAsync` to this device of a read-mostly
+    /// range): read-only copies of its pages in this device's memory, mapped, while the pages stay
+    /// in system memory for every other reader. Pages other devices hold come back to system
+    /// memory first; pages this device holds, and those it cannot copy (shared memory, device
+    /// memory full), are left as they are. Returns the pages copied.
+    pub fn read_duplicate(&self, range: PageRange) -> u64 {
+        let mut n = 0;
+        for block in range.chunks(HUGE_PAGE_SIZE) {
+            n += self.dev.duplicate_in(block).len() as u64;
+        }
+        n
+    }
+
+    /// Drops this device's read copies inside `range` (the pages stay in system memory).
+    /// Returns how many went.
+    pub fn drop_copies(&self, range: PageRange) -> u64 {
+        self.dev.drop_copies(range)
+    }
+
+    /// Drops every read copy this device holds. Returns how many went.
+    pub fn drop_all_copies(&self) -> u64 {
+        let hull = self.dev.dups.lock().hull();
+        hull.map_or(0, |r| self.dev.drop_copies(r))
     }
 
     /// Clears the accessed bits of `range` and returns the ranges used since the last call; the
@@ -733,6 +800,11 @@ impl AccelHandle {
     /// The device.
     pub fn id(&self) -> DeviceId {
         self.id
+    }
+
+    /// [`Accelerator::drop_copies`]; `None` once the device is gone.
+    pub fn drop_copies(&self, range: PageRange) -> Option<u64> {
+        Some(self.dev.upgrade()?.drop_copies(range))
     }
 
     /// [`Accelerator::take_accessed`]; `None` once the device is gone.
@@ -1060,7 +1132,7 @@ impl Thread<'_> {
                 return Err(LaunchError::Fatal {
                     addr: va,
                     access: FaultAccess::Write,
-                    reason: "device write failed".into(),
+                    reason: format!("device write failed (to {target:?})"),
                 });
             }
         }
@@ -1129,6 +1201,9 @@ impl SimDevice {
                     let loc = region.states.get(region.index(va)).location;
                     let agrees = match (tr.target(va), loc) {
                         (Some(PteTarget::System), Location::System) => true,
+                        (Some(PteTarget::Local(f)), Location::System) => {
+                            self.dups.lock().holds(va, f)
+                        }
                         (Some(PteTarget::Local(f)), Location::Device { dev, frame, .. }) => {
                             dev == self.mem.id() && frame == f
                         }
@@ -1146,7 +1221,7 @@ impl SimDevice {
                     }
                 }
             });
-            err.map_or(Ok(()), Err)
+            err.map_or_else(|| self.check_copies(pt), Err)
         })
     }
 
@@ -1554,18 +1629,39 @@ impl SimDevice {
         let clip = |v: &[PageRange]| -> Vec<PageRange> {
             v.iter().filter_map(|s| s.intersect(&block)).collect()
         };
-        let remote = if forced {
+        let mut remote = if forced {
             Vec::new()
         } else {
             clip(&plan.remote)
         };
+        // Read copies first; what could not be copied is mapped where it is.
+        let mut copied: Vec<PageRange> = Vec::new();
+        if !forced {
+            for span in clip(&plan.duplicate) {
+                let done = self.duplicate_in(span);
+                for a in span.pages() {
+                    let p = PageRange::new(a.0, PAGE_SIZE).map_err(bad)?;
+                    if done.binary_search(&a).is_ok() {
+                        copied.push(p);
+                    } else {
+                        remote.push(p);
+                    }
+                }
+            }
+            remote.sort_by_key(|s| s.start());
+        }
         let mut moving = clip(&plan.spans);
         if forced {
             moving.extend(clip(&plan.remote));
         }
         // Spans stay inside the block; a faulted page no span covers is serviced on its own.
         for &(a, _) in &pending {
-            if !moving.iter().chain(&remote).any(|s| s.contains(a)) {
+            if !moving
+                .iter()
+                .chain(&remote)
+                .chain(&copied)
+                .any(|s| s.contains(a))
+            {
                 moving.push(PageRange::new(a.0, PAGE_SIZE).map_err(bad)?);
             }
         }

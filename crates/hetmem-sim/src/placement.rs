@@ -45,6 +45,11 @@ pub struct BlockPlan {
     /// disjoint, apart from `spans`): what the advice keeps remote in a block whose other pages
     /// migrate.
     pub remote: Vec<PageRange>,
+    /// Pages to read-duplicate (sorted, disjoint, apart from the others): a read-only copy in
+    /// this device's memory while the page stays in system memory (read-mostly advice). Pages
+    /// that cannot be copied are mapped where they are. Ignored when a residency request forces
+    /// the action.
+    pub duplicate: Vec<PageRange>,
 }
 
 /// Decides, per faulted block, where its pages go.
@@ -122,6 +127,7 @@ impl PlacementPolicy for Granularity {
             action: PlacementAction::Migrate,
             spans,
             remote: Vec::new(),
+            duplicate: Vec::new(),
         }
     }
 }

@@ -18,8 +18,8 @@ use hetmem_sys::{
 };
 
 use crate::{
-    fault::{lock_page, populate_empty_block},
-    mm::{AddressSpace, CpuFaultBackend},
+    fault::{lock_page, populate_empty_block, unlock_page},
+    mm::{prot_from_bits, AddressSpace, CpuFaultBackend},
     os,
 };
 
@@ -81,8 +81,10 @@ impl CpuMm for AddressSpace {
                 }
                 _ => v,
             };
+            let mut dup = false;
             if let Some(region) = region {
                 let st = region.states.get(region.index(a));
+                dup = st.duplicated;
                 match st.location {
                     Location::Device {
                         dev,
@@ -134,7 +136,13 @@ impl CpuMm for AddressSpace {
                 let file = pm.file_or_shared_anon() && !v.shared;
                 // A private page is writable when it is ours alone (no copy-on-write pending);
                 // a shared one when the mapping is.
-                let write = v.write && !zero && (v.shared || (!file && pm.exclusive()));
+                // A duplicated page is read-only for every mirror until a write collapses it, and
+                // so is a page still write-protected for the CPU.
+                let write = v.write
+                    && !zero
+                    && !dup
+                    && !pm.uffd_wp()
+                    && (v.shared || (!file && pm.exclusive()));
                 let order = if c.contains(PageCategory::HUGE) {
                     hetmem_core::addr::HUGE_ORDER
                 } else {
@@ -166,6 +174,97 @@ pub(crate) fn fault_range(
     range: PageRange,
     write: bool,
 ) -> Result<(), RangeFaultError> {
+    match fault_range_once(mm, range, write) {
+        Err(RangeFaultError::Fault { .. }) => fault_pages_locked(mm, range, write),
+        r => r,
+    }
+}
+
+/// The slow path of a fault whose populate failed (a page migrated, or was being migrated, between
+/// the checks and the populate; a read copy was made of it again): page by page, each managed
+/// system page under its lock, so that no migration, read duplication or collapse runs between
+/// making it accessible and populating it. A populate that fails on a managed page opens a protection left
+/// behind (a write-protect that outlived its duplication, a read-only mprotect of a migration that
+/// ended) and tries again. Userfaultfd refuses protection changes (EAGAIN) while one of its events
+/// waits to be read: such a page is retried, its lock released meanwhile, for a bounded time.
+fn fault_pages_locked(
+    mm: &AddressSpace,
+    range: PageRange,
+    write: bool,
+) -> Result<(), RangeFaultError> {
+    let populate = |a: VirtAddr| {
+        hetmem_sys::mman::populate(a.as_usize(), PAGE_SIZE as usize, write).map_err(|e| {
+            match e.errno() {
+                Some(12) => RangeFaultError::NoMemory { addr: a },
+                _ => RangeFaultError::Fault { addr: a },
+            }
+        })
+    };
+    for a in range.pages() {
+        let Some(region) = mm.region_of(a) else {
+            populate(a)?;
+            continue;
+        };
+        let i = region.index(a);
+        let p = PageRange::new(a.0, PAGE_SIZE).expect("page");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            // Back in system memory first, as in the fast path (which may lose the same race).
+            match fault_range_once(mm, p, false) {
+                Err(RangeFaultError::Fault { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                    continue;
+                }
+                r => r?,
+            }
+            lock_page(&region, i);
+            if region.states.get(i).location != Location::System {
+                // Moved to a device again meanwhile.
+                unlock_page(&region, i);
+                continue;
+            }
+            if write {
+                crate::dup::collapse(mm, &region, i, a);
+            }
+            let mut r = if write && region.states.get(i).duplicated {
+                Err(RangeFaultError::Fault { addr: a })
+            } else {
+                populate(a)
+            };
+            if r.is_err() && write && !region.states.get(i).duplicated && !mm.is_forked_child() {
+                let opened = match (mm.backend, &mm.uffd) {
+                    (CpuFaultBackend::Userfaultfd, Some(u)) => u
+                        .write_protect(a.as_usize(), PAGE_SIZE as usize, false)
+                        .is_ok(),
+                    (CpuFaultBackend::Mprotect, _) => {
+                        os::protect(p, prot_from_bits(region.states.prot(i))).is_ok()
+                    }
+                    _ => false,
+                };
+                if opened {
+                    r = populate(a);
+                }
+            }
+            unlock_page(&region, i);
+            match r {
+                Err(RangeFaultError::Fault { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::yield_now();
+                }
+                r => {
+                    r?;
+                    break;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn fault_range_once(
+    mm: &AddressSpace,
+    range: PageRange,
+    write: bool,
+) -> Result<(), RangeFaultError> {
     for a in range.pages() {
         let Some(region) = mm.region_of(a) else {
             continue;
@@ -184,6 +283,9 @@ pub(crate) fn fault_range(
                 Location::Exclusive { .. } => crate::fault::restore_exclusive(mm, &region, a)?,
                 _ => break,
             }
+        }
+        if write {
+            crate::dup::collapse_locking(mm, &region, a);
         }
         // (Not in a forked child: its memory is not registered, and the inherited userfaultfd
         // acts on the parent's address space.)

@@ -57,7 +57,7 @@ pub(crate) fn lock_page(region: &Region, i: usize) {
     }
 }
 
-fn unlock_page(region: &Region, i: usize) {
+pub(crate) fn unlock_page(region: &Region, i: usize) {
     if region.states.unlock(i) {
         hetmem_sys::futex::wake(region.states.word(i), u32::MAX);
     }
@@ -267,6 +267,14 @@ impl AddressSpace {
                     unlock_page(region, i);
                     return true;
                 }
+                // A write to a duplicated page: the devices' copies go first. (Unknown access:
+                // collapsing is always safe.)
+                if write.unwrap_or(true) && region.states.get(i).duplicated {
+                    crate::dup::collapse(self, region, i, page);
+                    unlock_page(region, i);
+                    self.stats.add(&self.stats.cpu_faults, 1);
+                    return true;
+                }
                 let va = page.as_usize();
                 let write = write.unwrap_or(true) && prot & 2 != 0;
                 let r = if region.states.get(i).location == Location::System
@@ -288,10 +296,17 @@ impl AddressSpace {
                         self.stats.add(&self.stats.zero_fills, 1);
                         true
                     }
-                    // Present already: a write-protect left behind; open it.
+                    // Present already: a write-protect left behind; open it (collapsing the
+                    // page if it is duplicated: never open a page devices hold copies of).
+                    Err(UffdError::Exists) if region.states.get(i).duplicated => {
+                        crate::dup::collapse(self, region, i, page);
+                        true
+                    }
                     Err(UffdError::Exists) => {
                         match uffd.write_protect(va, PAGE_SIZE as usize, false) {
                             Ok(()) => true,
+                            // The address space is changing (an event not read yet): retry.
+                            Err(e) if e.errno() == Some(11) => true,
                             Err(e) => {
                                 if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
                                     eprintln!("hetmem: unprotect at {page} failed: {e}");
@@ -326,6 +341,16 @@ impl AddressSpace {
                 }
                 let ok = match region.states.get(i).location {
                     Location::System | Location::Device { coherent: true, .. } => {
+                        // A write (or an access of unknown kind) to a duplicated page collapses
+                        // it, which restores the protection; a read keeps it read-only.
+                        let mut prot = prot;
+                        if region.states.get(i).duplicated {
+                            if write == Some(false) {
+                                prot &= !2;
+                            } else {
+                                crate::dup::collapse(self, region, i, page);
+                            }
+                        }
                         let p = PageRange::new(page.0, PAGE_SIZE).expect("page");
                         self.stats.add(&self.stats.cpu_faults, 1);
                         os::protect(p, prot_from_bits(prot)).is_ok()

@@ -16,6 +16,7 @@
 
 pub mod cpu;
 pub mod device;
+mod dup;
 pub mod error;
 mod events;
 pub mod fault;

@@ -41,6 +41,10 @@ stats! {
     pages_discarded,
     /// userfaultfd events handled (unmap, remap, remove).
     uffd_events,
+    /// Pages handed to a device as read-only copies (read duplication).
+    pages_duplicated,
+    /// Duplicated pages collapsed back to one copy by a write.
+    dup_collapses,
 }
 
 impl Stats {
