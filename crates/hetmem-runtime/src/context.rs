@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 
 use crate::advice::{Advice, AdviceMap, RangeAttributes};
 use crate::managed::{Gate, Managed};
-use crate::policy::{Policies, RuntimePlacement};
+use crate::policy::{ExactPlacement, Policies, RuntimePlacement};
 use crate::stats::{Counters, RuntimeStats};
 use crate::RuntimeError;
 
@@ -356,7 +356,9 @@ impl Context {
 
     /// Moves `range` to `to` in the background (`cudaMemPrefetchAsync`): into a device's memory
     /// (evicting what its policy chooses if it is full) and mapped there, or back to system
-    /// memory. The range's last prefetch location is recorded at once.
+    /// memory. Exactly the pages of `range` move, from wherever they are (another device's pages
+    /// device to device); no fault window or prefetcher widens it. The range's last prefetch
+    /// location is recorded at once.
     pub fn prefetch(&self, range: PageRange, to: Processor) -> Result<Fence, RuntimeError> {
         self.check_managed(range)?;
         self.check_processor(to)?;
@@ -377,6 +379,8 @@ impl Context {
             .spawn(move || -> Result<u64, RuntimeError> {
                 match &dev {
                     Some(d) => {
+                        // The range, not the windows and prefetchers a fault would get.
+                        let _exact = ExactPlacement::enter();
                         for block in range.chunks(HUGE_PAGE_SIZE) {
                             d.make_resident(block, false)?;
                         }
