@@ -168,6 +168,7 @@ impl RuntimePlacement {
                     freed += pages;
                     if pages > 0 {
                         self.counters.add_eviction(pages);
+                        self.counters.device(me).add_eviction(pages);
                         tracing::debug!(
                             dev = me.0,
                             trigger = "eviction",
