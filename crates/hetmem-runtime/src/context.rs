@@ -1,10 +1,17 @@
-//! The context: devices in one address space, managed allocations, advice, prefetch, eviction
-//! and suspend, as a CUDA or HIP user expects them (../shared/reference/uvm-svm.md).
+//! The context: devices in one address space, managed allocations, registered memory, advice,
+//! prefetch, eviction and suspend, as a CUDA or HIP user expects them
+//! (../shared/reference/uvm-svm.md).
+//!
+//! With several devices, each device's fault service pulls the pages another device holds
+//! straight into its own memory through its copy engines (UVM's peer migration; nothing passes
+//! through system memory), prefetch does the same, and the devices' memory is private to each:
+//! a device-private page is reported by range fault to its owner only, as the kernel reports
+//! `dev_private_owner`'s pages.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, Prot};
+use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, MmError, Prot};
 use hetmem_core::{
     page_state::Location,
     policy::{
@@ -18,9 +25,9 @@ use hetmem_sim::accel::{AccelConfig, Accelerator, Kernel, Launch};
 use parking_lot::RwLock;
 
 use crate::advice::{Advice, AdviceMap, RangeAttributes};
-use crate::managed::{Gate, Managed};
-use crate::policy::{Policies, RuntimePlacement};
-use crate::stats::{Counters, RuntimeStats};
+use crate::managed::{Gate, Managed, Plain, RegisterError, Registered, RegistrationParts};
+use crate::policy::{ExactPlacement, Policies, RuntimePlacement};
+use crate::stats::{Counters, DeviceStats, RuntimeStats};
 use crate::RuntimeError;
 
 /// How a [`Context`] is built.
@@ -297,7 +304,13 @@ impl Context {
         let range = self
             .mm
             .map_anonymous(len, Prot::READ | Prot::WRITE, false)?;
-        Ok(Managed::new(self.mm, range, bytes, Arc::clone(&self.gate)))
+        Ok(Managed::new(
+            self.mm,
+            range,
+            bytes,
+            Arc::clone(&self.gate),
+            Arc::clone(&self.advice),
+        ))
     }
 
     /// Launches `kernel` over `threads` threads on device `dev`. Refused while a CPU view of
@@ -356,7 +369,9 @@ impl Context {
 
     /// Moves `range` to `to` in the background (`cudaMemPrefetchAsync`): into a device's memory
     /// (evicting what its policy chooses if it is full) and mapped there, or back to system
-    /// memory. The range's last prefetch location is recorded at once.
+    /// memory. Exactly the pages of `range` move, from wherever they are (another device's pages
+    /// device to device); no fault window or prefetcher widens it. The range's last prefetch
+    /// location is recorded at once.
     pub fn prefetch(&self, range: PageRange, to: Processor) -> Result<Fence, RuntimeError> {
         self.check_managed(range)?;
         self.check_processor(to)?;
@@ -371,6 +386,9 @@ impl Context {
             )),
             Processor::Cpu => None,
         };
+        let devices = self.devices();
+        // Held until the worker ends: memory is not released under a prefetch.
+        let ticket = self.gate.enter_prefetch();
         let before = pages_on(mm, range, to);
         let mostly: Vec<(PageRange, bool)> = self
             .advice
@@ -384,9 +402,12 @@ impl Context {
         let worker = std::thread::Builder::new()
             .name("hetmem-prefetch".into())
             .spawn(move || -> Result<u64, RuntimeError> {
+                let _ticket = ticket;
                 let mut copies = 0;
                 match &dev {
                     Some(d) => {
+                        // The range, not the windows and prefetchers a fault would get.
+                        let _exact = ExactPlacement::enter();
                         // Read-mostly pieces get read copies there (CUDA's prefetch of a
                         // read-mostly range), the rest migrates.
                         for (piece, mostly) in mostly {
@@ -400,6 +421,12 @@ impl Context {
                         }
                     }
                     None => {
+                        // Device by device, so that each one's pages are counted as its own;
+                        // then whatever other contexts' devices hold.
+                        for id in devices {
+                            let pages = mm.evict_range(range, Some(id))?;
+                            counters.device(id).add_to_system(pages);
+                        }
                         mm.evict_range(range, None)?;
                     }
                 }
@@ -417,11 +444,13 @@ impl Context {
     /// Moves every page the context's devices hold back to system memory (seed 003's suspend
     /// trigger). Returns the pages moved.
     pub fn suspend(&self) -> Result<u64, RuntimeError> {
-        self.gate.quiesce();
+        let _closed = self.gate.close();
         let mut moved = 0;
         for d in &self.devices {
             d.drop_all_copies();
-            moved += self.mm.evict_device(d.id())?;
+            let pages = self.mm.evict_device(d.id())?;
+            self.counters.device(d.id()).add_to_system(pages);
+            moved += pages;
         }
         self.counters.add_suspended(moved);
         Ok(moved)
@@ -445,5 +474,57 @@ impl Context {
             d.check_invariants()?;
         }
         self.mm.check_invariants()
+    }
+}
+
+/// Registered memory and per-device statistics.
+impl Context {
+    /// Makes the program's own memory managed (`cudaHostRegister`, `hipHostRegister`; HMM's plain
+    /// `malloc` memory): kernels on the context's devices reach `buf` by its own address
+    /// ([`Registered::addr`]), the CPU through views, and pages migrate as they do in an
+    /// allocation. The buffer must be whole pages of anonymous memory (a `Vec` of
+    /// [`crate::Page`]s is) that nothing else manages. It comes back, every page in system memory
+    /// with the devices' writes, from [`Registered::unregister`]; dropping the registration
+    /// unregisters too. A refused buffer comes back untouched inside the error.
+    pub fn register<T: Plain>(&self, buf: Vec<T>) -> Result<Registered<T>, RegisterError<T>> {
+        let addr = buf.as_ptr() as u64;
+        // A `Vec` holds at most `isize::MAX` bytes: no overflow.
+        let len = std::mem::size_of_val(buf.as_slice()) as u64;
+        let refused = |error, buffer| Err(RegisterError { error, buffer });
+        if len == 0 {
+            return refused(RuntimeError::EmptyRegistration, buf);
+        }
+        // Not empty: what `PageRange` refuses now is whatever is not whole pages.
+        let Ok(range) = PageRange::new(addr, len) else {
+            return refused(RuntimeError::Unaligned { addr, len }, buf);
+        };
+        match self.mm.register(addr, len) {
+            Ok(r) => debug_assert_eq!(r, range),
+            Err(MmError::AlreadyManaged { .. }) => {
+                return refused(RuntimeError::AlreadyManaged(range), buf)
+            }
+            Err(e) => return refused(e.into(), buf),
+        }
+        let parts = RegistrationParts {
+            mm: self.mm,
+            gate: Arc::clone(&self.gate),
+            advice: Arc::clone(&self.advice),
+            counters: Arc::clone(&self.counters),
+            devices: self.devices(),
+        };
+        Ok(Registered::new(parts, range, buf))
+    }
+
+    /// Device `dev`'s counters: pages in from system memory and from peers, pages out, faults,
+    /// batches, evictions ([`DeviceStats`]).
+    pub fn device_stats(&self, dev: DeviceId) -> Result<DeviceStats, RuntimeError> {
+        let d = self.device(dev)?;
+        let pool = d.memory().pool().lock().stats();
+        Ok(DeviceStats::new(
+            dev,
+            &d.stats(),
+            &pool,
+            &self.counters.device(dev),
+        ))
     }
 }

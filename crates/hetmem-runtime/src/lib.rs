@@ -1,23 +1,27 @@
 //! hetmem-runtime: unified memory over hetmem, as a CUDA managed-memory, HIP or AMD SVM user
 //! expects it (issue 4): a [`Context`] of devices sharing the process's address space,
 //! [`Managed`] allocations the CPU uses as ordinary slices and kernels reach by the same address,
-//! advice and range attributes ([`Advice`], [`RangeAttributes`]), asynchronous prefetch,
-//! eviction of least recently used chunks when device memory runs out, a per-context memory limit,
-//! and suspend.
+//! the program's own memory made managed ([`Registered`]), advice and range attributes
+//! ([`Advice`], [`RangeAttributes`]), asynchronous prefetch, eviction of least recently used
+//! chunks when device memory runs out, a per-context memory limit, and suspend. Several devices
+//! share one context: pages move between them device to device, and each has its own statistics
+//! ([`DeviceStats`]).
 //!
 //! ```text
 //!   Context ── devices (ComputeDevice: hetmem-sim's Accelerator) ── each with a RuntimePlacement
 //!      │                                                             policy its fault service asks
 //!      ├─ AdviceMap (RangeMap of per-range attributes) ◄─────────────── per faulted block
 //!      ├─ alloc → Managed ── view / view_mut (CPU slices; exclude launches: the Gate)
+//!      ├─ register(Vec) → Registered ── views; unregister → the Vec, every page at home
 //!      ├─ advise / attributes / prefetch (a worker, a Fence) / suspend
-//!      └─ RuntimeStats (evictions, remote blocks, prefetches, by trigger)
+//!      ├─ RuntimeStats (evictions, remote blocks, prefetches, by trigger)
+//!      └─ DeviceStats per device (in from system, in from peers, out, faults, evictions)
 //! ```
 #![deny(unsafe_code)]
 
 pub mod advice;
 pub mod context;
-#[allow(unsafe_code)] // the CPU views: slices over managed memory (see the module)
+#[allow(unsafe_code)] // the CPU views: slices over managed and registered memory (see the module)
 pub mod managed;
 mod policy;
 pub mod stats;
@@ -25,8 +29,10 @@ pub mod stats;
 pub use advice::{Advice, Attr, RangeAttributes};
 pub use context::{Context, ContextBuilder, Fence, LaunchHandle};
 pub use hetmem_core::policy::Processor;
-pub use managed::{Managed, Plain, View, ViewMut};
-pub use stats::RuntimeStats;
+pub use managed::{
+    Managed, Page, Plain, RegisterError, Registered, UnregisterError, View, ViewMut,
+};
+pub use stats::{DeviceStats, RuntimeStats};
 
 use hetmem::{MigrateError, MmError};
 use hetmem_core::{DeviceId, PageRange};
@@ -59,6 +65,22 @@ pub enum RuntimeError {
     /// An allocation of zero bytes.
     #[error("an allocation needs at least one byte")]
     EmptyAllocation,
+    /// A registration of an empty buffer.
+    #[error("a registration needs at least one page")]
+    EmptyRegistration,
+    /// A registration of memory that does not start and end on page boundaries (a `Vec` of
+    /// [`Page`]s always does).
+    #[error("{len} bytes at {addr:#x} are not whole pages")]
+    Unaligned {
+        /// Where the buffer starts.
+        addr: u64,
+        /// Its length in bytes.
+        len: u64,
+    },
+    /// A registration of memory that overlaps memory already managed (an allocation, another
+    /// registration).
+    #[error("range {0:?} overlaps memory already managed")]
+    AlreadyManaged(PageRange),
     /// An allocation too large to round up to pages.
     #[error("an allocation of {0} bytes is too large")]
     TooLarge(u64),

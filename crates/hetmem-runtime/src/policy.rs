@@ -9,7 +9,15 @@
 //! least recently used first, where "used" is read from the device's accessed bits (seed 000's
 //! `clear_flush_young`, sampled when a victim is needed), not allocation order as NVIDIA's driver
 //! has it. The block being serviced is never its own victim.
+//!
+//! An explicit prefetch is not a fault: it moves the pages it names and no others (UVM's
+//! `UVM_MIGRATE` behind `cudaMemPrefetchAsync` migrates the range asked for; windows and
+//! prefetchers serve faults). The device services a prefetch on the prefetching thread, which
+//! marks itself ([`ExactPlacement`]) so that the policy plans exactly the pages asked for, still
+//! making room for them. Without this, a prefetch to one device would take along neighbours that
+//! another device holds.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 
@@ -163,6 +171,7 @@ impl RuntimePlacement {
                     freed += pages;
                     if pages > 0 {
                         self.counters.add_eviction(pages);
+                        self.counters.device(me).add_eviction(pages);
                         tracing::debug!(
                             dev = me.0,
                             trigger = "eviction",
@@ -186,6 +195,64 @@ impl RuntimePlacement {
     }
 }
 
+thread_local! {
+    /// Set while this thread runs an explicit prefetch (see [`ExactPlacement`]).
+    static EXACT: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread, until dropped, as running an explicit prefetch: the placements it
+/// asks for (`make_resident` services them on the calling thread) cover exactly the pages named.
+#[derive(Debug)]
+pub(crate) struct ExactPlacement {
+    /// The mark before this one (restored on drop).
+    was: bool,
+}
+
+impl ExactPlacement {
+    pub(crate) fn enter() -> Self {
+        ExactPlacement {
+            was: EXACT.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for ExactPlacement {
+    fn drop(&mut self) {
+        EXACT.with(|c| c.set(self.was));
+    }
+}
+
+impl RuntimePlacement {
+    /// An explicit prefetch's plan: the pages named migrate, no window, no prefetcher, no advice
+    /// (the caller asked for them); room is made for those not here yet.
+    fn place_exact(&self, f: &BlockFaults<'_>, me: DeviceId) -> BlockPlan {
+        let block = f.block;
+        let mut want = BlockMask::new();
+        for &(a, _) in f.pages {
+            want.set(block.index_of(a) as usize);
+        }
+        let (resident, _) = self.block_masks(block, me);
+        let needed = want.difference(&resident).count() as u64;
+        if needed > f.free_frames {
+            self.make_room(needed, f.free_frames, block);
+        }
+        self.touch(block);
+        let spans = want
+            .runs()
+            .map(|r| {
+                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
+                    .expect("run inside the block")
+            })
+            .collect();
+        BlockPlan {
+            action: PlacementAction::Migrate,
+            spans,
+            remote: Vec::new(),
+            duplicate: Vec::new(),
+        }
+    }
+}
+
 impl PlacementPolicy for RuntimePlacement {
     fn place(&self, f: &BlockFaults<'_>) -> BlockPlan {
         let Some(me) = self.me() else {
@@ -196,6 +263,9 @@ impl PlacementPolicy for RuntimePlacement {
                 duplicate: Vec::new(),
             };
         };
+        if EXACT.with(Cell::get) {
+            return self.place_exact(f, me);
+        }
         let advice = self.advice.read();
         // Read faults on read-mostly pages get a read-only copy here (CUDA: read-mostly
         // overrides the preferred location); writes to them collapse the copies and go the

@@ -1,7 +1,14 @@
 //! The runtime's counters: what its policies and its user calls did, by trigger (seed 003 names
-//! the migration triggers: prefetch, device fault, CPU fault, eviction, suspend).
+//! the migration triggers: prefetch, device fault, CPU fault, eviction, suspend), context-wide
+//! ([`RuntimeStats`]) and per device ([`DeviceStats`]: the device's own counters joined with what
+//! only the runtime knows, such as which device an eviction emptied).
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hetmem_core::DeviceId;
+use parking_lot::RwLock;
 
 /// Counters shared by the context and its device policies.
 #[derive(Debug, Default)]
@@ -17,9 +24,15 @@ pub(crate) struct Counters {
     pages_tree_prefetch: AtomicU64,
     pages_stream_prefetch: AtomicU64,
     counter_notifications: AtomicU64,
+    per_device: PerDevice,
 }
 
 impl Counters {
+    /// The counters the runtime keeps for device `dev`.
+    pub(crate) fn device(&self, dev: DeviceId) -> Arc<DeviceCounters> {
+        self.per_device.get(dev)
+    }
+
     pub(crate) fn add_eviction(&self, pages: u64) {
         self.evictions.fetch_add(1, Ordering::Relaxed);
         self.pages_evicted.fetch_add(pages, Ordering::Relaxed);
@@ -95,4 +108,100 @@ pub struct RuntimeStats {
     /// Regions whose remote accesses crossed the access-counter threshold (each migrates in;
     /// trigger: access counters).
     pub counter_notifications: u64,
+}
+
+/// What the runtime counts per device (the device counts its faults and migrations in itself).
+#[derive(Debug, Default)]
+pub(crate) struct DeviceCounters {
+    evictions: AtomicU64,
+    pages_evicted: AtomicU64,
+    pages_to_system: AtomicU64,
+}
+
+impl DeviceCounters {
+    /// A chunk of this device evicted to make room.
+    pub(crate) fn add_eviction(&self, pages: u64) {
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        self.pages_evicted.fetch_add(pages, Ordering::Relaxed);
+        self.add_to_system(pages);
+    }
+    /// Pages the runtime moved from this device back to system memory.
+    pub(crate) fn add_to_system(&self, pages: u64) {
+        self.pages_to_system.fetch_add(pages, Ordering::Relaxed);
+    }
+}
+
+/// Per-device counters, made on first use (never on a hot path: evictions, suspend, prefetches
+/// and unregistrations only).
+#[derive(Debug, Default)]
+struct PerDevice(RwLock<BTreeMap<DeviceId, Arc<DeviceCounters>>>);
+
+impl PerDevice {
+    fn get(&self, dev: DeviceId) -> Arc<DeviceCounters> {
+        if let Some(c) = self.0.read().get(&dev) {
+            return Arc::clone(c);
+        }
+        Arc::clone(self.0.write().entry(dev).or_default())
+    }
+}
+
+/// One device's share of the work ([`crate::Context::device_stats`]): what migrated into its
+/// memory and from where, what left it, its faults and its evictions. UVM keeps the same per GPU
+/// (procfs `fault_stats`: pages migrated in and out; the tools counters' bytes host-to-device and
+/// device-to-host, per GPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// The device.
+    pub dev: DeviceId,
+    /// Pages migrated into this device's memory from system memory (fault service, prefetch).
+    pub pages_from_system: u64,
+    /// Pages migrated into this device's memory from other devices' memory, device to device
+    /// through its copy engines, without passing through system memory.
+    pub pages_from_peers: u64,
+    /// Every page that left this device's memory: to system memory or to another device.
+    pub pages_out: u64,
+    /// Pages the runtime moved from this device back to system memory: evictions, prefetches to
+    /// the CPU, suspend, unregistration. What else left (`pages_out` minus this) went to peers or
+    /// came back on CPU faults.
+    pub pages_to_system: u64,
+    /// CPU faults on this device's pages (and other devices' range faults that needed them in
+    /// system memory) that brought them back: one per fault, which brings back the page, or its
+    /// whole 2 MiB block when the block moved as one.
+    pub cpu_faults: u64,
+    /// Frames of this device's memory in use now.
+    pub pages_resident: u64,
+    /// Faults this device's warps raised (reads, writes, atomics).
+    pub faults: u64,
+    /// Fault batches its fault service handled.
+    pub batches: u64,
+    /// Chunks evicted from this device's memory to make room.
+    pub evictions: u64,
+    /// Pages those evictions moved to system memory (counted in `pages_to_system` too).
+    pub pages_evicted: u64,
+}
+
+impl DeviceStats {
+    /// This device's counters: `acc` (the device's own), `pool` (its memory) and `rt` (the
+    /// runtime's share).
+    pub(crate) fn new(
+        dev: DeviceId,
+        acc: &hetmem_sim::accel::AccelStats,
+        pool: &hetmem_core::pool::PoolStats,
+        rt: &DeviceCounters,
+    ) -> Self {
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DeviceStats {
+            dev,
+            pages_from_system: acc.pages_to_device,
+            pages_from_peers: acc.pages_from_peers,
+            pages_out: pool.page_out,
+            pages_to_system: g(&rt.pages_to_system),
+            cpu_faults: acc.pages_to_host,
+            pages_resident: pool.pages_in_use,
+            faults: acc.faults_read + acc.faults_write + acc.faults_atomic,
+            batches: acc.batches,
+            evictions: g(&rt.evictions),
+            pages_evicted: g(&rt.pages_evicted),
+        }
+    }
 }
