@@ -336,6 +336,7 @@ impl Device for SimDevice {
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
+        self.config.placement.migrated_to_host(addr);
         self.counters.pages_to_host.fetch_add(1, Ordering::Relaxed);
         self.clock
             .charge(Cause::CpuFault, self.config.link.cpu_fault());
@@ -649,15 +650,7 @@ impl Accelerator {
 
     /// Drops the device's mappings of `range`; when it returns no warp can reach them.
     pub fn unmap(&self, range: PageRange) -> Result<(), AccelError> {
-        let unmapped = self.dev.mmu.update(|c| c.unmap(range))?;
-        self.dev.mmu.shootdown();
-        if unmapped.pages > 0 {
-            self.dev
-                .counters
-                .tlb_invalidations
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        unmap(&self.dev, range)
     }
 
     /// Clears the accessed bits of `range` and returns the ranges used since the last call; the
@@ -740,6 +733,24 @@ impl AccelHandle {
         let dev = self.dev.upgrade()?;
         Some(take_accessed(&dev, range))
     }
+
+    /// [`Accelerator::unmap`] (a policy revoking mappings it chose, so that the next access
+    /// faults and is decided again); `None` once the device is gone.
+    pub fn unmap(&self, range: PageRange) -> Option<Result<(), AccelError>> {
+        let dev = self.dev.upgrade()?;
+        Some(unmap(&dev, range))
+    }
+}
+
+fn unmap(dev: &SimDevice, range: PageRange) -> Result<(), AccelError> {
+    let unmapped = dev.mmu.update(|c| c.unmap(range))?;
+    dev.mmu.shootdown();
+    if unmapped.pages > 0 {
+        dev.counters
+            .tlb_invalidations
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 fn take_accessed(dev: &SimDevice, range: PageRange) -> Result<Vec<PageRange>, AccelError> {
