@@ -11,7 +11,8 @@
 //!      ├─ AdviceMap (RangeMap of per-range attributes) ◄─────────────── per faulted block
 //!      ├─ alloc → Managed ── view / view_mut (CPU slices; exclude launches: the Gate)
 //!      ├─ advise / attributes / prefetch (a worker, a Fence) / suspend
-//!      └─ RuntimeStats (evictions, remote blocks, prefetches, by trigger)
+//!      ├─ Thrashing: one detector for all devices (CPU faults report through the policy)
+//!      └─ RuntimeStats (evictions, remote blocks, prefetches, thrashing, by trigger)
 //! ```
 #![deny(unsafe_code)]
 
@@ -74,6 +75,9 @@ pub enum RuntimeError {
     /// An access-counter parameter is out of range.
     #[error(transparent)]
     AccessCounters(#[from] hetmem_core::policy::access_counters::AccessCounterError),
+    /// A thrashing-detection parameter is out of range.
+    #[error(transparent)]
+    Thrashing(#[from] hetmem_core::policy::thrashing::ThrashingError),
     /// A background worker could not start or panicked.
     #[error("a background worker failed")]
     Worker,
