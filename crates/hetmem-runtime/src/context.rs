@@ -17,6 +17,7 @@ use hetmem_core::{
     policy::{
         access_counters::{AccessCounterConfig, AccessCounters},
         prefetch::{PrefetchConfig, StreamConfig, StreamDetector, TreePrefetcher},
+        thrashing::ThrashingConfig,
         Processor,
     },
     DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
@@ -26,7 +27,7 @@ use parking_lot::RwLock;
 
 use crate::advice::{Advice, AdviceMap, RangeAttributes};
 use crate::managed::{Gate, Managed, Plain, RegisterError, Registered, RegistrationParts};
-use crate::policy::{ExactPlacement, Policies, RuntimePlacement};
+use crate::policy::{ExactPlacement, Policies, RuntimePlacement, Thrashing, UserRequest};
 use crate::stats::{Counters, DeviceStats, RuntimeStats};
 use crate::RuntimeError;
 
@@ -40,6 +41,7 @@ pub struct ContextBuilder {
     prefetch: Option<PrefetchConfig>,
     stream: Option<StreamConfig>,
     access: Option<AccessCounterConfig>,
+    thrashing: Option<ThrashingConfig>,
 }
 
 impl Default for ContextBuilder {
@@ -52,6 +54,7 @@ impl Default for ContextBuilder {
             prefetch: Some(PrefetchConfig::default()),
             stream: None,
             access: None,
+            thrashing: Some(ThrashingConfig::default()),
         }
     }
 }
@@ -105,6 +108,23 @@ impl ContextBuilder {
         self
     }
 
+    /// Thrashing detection and mitigation, for all the context's devices together (on by default
+    /// with UVM's parameters: 3 migrations each within 500 µs of the previous make a page
+    /// thrashing; it is throttled, then after 10 throttling periods pinned to system memory for
+    /// 150 ms with remote mappings; see [`ThrashingConfig`]). `None`, or a config with `enabled`
+    /// false, turns it off; a config out of range fails [`ContextBuilder::build`] with
+    /// [`RuntimeError::Thrashing`].
+    ///
+    /// Pages that bounce between the CPU and a device (each side writing them in turn) cost two
+    /// migrations per round; once they are pinned, the CPU uses them where they are and the
+    /// device reaches them over the link, which is cheaper when the rounds are short. Time is
+    /// wall-clock time: on a slow or loaded simulator host, scale `lapse` as UVM does on
+    /// emulation.
+    pub fn thrashing(mut self, config: Option<ThrashingConfig>) -> Self {
+        self.thrashing = config;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -124,11 +144,16 @@ impl ContextBuilder {
         if let Some(s) = &self.stream {
             s.validate()?;
         }
+        let thrashing = match self.thrashing {
+            Some(config) => Thrashing::new(config)?.map(Arc::new),
+            None => None,
+        };
         for mut config in self.devices {
             let policies = Policies {
                 tree: tree.clone(),
                 stream: self.stream.map(StreamDetector::new).transpose()?,
                 access: self.access.map(AccessCounters::new).transpose()?,
+                thrashing: thrashing.clone(),
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,
@@ -153,6 +178,7 @@ impl ContextBuilder {
             devices,
             advice,
             counters,
+            thrashing,
             gate: Arc::new(Gate::default()),
         })
     }
@@ -208,6 +234,7 @@ pub struct Context {
     devices: Vec<Arc<Accelerator>>,
     advice: Arc<RwLock<AdviceMap>>,
     counters: Arc<Counters>,
+    thrashing: Option<Arc<Thrashing>>,
     gate: Arc<Gate>,
 }
 
@@ -349,6 +376,7 @@ impl Context {
         self.advice.write().advise(range, advice);
         self.counters.add_advice();
         if let Advice::SetAccessedBy(Processor::Device(id)) = advice {
+            let _user = UserRequest::enter();
             self.device(id)?.map_remote(range, false)?;
         }
         Ok(())
@@ -404,6 +432,7 @@ impl Context {
             .spawn(move || -> Result<u64, RuntimeError> {
                 let _ticket = ticket;
                 let mut copies = 0;
+                let _user = UserRequest::enter();
                 match &dev {
                     Some(d) => {
                         // The range, not the windows and prefetchers a fault would get.
@@ -458,7 +487,11 @@ impl Context {
 
     /// The runtime's counters.
     pub fn stats(&self) -> RuntimeStats {
-        self.counters.snapshot()
+        let s = self.counters.snapshot();
+        match &self.thrashing {
+            Some(t) => s.with_thrashing(t.stats()),
+            None => s,
+        }
     }
 
     /// Device memory in use by this context on `dev`, in bytes.
@@ -472,6 +505,9 @@ impl Context {
     pub fn check_invariants(&self) -> Result<(), String> {
         for d in &self.devices {
             d.check_invariants()?;
+        }
+        if let Some(t) = &self.thrashing {
+            t.check_invariants()?;
         }
         self.mm.check_invariants()
     }

@@ -14,7 +14,8 @@
 //!      ├─ alloc → Managed ── view / view_mut (CPU slices; exclude launches: the Gate)
 //!      ├─ register(Vec) → Registered ── views; unregister → the Vec, every page at home
 //!      ├─ advise / attributes / prefetch (a worker, a Fence) / suspend
-//!      ├─ RuntimeStats (evictions, remote blocks, prefetches, by trigger)
+//!      ├─ Thrashing: one detector for all devices (CPU faults report through the policy)
+//!      ├─ RuntimeStats (evictions, remote blocks, prefetches, thrashing, by trigger)
 //!      └─ DeviceStats per device (in from system, in from peers, out, faults, evictions)
 //! ```
 #![deny(unsafe_code)]
@@ -96,6 +97,9 @@ pub enum RuntimeError {
     /// An access-counter parameter is out of range.
     #[error(transparent)]
     AccessCounters(#[from] hetmem_core::policy::access_counters::AccessCounterError),
+    /// A thrashing-detection parameter is out of range.
+    #[error(transparent)]
+    Thrashing(#[from] hetmem_core::policy::thrashing::ThrashingError),
     /// A background worker could not start or panicked.
     #[error("a background worker failed")]
     Worker,

@@ -16,10 +16,37 @@
 //! marks itself ([`ExactPlacement`]) so that the policy plans exactly the pages asked for, still
 //! making room for them. Without this, a prefetch to one device would take along neighbours that
 //! another device holds.
+//!
+//! Thrashing (UVM's `uvm_perf_thrashing.c`, uvm-svm.md A.9): one [`ThrashingDetector`] for the
+//! whole context hears every migration the heuristics own, in both directions: device faults
+//! migrating pages in ([`PlacementPolicy::place`], peers' pages included), prefetches around
+//! them, and CPU faults bringing pages back ([`PlacementPolicy::migrated_to_host`]); evictions,
+//! suspend and the user's prefetches are not reported (they are not the heuristics' to undo).
+//! A device's migrations are reported when its plan is made: a page that then fails to move
+//! (device memory full, page busy) counts all the same, which the detector, after the rhythm of
+//! the bounces, can afford. Before a faulted page migrates, the detector is asked for a hint:
+//!
+//! * **throttle**: the page stays where it is and this device maps it there for the throttling
+//!   period (see [`Kept`] for why a mapping rather than a fault left pending); when the period
+//!   is over, the mapping is revoked, so the next access faults and is decided again;
+//! * **pin** elsewhere (the CPU: the only place every processor reaches): the page stays in
+//!   system memory and every device maps it remotely until the pin expires; then, as UVM's
+//!   delayed work does, the remote mappings are revoked and the next access decides afresh.
+//!   A pin here migrates as usual.
+//!
+//! Thrashing pages, like pages the advice keeps remote, are never taken along by migration
+//! windows, the tree prefetcher, the stream detector or access counters (UVM leaves thrashing
+//! pages out of prefetch).
+//!
+//! Lock order, outermost first: advice, then this policy's own locks (LRU, prefetch and counter
+//! state), then the context's thrashing state, then [`RuntimePlacement::kept`]. None of them is
+//! held across a call into the address space that can fault or migrate, nor across a TLB
+//! shootdown.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use hetmem::AddressSpace;
 use hetmem_core::{
@@ -28,6 +55,10 @@ use hetmem_core::{
     policy::{
         access_counters::AccessCounters,
         prefetch::{BlockMask, StreamDetector, TreePrefetcher},
+        thrashing::{
+            Hint, MigrationCause, ThrashingConfig, ThrashingDetector, ThrashingError,
+            ThrashingStats,
+        },
         Processor,
     },
     DeviceId, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
@@ -38,6 +69,127 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::advice::AdviceMap;
 use crate::stats::Counters;
+
+thread_local! {
+    /// Set while this thread carries out a user request ([`UserRequest`]).
+    static USER_REQUEST: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as carrying out a user request (a prefetch, an accessed-by mapping)
+/// until dropped. The device services such a request on the calling thread, through
+/// [`PlacementPolicy::place`], and forces its own action whatever the plan says; its migrations
+/// are the user's ([`MigrationCause::UserPrefetch`]), which thrashing detection ignores, so
+/// placement neither asks for hints nor reports them.
+pub(crate) struct UserRequest(());
+
+impl UserRequest {
+    pub(crate) fn enter() -> Self {
+        USER_REQUEST.with(|c| c.set(true));
+        UserRequest(())
+    }
+}
+
+impl Drop for UserRequest {
+    fn drop(&mut self) {
+        USER_REQUEST.with(|c| c.set(false));
+    }
+}
+
+fn in_user_request() -> bool {
+    USER_REQUEST.with(Cell::get)
+}
+
+/// Thrashing detection shared by every device of a context: thrashing is a property of a page
+/// across processors, so all of them report to, and ask, one detector.
+///
+/// Time base: wall-clock time since the context was built ([`Instant`], monotonic). The
+/// detector's thresholds are wall-clock durations in UVM (500 µs lapse, 150 ms pins, 1 s epoch)
+/// and only mean something against one: a device's modelled clock
+/// ([`hetmem_sim::accel::Accelerator::clock`]) is a sum of charges for link events, not a
+/// timeline: it stands still while kernels compute or the CPU works (and entirely with the link
+/// model off), so a page touched once a second by each side would look as if it bounced every
+/// few microseconds; and each device has its own, while the detector compares times from all
+/// devices and the CPU. Measured on the simulator (ping-pong of 8 pages, 2 compute units,
+/// `tests/thrashing.rs`, `bounce_cost`): one round trip CPU → device → CPU (8 pages each way)
+/// takes 0.4 to 0.6 ms of wall-clock time on an idle host, up to about 1.2 ms with other tests
+/// running beside it, so consecutive migrations of a page come a few hundred microseconds
+/// apart, the scale UVM's 500 µs lapse was chosen for; the modelled clock charges about 130 µs
+/// per round trip with the PCIe 4 model, and nothing at all with the model off. A loaded host
+/// stretches the wall-clock gaps past the lapse; UVM scales its lapse on slow platforms (×800
+/// on emulation), and so can [`ThrashingConfig::lapse`].
+#[derive(Debug)]
+pub(crate) struct Thrashing {
+    state: Mutex<ThrashingState>,
+    start: Instant,
+}
+
+#[derive(Debug)]
+struct ThrashingState {
+    detector: ThrashingDetector,
+    /// Last [`ThrashingDetector::tick`].
+    last_tick: Duration,
+    /// Time between two ticks: an eighth of the epoch (125 ms by default). A tick walks every
+    /// tracked page, and only frees the state of blocks quiet for an epoch and counts expired
+    /// pins: hints, reports and [`ThrashingDetector::pinned`] see a pin expire on time without
+    /// it.
+    tick_every: Duration,
+}
+
+impl Thrashing {
+    /// Detection with `config`; `None` when it is disabled. A bad config is an error either way.
+    pub(crate) fn new(config: ThrashingConfig) -> Result<Option<Self>, ThrashingError> {
+        let detector = ThrashingDetector::new(config)?;
+        // Cannot overflow: the detector checked that lapse × epoch fits.
+        let tick_every = config.lapse * (config.epoch / 8).max(1);
+        Ok(config.enabled.then(|| Thrashing {
+            state: Mutex::new(ThrashingState {
+                detector,
+                last_tick: Duration::ZERO,
+                tick_every,
+            }),
+            start: Instant::now(),
+        }))
+    }
+
+    /// Now, on the detector's time base.
+    fn now(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// The detector's counters.
+    pub(crate) fn stats(&self) -> ThrashingStats {
+        self.state.lock().detector.stats()
+    }
+
+    /// Checks the detector's invariants.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        self.state.lock().detector.check_invariants()
+    }
+}
+
+/// Why this device maps a faulted page where it is instead of migrating it, and until when: when
+/// that ends the mapping is revoked ([`AccelHandle::unmap`]), so that the next access faults and
+/// asks again.
+///
+/// "Where it is" is system memory, or this device's memory; a page in a peer's private memory,
+/// which no other processor can map, comes back to system memory on the way (the range fault
+/// brings it, as `hmm_range_fault` does).
+///
+/// Throttling: UVM leaves a throttled GPU fault unserviced and replays it after the nap; here a
+/// throttled page is mapped where it is for the nap. Both keep the page from migrating while
+/// the period lasts, which is what throttling is for; a mapping also lets the warp progress at
+/// once, and it cannot livelock: every faulted page leaves the service mapped, remote or local,
+/// and a revoked page faults once more and is serviced again. Leaving the fault pending would
+/// gain little here: the CPU never asks for hints (its faults must bring a device-private page
+/// back), so in a CPU–device bounce the device is alone in its periods, and its replay,
+/// microseconds later, would be serviced in the same period (the first to ask is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kept {
+    /// Until the throttling period ends.
+    Throttled { until: Duration },
+    /// Until the pin expires.
+    Pinned,
+}
 
 /// Chunks of device memory in use, with the tick each was last seen used.
 #[derive(Debug, Default)]
@@ -68,6 +220,10 @@ pub(crate) struct RuntimePlacement {
     ahead: Mutex<Vec<PageRange>>,
     /// Remote accesses per region; hot regions migrate in (trigger: access counters).
     access: Option<Mutex<AccessCounters>>,
+    /// The context's thrashing detection.
+    thrashing: Option<Arc<Thrashing>>,
+    /// Pages this device maps where they are because of a thrashing hint, by page address.
+    kept: Mutex<BTreeMap<u64, Kept>>,
 }
 
 /// The policies a device's placement runs.
@@ -76,6 +232,7 @@ pub(crate) struct Policies {
     pub(crate) tree: Option<TreePrefetcher>,
     pub(crate) stream: Option<StreamDetector>,
     pub(crate) access: Option<AccessCounters>,
+    pub(crate) thrashing: Option<Arc<Thrashing>>,
 }
 
 impl RuntimePlacement {
@@ -98,6 +255,8 @@ impl RuntimePlacement {
             stream: policies.stream.map(Mutex::new),
             ahead: Mutex::new(Vec::new()),
             access: policies.access.map(Mutex::new),
+            thrashing: policies.thrashing,
+            kept: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -128,6 +287,192 @@ impl RuntimePlacement {
             }
         }
         (resident, managed)
+    }
+
+    /// Where the pages of `pages` (a mask of `block`) are now, those that are managed memory.
+    fn locations(&self, block: PageRange, pages: &BlockMask) -> Vec<(VirtAddr, Processor)> {
+        let mut out = Vec::with_capacity(pages.count() as usize);
+        for region in self.mm.regions_in(block) {
+            let Some(sub) = region.range().intersect(&block) else {
+                continue;
+            };
+            let from = block.index_of(sub.start()) as usize;
+            for k in pages
+                .iter()
+                .filter(|&k| (from..from + sub.npages() as usize).contains(&k))
+            {
+                let a = block.page(k as u64);
+                let p = match region.states.get(region.index(a)).location {
+                    Location::Device { dev, .. } | Location::Exclusive { dev, .. } => {
+                        Processor::Device(dev)
+                    }
+                    Location::System => Processor::Cpu,
+                };
+                out.push((a, p));
+            }
+        }
+        out
+    }
+
+    /// Thrashing, before the windows grow: asks the detector about each faulted page of `f`
+    /// that would migrate into this device (not kept remote by the advice, not resident here),
+    /// and reports the migrations that will happen. A page a hint keeps where it is is marked in
+    /// `remote` and remembered in [`RuntimePlacement::kept`] until the hint ends. Returns the
+    /// block's thrashing pages, which nothing may take along.
+    fn thrashing_hints(
+        &self,
+        t: &Thrashing,
+        f: &BlockFaults<'_>,
+        advice: &AdviceMap,
+        me: DeviceId,
+        resident: &BlockMask,
+        remote: &mut [bool],
+    ) -> BlockMask {
+        let dev = Processor::Device(me);
+        let block = f.block;
+        let mut moving = BlockMask::new();
+        for (&(a, _), _) in f.pages.iter().zip(remote.iter()).filter(|(_, &r)| !r) {
+            moving.set(block.index_of(a) as usize);
+        }
+        let moving = moving.difference(resident);
+        // Region lookups before the detector's lock.
+        let mut candidates = Vec::with_capacity(moving.count() as usize);
+        let mut at = 0;
+        for (a, from) in self.locations(block, &moving) {
+            // Both in address order: find the fault of page `a` (every one has one).
+            while at < f.pages.len() && f.pages[at].0.page_down() < a {
+                at += 1;
+            }
+            let Some(&(_, access)) = f.pages.get(at) else {
+                break;
+            };
+            candidates.push((at, a, access, from, advice.at(a.0).preferred));
+        }
+        let now = t.now();
+        let mut kept = Vec::new();
+        let mut migrating = Vec::new();
+        let (mut throttled, mut pinned) = (0, 0);
+        let thrashing = {
+            let mut st = t.state.lock();
+            let det = &mut st.detector;
+            for &(i, a, access, from, preferred) in &candidates {
+                let (hint, cause) = if access == FaultAccess::Prefetch {
+                    // Not a fault: the service's own migrations of what `take_migrations` asked
+                    // for, from which thrashing pages were taken out.
+                    (Hint::None, MigrationCause::Prefetch)
+                } else if preferred == Some(dev) {
+                    // A fault from the preferred location migrates before thrashing is looked
+                    // at (uvm-svm.md A.6, rules 3 and 5).
+                    (Hint::None, MigrationCause::DeviceFault)
+                } else {
+                    (
+                        det.hint(a, dev, now, preferred),
+                        MigrationCause::DeviceFault,
+                    )
+                };
+                match hint {
+                    Hint::Throttle { until } => {
+                        remote[i] = true;
+                        throttled += 1;
+                        kept.push((a, Kept::Throttled { until }));
+                    }
+                    Hint::Pin { location } if location != dev => {
+                        remote[i] = true;
+                        pinned += 1;
+                        kept.push((a, Kept::Pinned));
+                    }
+                    // A pin here is carried out by migrating (the detector ignores that one).
+                    Hint::None | Hint::Pin { .. } => {
+                        det.record_migration(a, from, dev, cause, now);
+                        migrating.push(a);
+                    }
+                }
+            }
+            det.thrashing_in_block(block.start(), now)
+        };
+        if throttled + pinned > 0 {
+            self.counters.add_thrashing_kept(throttled, pinned);
+            tracing::debug!(
+                dev = me.0,
+                block = %block.start(),
+                throttled,
+                pinned,
+                "thrashing pages mapped where they are"
+            );
+        }
+        if !kept.is_empty() || !migrating.is_empty() {
+            let mut map = self.kept.lock();
+            for (a, k) in kept {
+                map.insert(a.0, k);
+            }
+            // A kept page that faulted again before its hint ended (its mapping went with some
+            // other invalidation) and migrates now is no longer kept: nothing to revoke.
+            if !map.is_empty() {
+                for a in migrating {
+                    map.remove(&a.0);
+                }
+            }
+        }
+        thrashing
+    }
+
+    /// Reports the pages of `pages` (a mask of `block`) that a prefetch migrates into this device.
+    fn record_prefetch(&self, t: &Thrashing, block: PageRange, pages: &BlockMask, me: DeviceId) {
+        let dev = Processor::Device(me);
+        let moves = self.locations(block, pages);
+        let now = t.now();
+        let mut st = t.state.lock();
+        for (a, from) in moves {
+            st.detector
+                .record_migration(a, from, dev, MigrationCause::Prefetch, now);
+        }
+    }
+
+    /// Housekeeping for thrashing, from the service thread between batches: ticks the detector
+    /// (now and then: [`ThrashingState::tick_every`]), and revokes this device's mappings of the
+    /// pages whose throttling
+    /// period ended or whose pin expired, so that their next access faults and is decided again
+    /// (UVM's pin expiry unmaps the remote mappings the same way).
+    fn thrashing_housekeeping(&self, t: &Thrashing) {
+        let now = t.now();
+        let mut revoke: Vec<u64> = Vec::new();
+        {
+            let mut st = t.state.lock();
+            if now.saturating_sub(st.last_tick) >= st.tick_every {
+                st.detector.tick(now);
+                st.last_tick = now;
+            }
+            let mut kept = self.kept.lock();
+            kept.retain(|&a, k| {
+                let holds = match *k {
+                    Kept::Throttled { until } => now < until,
+                    Kept::Pinned => st.detector.pinned(VirtAddr(a), now).is_some(),
+                };
+                if !holds {
+                    revoke.push(a);
+                }
+                holds
+            });
+        }
+        if revoke.is_empty() {
+            return;
+        }
+        let Some(handle) = self.me.get() else {
+            return;
+        };
+        self.counters.add_thrashing_revoked(revoke.len() as u64);
+        tracing::debug!(
+            dev = handle.id().0,
+            pages = revoke.len(),
+            "thrashing mappings revoked"
+        );
+        // `revoke` is sorted (a BTreeMap's order): one unmap per run of adjacent pages.
+        for range in page_runs(revoke) {
+            // A page that is gone (unmapped memory, a device shut down) needs no revoking.
+            if let Some(Err(e)) = handle.unmap(range) {
+                tracing::debug!(start = %range.start(), error = %e, "thrashing revocation failed");
+            }
+        }
     }
 
     /// Makes room for `needed` frames by evicting least recently used chunks other than
@@ -275,23 +620,45 @@ impl PlacementPolicy for RuntimePlacement {
             .iter()
             .map(|&(a, access)| access == FaultAccess::Read && advice.at(a.0).read_mostly)
             .collect();
-        let remote: Vec<bool> = f
+        let mut remote: Vec<bool> = f
             .pages
             .iter()
             .zip(&copy)
             .map(|(&(a, _), &c)| !c && advised_remote(&advice.at(a.0), me))
             .collect();
-        // Pages the advice keeps where they are: mapped remotely, never migrated.
-        let kept: Vec<PageRange> = f
-            .pages
-            .iter()
-            .zip(&remote)
-            .filter(|(_, &r)| r)
-            .map(|(&(a, _), _)| page(a.0))
-            .collect();
-        if !kept.is_empty() {
-            self.counters.add_remote_pages(kept.len() as u64);
+        let advised = remote.iter().filter(|&&r| r).count() as u64;
+        if advised > 0 {
+            self.counters.add_remote_pages(advised);
         }
+        // Pages kept where they are (by the advice, then by thrashing): mapped, never migrated.
+        let kept = |remote: &[bool]| -> Vec<PageRange> {
+            f.pages
+                .iter()
+                .zip(remote)
+                .filter(|(_, &r)| r)
+                .map(|(&(a, _), _)| page(a.0))
+                .collect()
+        };
+        if copy.iter().all(|&c| !c) && remote.iter().all(|&r| r) {
+            return BlockPlan {
+                action: PlacementAction::MapRemote,
+                spans: kept(&remote),
+                remote: Vec::new(),
+                duplicate: Vec::new(),
+            };
+        }
+        let block = f.block;
+        let (resident, managed) = self.block_masks(block, me);
+        let thrashing_on = self.thrashing.as_deref().filter(|_| !in_user_request());
+        let thrashing = match thrashing_on {
+            Some(t) => self.thrashing_hints(t, f, &advice, me, &resident, &mut remote),
+            None => BlockMask::new(),
+        };
+        // Read copies migrate nothing: thrashing does not keep them anywhere.
+        for (r, &c) in remote.iter_mut().zip(&copy) {
+            *r &= !c;
+        }
+        let kept = kept(&remote);
         if copy.iter().all(|&c| !c) && remote.iter().all(|&r| r) {
             return BlockPlan {
                 action: PlacementAction::MapRemote,
@@ -301,7 +668,6 @@ impl PlacementPolicy for RuntimePlacement {
             };
         }
         // Windows of the range's granularity around each faulted page.
-        let block = f.block;
         let mut want = BlockMask::new();
         let mut faulted = BlockMask::new();
         // Every page of the block the advice keeps remote or read-mostly, faulted or not:
@@ -347,11 +713,10 @@ impl PlacementPolicy for RuntimePlacement {
             faulted.set(block.index_of(a) as usize);
         }
         drop(advice);
-        let (resident, managed) = self.block_masks(block, me);
         if let Some(tree) = &self.tree {
             let mut seen = self.fault_migrations.lock();
             let n = seen.entry(block.start().0).or_insert(0);
-            let extra = tree.prefetch(&resident, &want, &BlockMask::new(), *n);
+            let extra = tree.prefetch(&resident, &want, &thrashing, *n);
             *n = n.saturating_add(faulted.count());
             let extra = extra.intersection(&managed);
             self.counters.add_tree_prefetch(extra.count() as u64);
@@ -389,13 +754,21 @@ impl PlacementPolicy for RuntimePlacement {
                 self.ahead.lock().extend(later);
             }
         }
-        // Never migrate what the advice keeps remote or read-mostly, however the windows and
-        // prefetchers grew (a write fault on a read-mostly page migrates it all the same).
+        // Never migrate what the advice keeps remote or read-mostly, nor a thrashing page that
+        // did not fault (nor one a hint keeps where it is: not in `faulted`), however the windows
+        // and prefetchers grew (a write fault on a read-mostly page migrates it all the same).
         let dup = dup.intersection(&managed).difference(&resident);
         let want = want
             .intersection(&managed)
             .difference(&keep)
+            .difference(&thrashing)
             .union(&faulted);
+        if let Some(t) = thrashing_on {
+            let prefetched = want.difference(&faulted).difference(&resident);
+            if !prefetched.is_empty() {
+                self.record_prefetch(t, block, &prefetched, me);
+            }
+        }
         let spans: Vec<PageRange> = want
             .runs()
             .map(|r| {
@@ -437,7 +810,36 @@ impl PlacementPolicy for RuntimePlacement {
             self.counters.add_counter_notifications(hot.len() as u64);
             out.extend(hot);
         }
-        out
+        match &self.thrashing {
+            Some(t) => {
+                // Called by the service thread between batches, and at least every few
+                // milliseconds while idle: the clock of the thrashing reset rules.
+                self.thrashing_housekeeping(t);
+                if out.is_empty() {
+                    return out;
+                }
+                let now = t.now();
+                without_thrashing(&t.state.lock().detector, now, out)
+            }
+            None => out,
+        }
+    }
+
+    fn migrated_to_host(&self, page: VirtAddr) {
+        let (Some(t), Some(me)) = (&self.thrashing, self.me()) else {
+            return;
+        };
+        if in_user_request() {
+            return;
+        }
+        let now = t.now();
+        t.state.lock().detector.record_migration(
+            page,
+            Processor::Device(me),
+            Processor::Cpu,
+            MigrationCause::CpuFault,
+            now,
+        );
     }
 }
 
@@ -450,10 +852,122 @@ fn advised_remote(a: &crate::advice::PageAttrs, me: DeviceId) -> bool {
     }
 }
 
+/// `ranges` without the pages thrashing at `now`: migrations no fault asked for (access
+/// counters, stream prefetch past a block) must not take a thrashing page along, a pinned one
+/// least of all (UVM's access-counter servicing honours pins).
+fn without_thrashing(
+    det: &ThrashingDetector,
+    now: Duration,
+    ranges: Vec<PageRange>,
+) -> Vec<PageRange> {
+    let mut out = Vec::with_capacity(ranges.len());
+    for r in ranges {
+        // Chunks never cross a block boundary.
+        for chunk in r.chunks(HUGE_PAGE_SIZE) {
+            let thrashing = det.thrashing_in_block(chunk.start(), now);
+            if thrashing.is_empty() {
+                out.push(chunk);
+                continue;
+            }
+            let Ok(block) = PageRange::new(chunk.start().0 & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE)
+            else {
+                continue;
+            };
+            let from = block_index(block, chunk.start());
+            let mine = BlockMask::from_range(from..from + chunk.npages() as usize);
+            for run in mine.difference(&thrashing).runs() {
+                out.extend(
+                    PageRange::from_pages(block.page(run.start as u64).0, run.len() as u64).ok(),
+                );
+            }
+        }
+    }
+    out
+}
+
+/// Sorted page addresses as maximal runs of adjacent pages.
+fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRange> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for a in pages {
+        match runs.last_mut() {
+            Some((_, end)) if *end == a => *end += PAGE_SIZE,
+            _ => runs.push((a, a + PAGE_SIZE)),
+        }
+    }
+    runs.into_iter()
+        .filter_map(|(start, end)| PageRange::from_bounds(start, end).ok())
+        .collect()
+}
+
 fn block_index(block: PageRange, a: VirtAddr) -> usize {
     block.index_of(a) as usize
 }
 
 fn page(a: u64) -> PageRange {
     PageRange::new(a & !(PAGE_SIZE - 1), PAGE_SIZE).expect("page")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BLOCK: u64 = 0x7f00_0000_0000;
+    const CPU: Processor = Processor::Cpu;
+    const GPU: Processor = Processor::Device(DeviceId(0));
+
+    fn at(block: u64, page: u64) -> VirtAddr {
+        VirtAddr(BLOCK + block * HUGE_PAGE_SIZE + page * PAGE_SIZE)
+    }
+
+    /// A detector where page `page` of block `block` thrashes at 30 µs.
+    fn thrashing(pages: &[(u64, u64)]) -> ThrashingDetector {
+        let mut det = ThrashingDetector::new(ThrashingConfig::default()).unwrap();
+        for &(b, p) in pages {
+            for (k, (from, to)) in [(CPU, GPU), (GPU, CPU), (CPU, GPU)].into_iter().enumerate() {
+                let t = Duration::from_micros(10 * k as u64 + 10);
+                det.record_migration(at(b, p), from, to, MigrationCause::DeviceFault, t);
+            }
+        }
+        det
+    }
+
+    fn bounds(ranges: &[PageRange]) -> Vec<(u64, u64)> {
+        ranges
+            .iter()
+            .map(|r| ((r.start().0 - BLOCK) / PAGE_SIZE, r.npages()))
+            .collect()
+    }
+
+    #[test]
+    fn migrations_no_fault_asked_for_leave_thrashing_pages_out() {
+        // Page 5 of block 0 and page 0 of block 1 thrash; a range over both blocks is cut
+        // around them, and a range in a quiet block is left whole.
+        let det = thrashing(&[(0, 5), (1, 0)]);
+        let now = Duration::from_micros(40);
+        assert!(det.is_thrashing(at(0, 5), now));
+        let across = PageRange::from_bounds(at(0, 2).0, at(1, 3).0).unwrap();
+        let quiet = PageRange::from_pages(at(3, 0).0, 4).unwrap();
+        let out = without_thrashing(&det, now, vec![across, quiet]);
+        let block1 = PAGES_PER_BLOCK;
+        assert_eq!(
+            bounds(&out),
+            vec![(2, 3), (6, block1 - 6), (block1 + 1, 2), (3 * block1, 4)]
+        );
+        // Once the pages stopped bouncing (a lapse later) nothing is cut (ranges come out per
+        // block, as the service migrates them).
+        let later = now + Duration::from_millis(1);
+        assert_eq!(
+            without_thrashing(&det, later, vec![across]),
+            across.chunks(HUGE_PAGE_SIZE).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn revoked_pages_are_unmapped_by_runs() {
+        let pages = [0u64, 1, 2, 7, 9, 10].map(|p| at(0, p).0);
+        assert_eq!(bounds(&page_runs(pages)), vec![(0, 3), (7, 1), (9, 2)]);
+        assert!(page_runs([]).is_empty());
+    }
+
+    const PAGES_PER_BLOCK: u64 = HUGE_PAGE_SIZE / PAGE_SIZE;
 }

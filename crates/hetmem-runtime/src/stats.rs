@@ -25,6 +25,9 @@ pub(crate) struct Counters {
     pages_stream_prefetch: AtomicU64,
     counter_notifications: AtomicU64,
     per_device: PerDevice,
+    pages_throttled: AtomicU64,
+    pages_pinned_remote: AtomicU64,
+    thrashing_revocations: AtomicU64,
 }
 
 impl Counters {
@@ -60,6 +63,15 @@ impl Counters {
     pub(crate) fn add_counter_notifications(&self, n: u64) {
         self.counter_notifications.fetch_add(n, Ordering::Relaxed);
     }
+    pub(crate) fn add_thrashing_kept(&self, throttled: u64, pinned: u64) {
+        self.pages_throttled.fetch_add(throttled, Ordering::Relaxed);
+        self.pages_pinned_remote
+            .fetch_add(pinned, Ordering::Relaxed);
+    }
+    pub(crate) fn add_thrashing_revoked(&self, pages: u64) {
+        self.thrashing_revocations
+            .fetch_add(pages, Ordering::Relaxed);
+    }
     pub(crate) fn add_advice(&self) {
         self.advice_calls.fetch_add(1, Ordering::Relaxed);
     }
@@ -78,6 +90,10 @@ impl Counters {
             pages_tree_prefetch: g(&self.pages_tree_prefetch),
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
             counter_notifications: g(&self.counter_notifications),
+            pages_throttled: g(&self.pages_throttled),
+            pages_pinned_remote: g(&self.pages_pinned_remote),
+            thrashing_revocations: g(&self.thrashing_revocations),
+            ..RuntimeStats::default()
         }
     }
 }
@@ -108,6 +124,39 @@ pub struct RuntimeStats {
     /// Regions whose remote accesses crossed the access-counter threshold (each migrates in;
     /// trigger: access counters).
     pub counter_notifications: u64,
+    /// Pages declared thrashing: migrated `threshold` times in a row, each within a lapse of the
+    /// previous (UVM's `num_thrashing`).
+    pub thrashing_detected: u64,
+    /// Faulted thrashing pages a device mapped where they were for a throttling period instead
+    /// of migrating them (UVM's `num_throttle`).
+    pub pages_throttled: u64,
+    /// Pin events: thrashing pages pinned to one location, every other processor mapping them
+    /// remotely until the pin expires.
+    pub thrashing_pins: u64,
+    /// Faulted pages a device mapped remotely because they are pinned elsewhere (UVM's
+    /// `MapRemote` events with cause thrashing).
+    pub pages_pinned_remote: u64,
+    /// Pins that expired (their pages are decided afresh at their next fault).
+    pub pin_expirations: u64,
+    /// Pages whose throttling or pin mapping a device revoked when it ended, so that their next
+    /// access faults again.
+    pub thrashing_revocations: u64,
+    /// 2 MiB blocks whose thrashing state was reset after an epoch without thrashing.
+    pub thrashing_resets: u64,
+}
+
+impl RuntimeStats {
+    /// Adds the thrashing detector's own counters.
+    pub(crate) fn with_thrashing(
+        mut self,
+        t: hetmem_core::policy::thrashing::ThrashingStats,
+    ) -> Self {
+        self.thrashing_detected = t.thrashing_detected;
+        self.thrashing_pins = t.pins;
+        self.pin_expirations = t.pin_expired;
+        self.thrashing_resets = t.resets;
+        self
+    }
 }
 
 /// What the runtime counts per device (the device counts its faults and migrations in itself).

@@ -348,6 +348,7 @@ impl Device for SimDevice {
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
+        self.config.placement.migrated_to_host(addr);
         self.counters.pages_to_host.fetch_add(1, Ordering::Relaxed);
         self.clock
             .charge(Cause::CpuFault, self.config.link.cpu_fault());
@@ -687,19 +688,7 @@ impl Accelerator {
     /// Drops the device's mappings of `range` (and its read copies there); when it returns no
     /// warp can reach them.
     pub fn unmap(&self, range: PageRange) -> Result<(), AccelError> {
-        let (unmapped, copies) = self.dev.mmu.update(|c| {
-            let copies = self.dev.unmap_copies(c, range);
-            c.unmap(range).map(|u| (u, copies))
-        })?;
-        self.dev.mmu.shootdown();
-        self.dev.free_copies(&copies);
-        if unmapped.pages > 0 {
-            self.dev
-                .counters
-                .tlb_invalidations
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(())
+        unmap(&self.dev, range)
     }
 
     /// Read duplication of `range` (`cudaMemPrefetchAsync` to this device of a read-mostly
@@ -812,6 +801,28 @@ impl AccelHandle {
         let dev = self.dev.upgrade()?;
         Some(take_accessed(&dev, range))
     }
+
+    /// [`Accelerator::unmap`] (a policy revoking mappings it chose, so that the next access
+    /// faults and is decided again); `None` once the device is gone.
+    pub fn unmap(&self, range: PageRange) -> Option<Result<(), AccelError>> {
+        let dev = self.dev.upgrade()?;
+        Some(unmap(&dev, range))
+    }
+}
+
+fn unmap(dev: &SimDevice, range: PageRange) -> Result<(), AccelError> {
+    let (unmapped, copies) = dev.mmu.update(|c| {
+        let copies = dev.unmap_copies(c, range);
+        c.unmap(range).map(|u| (u, copies))
+    })?;
+    dev.mmu.shootdown();
+    dev.free_copies(&copies);
+    if unmapped.pages > 0 {
+        dev.counters
+            .tlb_invalidations
+            .fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(())
 }
 
 fn take_accessed(dev: &SimDevice, range: PageRange) -> Result<Vec<PageRange>, AccelError> {

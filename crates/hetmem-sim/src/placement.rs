@@ -70,6 +70,14 @@ pub trait PlacementPolicy: Send + Sync + Debug {
     fn take_migrations(&self) -> Vec<PageRange> {
         Vec::new()
     }
+
+    /// A CPU fault brought the page at `page` back from this device to system memory (the CPU
+    /// side of a page bouncing between processors: the input of thrashing detection). Called
+    /// on the faulting thread after the migration succeeded, so it must be cheap and must not
+    /// touch managed memory. Default: ignored.
+    fn migrated_to_host(&self, page: VirtAddr) {
+        let _ = page;
+    }
 }
 
 /// Migrates the faulted pages widened to aligned windows of `bytes` (a power of two from 4 KiB to

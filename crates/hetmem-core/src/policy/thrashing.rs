@@ -48,6 +48,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use super::prefetch::BlockMask;
 use crate::addr::{VirtAddr, HUGE_PAGE_SIZE, PAGES_PER_HUGE, PAGE_SHIFT};
 
 /// Largest `threshold` (UVM keeps the count in 3 bits).
@@ -531,6 +532,27 @@ impl ThrashingDetector {
             .map(|pin| pin.location)
     }
 
+    /// The pages of the 2 MiB block holding `addr` that are thrashing at `now` (as
+    /// [`ThrashingDetector::is_thrashing`] has it), by index in the block: what the prefetcher
+    /// and migration windows must leave out (UVM excludes thrashing pages from prefetch, and
+    /// does not upgrade a region holding one to a big page). Costs the pages tracked in that
+    /// block, not the block's 512.
+    pub fn thrashing_in_block(&self, addr: VirtAddr, now: Duration) -> BlockMask {
+        let mut mask = BlockMask::new();
+        if !self.config.enabled {
+            return mask;
+        }
+        let (block_no, _) = split(addr);
+        if let Some(block) = self.blocks.get(&block_no) {
+            for (&index, state) in &block.pages {
+                if state.live(now, self.config.lapse) {
+                    mask.set(usize::from(index));
+                }
+            }
+        }
+        mask
+    }
+
     fn page(&self, page: VirtAddr) -> Option<&PageState> {
         let (block_no, index) = split(page);
         self.blocks.get(&block_no)?.pages.get(&index)
@@ -962,6 +984,53 @@ mod tests {
         );
         assert_eq!(det.stats().pin_expired, 0);
         assert_eq!(det.stats().resets, 0, "a block is never reset while pinned");
+    }
+
+    #[test]
+    fn thrashing_in_block_lists_the_live_pages_of_one_block() {
+        let mut det = detector(ThrashingConfig {
+            pin_threshold: 1,
+            ..Default::default()
+        });
+        let block = VirtAddr(PAGE.0 & !(HUGE_PAGE_SIZE - 1));
+        let index = |a: VirtAddr| ((a.0 - block.0) >> PAGE_SHIFT) as usize;
+        let quiet = VirtAddr(PAGE.0 + 0x1000);
+        let pinned = VirtAddr(PAGE.0 + 0x2000);
+        let elsewhere = VirtAddr(PAGE.0 + HUGE_PAGE_SIZE);
+        ping_pong(&mut det, PAGE, &[us(0), us(10), us(20)]);
+        ping_pong(&mut det, quiet, &[us(0), us(10)]);
+        ping_pong(&mut det, pinned, &[us(0), us(10), us(20)]);
+        ping_pong(&mut det, elsewhere, &[us(0), us(10), us(20)]);
+        let t = fight(&mut det, pinned, us(100), 1);
+        assert_eq!(det.hint(pinned, CPU, t, None), Hint::Pin { location: CPU });
+        let mask = det.thrashing_in_block(PAGE, us(30));
+        assert_eq!(
+            mask.iter().collect::<Vec<_>>(),
+            vec![index(PAGE), index(pinned)]
+        );
+        assert_eq!(
+            det.thrashing_in_block(VirtAddr(block.0 + 0x5000), us(30)),
+            mask
+        );
+        // Past a lapse without migrations PAGE is no longer thrashing; the pin holds.
+        let later = t + LAPSE * 2;
+        assert_eq!(
+            det.thrashing_in_block(PAGE, later)
+                .iter()
+                .collect::<Vec<_>>(),
+            vec![index(pinned)]
+        );
+        for a in [PAGE, quiet, pinned] {
+            assert_eq!(
+                det.thrashing_in_block(PAGE, later).contains(index(a)),
+                det.is_thrashing(a, later)
+            );
+        }
+        let off = detector(ThrashingConfig {
+            enabled: false,
+            ..Default::default()
+        });
+        assert!(off.thrashing_in_block(PAGE, us(0)).is_empty());
     }
 
     #[test]
