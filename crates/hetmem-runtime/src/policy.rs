@@ -582,13 +582,7 @@ impl RuntimePlacement {
             self.make_room(needed, f.free_frames, block);
         }
         self.touch(block);
-        let spans = want
-            .runs()
-            .map(|r| {
-                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
-                    .expect("run inside the block")
-            })
-            .collect();
+        let spans = ranges(block, &want);
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
@@ -688,13 +682,11 @@ impl PlacementPolicy for RuntimePlacement {
         // only.
         let mut dup = BlockMask::new();
         for (&(a, _), _) in f.pages.iter().zip(&copy).filter(|(_, &c)| c) {
-            let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
-            let start = (a.0 & !(g - 1)).max(block.start().0);
-            let end = (start + g).min(block.end().0);
-            dup.set_range(
-                block.index_of(VirtAddr(start)) as usize
-                    ..(end - block.start().0) as usize / PAGE_SIZE as usize,
-            );
+            dup.set_range(window(
+                block,
+                a,
+                advice.at(a.0).granularity.unwrap_or(self.granularity),
+            ));
         }
         let dup = dup.intersection(&mostly);
         for (&(a, _), _) in f
@@ -703,13 +695,11 @@ impl PlacementPolicy for RuntimePlacement {
             .zip(remote.iter().zip(&copy))
             .filter(|(_, (&r, &c))| !r && !c)
         {
-            let g = advice.at(a.0).granularity.unwrap_or(self.granularity);
-            let start = (a.0 & !(g - 1)).max(block.start().0);
-            let end = (start + g).min(block.end().0);
-            want.set_range(
-                block.index_of(VirtAddr(start)) as usize
-                    ..(end - block.start().0) as usize / PAGE_SIZE as usize,
-            );
+            want.set_range(window(
+                block,
+                a,
+                advice.at(a.0).granularity.unwrap_or(self.granularity),
+            ));
             faulted.set(block.index_of(a) as usize);
         }
         drop(advice);
@@ -769,25 +759,13 @@ impl PlacementPolicy for RuntimePlacement {
                 self.record_prefetch(t, block, &prefetched, me);
             }
         }
-        let spans: Vec<PageRange> = want
-            .runs()
-            .map(|r| {
-                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
-                    .expect("run inside the block")
-            })
-            .collect();
+        let spans = ranges(block, &want);
         let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
             self.make_room(needed, f.free_frames, block);
         }
         self.touch(block);
-        let duplicate = dup
-            .runs()
-            .map(|r| {
-                PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
-                    .expect("run inside the block")
-            })
-            .collect();
+        let duplicate = ranges(block, &dup);
         BlockPlan {
             action: PlacementAction::Migrate,
             spans,
@@ -896,6 +874,23 @@ fn page_runs(pages: impl IntoIterator<Item = u64>) -> Vec<PageRange> {
     }
     runs.into_iter()
         .filter_map(|(start, end)| PageRange::from_bounds(start, end).ok())
+        .collect()
+}
+
+/// The pages of `block` (as indices) in the aligned window of `g` bytes around `a`.
+fn window(block: PageRange, a: VirtAddr, g: u64) -> std::ops::Range<usize> {
+    let start = (a.0 & !(g - 1)).max(block.start().0);
+    let end = (start + g).min(block.end().0);
+    block.index_of(VirtAddr(start)) as usize..((end - block.start().0) / PAGE_SIZE) as usize
+}
+
+/// The runs of `mask` as ranges of `block`.
+fn ranges(block: PageRange, mask: &BlockMask) -> Vec<PageRange> {
+    mask.runs()
+        .map(|r| {
+            PageRange::from_pages(block.page(r.start as u64).0, (r.end - r.start) as u64)
+                .expect("run inside the block")
+        })
         .collect()
 }
 

@@ -192,14 +192,7 @@ fn fault_pages_locked(
     range: PageRange,
     write: bool,
 ) -> Result<(), RangeFaultError> {
-    let populate = |a: VirtAddr| {
-        hetmem_sys::mman::populate(a.as_usize(), PAGE_SIZE as usize, write).map_err(|e| {
-            match e.errno() {
-                Some(12) => RangeFaultError::NoMemory { addr: a },
-                _ => RangeFaultError::Fault { addr: a },
-            }
-        })
-    };
+    let populate = |a: VirtAddr| populate(PageRange::new(a.0, PAGE_SIZE).expect("page"), write);
     for a in range.pages() {
         let Some(region) = mm.region_of(a) else {
             populate(a)?;
@@ -322,16 +315,18 @@ fn fault_range_once(
             }
         }
     }
-    hetmem_sys::mman::populate(range.start().as_usize(), range.len_bytes() as usize, write).map_err(
-        |e| match e.errno() {
-            Some(12) => RangeFaultError::NoMemory {
-                addr: range.start(),
-            },
-            _ => RangeFaultError::Fault {
-                addr: range.start(),
-            },
-        },
-    )
+    populate(range, write)
+}
+
+/// MADV_POPULATE_READ/WRITE over `range`, its errors as range fault's.
+fn populate(range: PageRange, write: bool) -> Result<(), RangeFaultError> {
+    let addr = range.start();
+    hetmem_sys::mman::populate(addr.as_usize(), range.len_bytes() as usize, write).map_err(|e| {
+        match e.errno() {
+            Some(12) => RangeFaultError::NoMemory { addr },
+            _ => RangeFaultError::Fault { addr },
+        }
+    })
 }
 
 impl AddressSpace {

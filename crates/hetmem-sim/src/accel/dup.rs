@@ -92,13 +92,7 @@ impl SimDevice {
         if taken.is_empty() {
             return;
         }
-        let mut pool = self.mem.pool().lock();
-        for &(_, f) in taken {
-            if let Err(e) = pool.free_page(f) {
-                tracing::error!(frame = f.0, error = %e, "freeing a read copy failed");
-            }
-        }
-        drop(pool);
+        self.release_frames(taken.iter().map(|&(_, f)| f));
         self.counters
             .copies_dropped
             .fetch_add(taken.len() as u64, Ordering::Relaxed);
@@ -234,11 +228,14 @@ impl SimDevice {
         Vec::new()
     }
 
-    /// Frees frames that never became reachable (no shootdown needed).
+    /// Gives frames back to the pool: copies' frames after their shootdown, or frames that never
+    /// became reachable.
     fn release_frames(&self, frames: impl IntoIterator<Item = DevPfn>) {
         let mut pool = self.mem.pool().lock();
         for f in frames {
-            let _ = pool.free_page(f);
+            if let Err(e) = pool.free_page(f) {
+                tracing::error!(frame = f.0, error = %e, "freeing a read copy's frame failed");
+            }
         }
     }
 
