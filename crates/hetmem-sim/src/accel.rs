@@ -73,6 +73,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::copy::{migrate_between, SimCopyBackend};
 
 mod dup;
+use crate::latency::{FaultLatency, LatencyRecorder};
 use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolicy};
 
 /// Lanes per warp.
@@ -328,7 +329,16 @@ pub struct SimDevice {
     launch_started: AtomicU64,
     stop: AtomicBool,
     counters: Counters,
+    /// Fault-service latency of every fault-buffer entry serviced.
+    latency: FaultLatencyRecorder,
     started: Instant,
+}
+
+/// Both clocks' latency histograms.
+#[derive(Debug, Default)]
+struct FaultLatencyRecorder {
+    wall: LatencyRecorder,
+    modelled: LatencyRecorder,
 }
 
 impl std::fmt::Debug for SimDevice {
@@ -567,6 +577,7 @@ impl Accelerator {
                 launch_started: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
+                latency: FaultLatencyRecorder::default(),
                 started: Instant::now(),
             }))
         })?;
@@ -633,6 +644,21 @@ impl Accelerator {
             copies_dropped: g(&c.copies_dropped),
             copies_held: self.dev.dups.lock().len() as u64,
         }
+    }
+
+    /// Fault-service latency of every fault serviced so far ([`crate::latency`]).
+    pub fn fault_latency(&self) -> FaultLatency {
+        FaultLatency {
+            wall: self.dev.latency.wall.snapshot(),
+            modelled: self.dev.latency.modelled.snapshot(),
+        }
+    }
+
+    /// Charges a migration of `bytes` in `dir` that went past this device's own copy paths (a
+    /// runtime's eviction or prefetch back to system memory, which the address space carries out)
+    /// to its modelled clock, as one transfer over its link.
+    pub fn charge_migration(&self, dir: Direction, bytes: u64) {
+        self.dev.charge_migration(dir, bytes);
     }
 
     /// Counters of the copy engines (device-to-device migrations into this device).
@@ -794,6 +820,14 @@ impl AccelHandle {
     /// [`Accelerator::drop_copies`]; `None` once the device is gone.
     pub fn drop_copies(&self, range: PageRange) -> Option<u64> {
         Some(self.dev.upgrade()?.drop_copies(range))
+    }
+
+    /// [`Accelerator::charge_migration`]; false once the device is gone.
+    pub fn charge_migration(&self, dir: Direction, bytes: u64) -> bool {
+        self.dev
+            .upgrade()
+            .map(|d| d.charge_migration(dir, bytes))
+            .is_some()
     }
 
     /// [`Accelerator::take_accessed`]; `None` once the device is gone.
@@ -1165,6 +1199,31 @@ impl SimDevice {
         self.started.elapsed().as_nanos() as u64
     }
 
+    fn charge_migration(&self, dir: Direction, bytes: u64) {
+        if bytes > 0 {
+            self.clock
+                .charge(dir.migrate_cause(), self.config.link.transfer(dir, bytes));
+        }
+    }
+
+    /// Records the latency of a serviced batch's entries: wall-clock from each entry's raise to
+    /// now, and the modelled time charged since `before` by the service itself (what compute
+    /// units and CPU faults charged meanwhile is not the batch's).
+    fn record_latency(&self, entries: &[FaultEntry], before: &ClockReport) {
+        let now = self.now_ns();
+        for e in entries {
+            self.latency.wall.record(now.saturating_sub(e.timestamp));
+        }
+        let d = self.clock.snapshot().since(before);
+        let service = d
+            .total
+            .saturating_sub(d.get(Cause::RemoteAccess))
+            .saturating_sub(d.get(Cause::CpuFault));
+        self.latency
+            .modelled
+            .record_n(service.as_nanos(), entries.len() as u64);
+    }
+
     fn replay(&self) {
         *self.epoch.lock() += 1;
         self.replayed.notify_all();
@@ -1488,6 +1547,7 @@ impl SimDevice {
     }
 
     fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
+        let clock_before = self.clock.snapshot();
         let batch = FaultBatch::from_entries(entries);
         let stats = batch.stats();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -1553,6 +1613,7 @@ impl SimDevice {
         }
         let d = scheduler.after_batch();
         self.replay_charged(d);
+        self.record_latency(entries, &clock_before);
     }
 
     /// Carries out a replay decision. Batch-flush first drops the faults still in the ring: their

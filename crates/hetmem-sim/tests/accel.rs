@@ -83,6 +83,40 @@ fn vector_add_equals_the_cpu_result_and_faults_in_batches() {
 }
 
 #[test]
+fn every_serviced_fault_has_a_latency_and_the_modelled_one_is_its_batch_service() {
+    let n = 32 * 1024;
+    let a = alloc_u32(n, |i| i as u32);
+    let out = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(AccelConfig {
+        link: hetmem_core::link::LinkModel::pcie3_x16(),
+        ..small()
+    })
+    .unwrap();
+    let (pa, po) = (a.start().0, out.start().0);
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(po + 4 * i, x + 1)
+    });
+    acc.launch(k, n).unwrap().wait().unwrap();
+    let s = acc.stats();
+    let l = acc.fault_latency();
+    assert_eq!(l.wall.count(), s.batched_faults, "{s:?}");
+    assert_eq!(l.modelled.count(), s.batched_faults);
+    // A batch's service costs at least its fixed cost and a replay (link.rs FaultCosts::UVM),
+    // and a fault waits at least that long in modelled time.
+    let p50 = l.modelled.quantile(0.5).unwrap();
+    assert!(p50 >= std::time::Duration::from_micros(20), "{p50:?}");
+    assert!(l.modelled.quantile(0.99).unwrap() >= p50);
+    assert!(l.wall.quantile(0.5).unwrap() > std::time::Duration::ZERO);
+    // Charged from outside (a runtime's eviction): one transfer on the device clock.
+    let before = acc.clock();
+    acc.charge_migration(hetmem_core::link::Direction::DeviceToHost, 2 << 20);
+    let d = acc.clock().since(&before);
+    assert_eq!(d.charges_of(Cause::MigrateToHost), 1);
+    assert!(d.get(Cause::MigrateToHost).as_nanos() > 100_000, "{d:?}");
+}
+
+#[test]
 fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
     let n = 8 * 1024;
     let a = alloc_u32(n, |i| i as u32);
