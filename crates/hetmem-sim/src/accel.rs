@@ -1865,6 +1865,13 @@ impl SimDevice {
         });
         let c = m.pages();
         let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
+        // Pages never populated (a hole, the zero page) are zero-filled in device memory: nothing
+        // crosses the link for them (UVM populates untouched pages on the GPU, uvm-svm.md A.6).
+        let copied = c
+            .entries()
+            .iter()
+            .filter(|e| e.migrates() && e.src != PageLoc::Empty)
+            .count() as u64;
         let summary = c.finalize();
         if moved == 0 {
             return busy;
@@ -1876,7 +1883,7 @@ impl SimDevice {
         let cost = self
             .config
             .link
-            .transfer(Direction::HostToDevice, moved * PAGE_SIZE);
+            .transfer(Direction::HostToDevice, copied * PAGE_SIZE);
         self.clock.charge(Cause::MigrateToDevice, cost);
         tracing::debug!(
             dev = self.mem.id().0,
