@@ -42,6 +42,24 @@ pub struct RunArgs {
     /// Compute units of the simulated device.
     #[arg(long, default_value_t = 4)]
     pub compute_units: usize,
+    /// Tuning: override the preset's fault migration window (bytes, 4k to 2M).
+    #[arg(long)]
+    pub granularity: Option<String>,
+    /// Tuning: override the preset's tree prefetcher threshold (percent; 0 turns it off).
+    #[arg(long)]
+    pub tree: Option<u32>,
+    /// Tuning: override the preset's stream detector (on/off).
+    #[arg(long)]
+    pub stream: Option<bool>,
+    /// Tuning: override the preset's eviction order (true: allocation order).
+    #[arg(long)]
+    pub allocation_order: Option<bool>,
+    /// Tuning: override the preset's thrashing detection (on/off).
+    #[arg(long)]
+    pub thrashing: Option<bool>,
+    /// Tuning: override the preset's batch size.
+    #[arg(long)]
+    pub batch: Option<usize>,
 }
 
 impl RunArgs {
@@ -57,16 +75,36 @@ impl RunArgs {
             .link
             .parse()
             .map_err(|e| anyhow::anyhow!("--link: {e}"))?;
+        let preset = self.preset.parse::<Preset>()?;
+        let mut t = preset.config();
+        if let Some(g) = &self.granularity {
+            t.granularity = match g.parse::<Size>()? {
+                Size::Bytes(b) => b,
+                Size::Factor(_) => anyhow::bail!("--granularity takes bytes"),
+            };
+        }
+        if let Some(p) = self.tree {
+            t.tree_threshold = (p > 0).then_some(p);
+        }
+        if let Some(s) = self.stream {
+            t.stream = s;
+        }
+        if let Some(a) = self.allocation_order {
+            t.allocation_order_eviction = a;
+        }
+        if let Some(a) = self.thrashing {
+            t.thrashing = a;
+        }
+        if let Some(b) = self.batch {
+            t.batch_size = b;
+        }
         Ok(RunConfig {
+            tuning: (t != preset.config()).then_some(t),
             link,
             mode: self.mode.parse::<Mode>()?,
             advise: self.advice.parse::<Advise>()?,
             compute_units: self.compute_units,
-            ..RunConfig::new(
-                WorkloadSpec { kind, bytes },
-                device_memory,
-                self.preset.parse::<Preset>()?,
-            )
+            ..RunConfig::new(WorkloadSpec { kind, bytes }, device_memory, preset)
         })
     }
 }

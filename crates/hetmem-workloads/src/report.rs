@@ -166,7 +166,7 @@ impl RunReport {
             link: link_name(cfg.link).into(),
             mode: cfg.mode,
             preset: cfg.preset,
-            preset_config: cfg.preset.config(),
+            preset_config: cfg.settings(),
             advise: cfg.advise,
             output_words: 0,
             launches: 0,

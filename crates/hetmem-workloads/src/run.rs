@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::exec::{Exec, Observer};
 use crate::model::DeviceModel;
-use crate::preset::{Advise, Mode, Preset};
+use crate::preset::{Advise, Mode, Preset, PresetConfig};
 use crate::report::{Latency, Migrations, RunReport};
 use crate::workload::{check, Workload, WorkloadSpec};
 use crate::WorkloadError;
@@ -39,10 +39,17 @@ pub struct RunConfig {
     pub advise: Advise,
     /// Compute units of the device.
     pub compute_units: usize,
+    /// Warps resident on a compute unit at a time: with the compute units, how many lanes (and
+    /// so how many pages) are in flight at once; device memory must hold several times that
+    /// or warps evict each other's pages before they replay (a livelock the real hardware
+    /// avoids by having far more memory than warps in flight).
+    pub warps_per_cu: usize,
     /// The device's throughput, for the compute model.
     pub model: DeviceModel,
     /// How often the sampler records residency (zero: no sampling).
     pub sample_every: Duration,
+    /// Settings that replace the preset's (tuning by measurement).
+    pub tuning: Option<PresetConfig>,
 }
 
 impl RunConfig {
@@ -57,9 +64,18 @@ impl RunConfig {
             preset,
             advise: Advise::None,
             compute_units: 4,
+            warps_per_cu: 8,
             model: DeviceModel::default(),
             sample_every: Duration::from_millis(1),
+            tuning: None,
         }
+    }
+}
+
+impl RunConfig {
+    /// The policy settings of the run: the tuning if given, else the preset's.
+    pub fn settings(&self) -> PresetConfig {
+        self.tuning.unwrap_or_else(|| self.preset.config())
     }
 }
 
@@ -150,10 +166,12 @@ pub fn run_workload(
     let accel = AccelConfig {
         memory_bytes: memory,
         compute_units: cfg.compute_units.max(1),
+        warps_per_cu: cfg.warps_per_cu.max(1),
+        tlb_entries: 2048,
         link: cfg.link.model(),
         ..AccelConfig::default()
     };
-    let ctx = cfg.preset.config().builder(accel).build()?;
+    let ctx = cfg.settings().builder(accel).build()?;
     let dev = ctx.devices()[0];
     let acc = ctx.device(dev)?;
     let (clock0, stats0, rt0, lat0) = (acc.clock(), acc.stats(), ctx.stats(), acc.fault_latency());

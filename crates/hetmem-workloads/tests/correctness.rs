@@ -10,7 +10,10 @@ use hetmem_workloads::{
     Mode, Preset, WorkloadKind, WorkloadSpec,
 };
 
-const DEVICE: u64 = 4 << 20;
+/// Four 2 MiB chunks: a lane of these kernels touches up to a few blocks at once, and with
+/// whole-block windows (the `hetmem` preset) a device of two chunks would evict what a lane needs
+/// before it can replay (see `RunConfig::warps_per_cu`).
+const DEVICE: u64 = 8 << 20;
 
 fn cfg(kind: WorkloadKind, factor: f64, mode: Mode, preset: Preset) -> RunConfig {
     let spec = WorkloadSpec {
