@@ -417,3 +417,46 @@ fn a_prefetch_back_to_the_cpu_is_charged_to_the_device_clock() {
         .as_nanos();
     assert_eq!(d.get(cause).as_nanos(), 2 * two);
 }
+
+#[test]
+fn a_cpu_fault_that_brings_back_a_whole_block_is_charged_for_the_whole_block() {
+    let c = Context::builder()
+        .device(AccelConfig {
+            link: LinkModel::pcie3_x16(),
+            ..device(16)
+        })
+        .granularity(HUGE_PAGE_SIZE)
+        .build()
+        .unwrap();
+    // Never touched by the CPU: the device fills whole blocks of it, each moving as one.
+    let x = c.alloc(6 << 20).unwrap();
+    let base = x.addr();
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.store_u32(base + 4 * i, 2 * i as u32 + 1)
+    };
+    run(&c, (Arc::new(k), x.len() / 4));
+    // A block of the allocation that lies wholly inside it moved as one.
+    let block = x.addr().next_multiple_of(HUGE_PAGE_SIZE);
+    let gpu = Processor::Device(dev0(&c));
+    assert_eq!(
+        on(&c, PageRange::new(block, HUGE_PAGE_SIZE).unwrap(), gpu),
+        512
+    );
+    let before = c.device(dev0(&c)).unwrap().clock();
+    let word = ((block - x.addr()) / 4) as usize;
+    assert_eq!(x.view::<u32>()[word], 2 * word as u32 + 1);
+    let d = c.device(dev0(&c)).unwrap().clock().since(&before);
+    let cause = hetmem_core::link::Cause::MigrateToHost;
+    assert_eq!(d.charges_of(cause), 1, "{d:?}");
+    let whole =
+        LinkModel::pcie3_x16().transfer(hetmem_core::link::Direction::DeviceToHost, HUGE_PAGE_SIZE);
+    assert_eq!(d.get(cause), whole);
+    assert_eq!(
+        on(
+            &c,
+            PageRange::new(block, HUGE_PAGE_SIZE).unwrap(),
+            Processor::Cpu
+        ),
+        512
+    );
+}

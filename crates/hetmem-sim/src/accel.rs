@@ -356,6 +356,15 @@ impl Device for SimDevice {
     }
 
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        // A page of a block that moved as one comes back with its whole block
+        // (`hetmem::fault::migrate_to_ram`): the copy back is that long.
+        let pages = mm.region_of(addr).map_or(1, |r| {
+            if r.states.get(r.index(addr)).huge {
+                PAGES_PER_HUGE
+            } else {
+                1
+            }
+        });
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
         self.config.placement.migrated_to_host(addr);
@@ -366,7 +375,7 @@ impl Device for SimDevice {
             Cause::MigrateToHost,
             self.config
                 .link
-                .transfer(Direction::DeviceToHost, PAGE_SIZE),
+                .transfer(Direction::DeviceToHost, pages * PAGE_SIZE),
         );
         Ok(())
     }
