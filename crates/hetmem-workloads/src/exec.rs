@@ -48,6 +48,8 @@ pub struct Exec<'a, 'o> {
     launches: u64,
     work: Work,
     compute: ModelTime,
+    /// The device clock's total when the last launch finished.
+    clock_at_last_launch: Option<ModelTime>,
     observer: Option<Observer<'o>>,
 }
 
@@ -83,6 +85,7 @@ impl<'a, 'o> Exec<'a, 'o> {
             launches: 0,
             work: Work::default(),
             compute: ModelTime::ZERO,
+            clock_at_last_launch: None,
             observer,
         })
     }
@@ -115,6 +118,11 @@ impl<'a, 'o> Exec<'a, 'o> {
     /// Modelled compute time of the launches so far ([`DeviceModel::time`]).
     pub fn compute(&self) -> ModelTime {
         self.compute
+    }
+
+    /// The device clock's total (compute not included) when the last launch finished.
+    pub fn clock_at_last_launch(&self) -> Option<ModelTime> {
+        self.clock_at_last_launch
     }
 
     /// Allocates `bytes` of managed memory named `name` (zeroed, never touched).
@@ -192,6 +200,7 @@ impl<'a, 'o> Exec<'a, 'o> {
             self.ctx.launch(self.dev, kernel, threads)?.wait()?;
         }
         self.launches += 1;
+        self.clock_at_last_launch = Some(self.ctx.device(self.dev)?.clock().total);
         self.work += work;
         self.compute = self.compute.saturating_add(self.model.time(work));
         if let Some(obs) = self.observer.as_mut() {

@@ -177,7 +177,7 @@ pub fn run_workload(
     let (clock0, stats0, rt0, lat0) = (acc.clock(), acc.stats(), ctx.stats(), acc.fault_latency());
     let stop = AtomicBool::new(false);
     let t0 = Instant::now();
-    let (result, samples, wall, compute, launches) = std::thread::scope(|s| {
+    let (result, samples, wall, (compute, at_last), launches) = std::thread::scope(|s| {
         let sampler = (!cfg.sample_every.is_zero()).then(|| {
             let (ctx, stop) = (&ctx, &stop);
             s.spawn(move || {
@@ -203,7 +203,8 @@ pub fn run_workload(
             .map(|h| h.join().unwrap_or_default())
             .unwrap_or_default();
         samples.push(sample(&ctx, t0));
-        (result, samples, wall, ex.compute(), ex.launches())
+        let times = (ex.compute(), ex.clock_at_last_launch());
+        (result, samples, wall, times, ex.launches())
     });
     let output = result?;
     check(w.kind(), &output, &w.cpu())?;
@@ -239,6 +240,11 @@ pub fn run_workload(
     report.launches = launches;
     report.modelled_ns = clock.total.saturating_add(compute).as_nanos();
     report.compute_ns = compute.as_nanos();
+    report.kernels_modelled_ns = at_last
+        .map_or(clock0.total, |t| t)
+        .saturating_sub(clock0.total)
+        .saturating_add(compute)
+        .as_nanos();
     report.by_cause = by_cause(&clock);
     report.faults = faults;
     report.batches = batches;
@@ -291,7 +297,8 @@ pub fn run_with_baseline(
             },
             None,
         )?;
-        out.report.set_baseline(base.report.modelled_ns);
+        out.report
+            .set_baseline(base.report.modelled_ns, base.report.kernels_modelled_ns);
     }
     Ok(out)
 }
