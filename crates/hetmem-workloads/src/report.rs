@@ -148,6 +148,8 @@ pub struct RunReport {
     pub remote_accesses: u64,
     /// Pages migrated, by direction and trigger.
     pub migrations: Migrations,
+    /// CPU faults on device pages.
+    pub cpu_faults: u64,
     /// Chunks evicted.
     pub evictions: u64,
     /// Pages declared thrashing.
@@ -193,6 +195,7 @@ impl RunReport {
             pages_mapped_remote: 0,
             remote_accesses: 0,
             migrations: Migrations::default(),
+            cpu_faults: 0,
             evictions: 0,
             thrashing_detected: 0,
             pages_throttled: 0,
@@ -300,10 +303,11 @@ impl RunReport {
         row(
             "to host",
             format!(
-                "{} ({} pages): cpu fault {}, eviction {}, prefetch {}",
+                "{} ({} pages): cpu faults {} ({} faults), eviction {}, prefetch {}",
                 mib(m.bytes_to_host()),
                 m.pages_to_host(),
                 m.to_host_cpu_fault,
+                self.cpu_faults,
                 m.to_host_eviction,
                 m.to_host_user_prefetch
             ),

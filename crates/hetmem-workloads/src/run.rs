@@ -175,6 +175,7 @@ pub fn run_workload(
     let dev = ctx.devices()[0];
     let acc = ctx.device(dev)?;
     let (clock0, stats0, rt0, lat0) = (acc.clock(), acc.stats(), ctx.stats(), acc.fault_latency());
+    let dev0 = ctx.device_stats(dev)?;
     let stop = AtomicBool::new(false);
     let t0 = Instant::now();
     let (result, samples, wall, (compute, at_last), launches) = std::thread::scope(|s| {
@@ -224,15 +225,22 @@ pub fn run_workload(
         rt0.pages_prefetched_to_device,
     );
     let to_device = d(s.pages_to_device, stats0.pages_to_device);
+    // Pages that left device memory, whatever moved them; what the runtime moved is counted by
+    // trigger, the rest came back on CPU faults (a fault brings back a page, or its whole block
+    // when the block moved as one).
+    let out = d(ctx.device_stats(dev)?.pages_out, dev0.pages_out);
+    let evicted = d(rt.pages_evicted, rt0.pages_evicted);
+    let user_out = d(rt.pages_prefetched_to_cpu, rt0.pages_prefetched_to_cpu);
+    let suspended = d(rt.pages_suspended, rt0.pages_suspended);
     let migrations = Migrations {
         to_device_fault: to_device.saturating_sub(user_in + prefetcher),
         to_device_prefetcher: prefetcher.min(to_device.saturating_sub(user_in)),
         to_device_user_prefetch: user_in,
         to_device_access_counters: d(rt.counter_notifications, rt0.counter_notifications),
-        to_host_cpu_fault: d(s.pages_to_host, stats0.pages_to_host),
-        to_host_eviction: d(rt.pages_evicted, rt0.pages_evicted),
-        to_host_user_prefetch: d(rt.pages_prefetched_to_cpu, rt0.pages_prefetched_to_cpu),
-        to_host_suspend: d(rt.pages_suspended, rt0.pages_suspended),
+        to_host_cpu_fault: out.saturating_sub(evicted + user_out + suspended),
+        to_host_eviction: evicted,
+        to_host_user_prefetch: user_out,
+        to_host_suspend: suspended,
     };
     let mut report = RunReport::empty(w, cfg, wall);
     report.device_memory = memory;
@@ -262,6 +270,7 @@ pub fn run_workload(
     report.pages_throttled = d(rt.pages_throttled, rt0.pages_throttled);
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.latency = Latency::from(&lat);
+    report.cpu_faults = d(s.pages_to_host, stats0.pages_to_host);
     debug_assert!(report.migrations.bytes_to_device() % PAGE_SIZE == 0);
     Ok(RunOutcome {
         report,
