@@ -47,7 +47,7 @@ use std::{
 };
 
 use hetmem::{
-    migrate::{MigrateArgs, MigrateVma, ToSystem},
+    migrate::{MigrateArgs, MigrateVma, ToSystem, TriggerScope},
     AddressSpace, ComputeDevice, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
 };
 use hetmem_core::{
@@ -59,7 +59,7 @@ use hetmem_core::{
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
     link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
-    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason},
+    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
     pfn::HmmPfn,
@@ -1414,6 +1414,9 @@ impl SimDevice {
 
     /// The fault service thread: batches, services, replays.
     fn service_loop(self: Arc<Self>) {
+        // Every migration this thread makes serves the device's faults, unless a policy's queued
+        // migration (below) or the placement policy's eviction says otherwise.
+        let _trigger = TriggerScope::enter(Trigger::DeviceFault);
         let mut entries = Vec::with_capacity(self.config.batch_size);
         let mut scheduler = ReplayScheduler::new(self.config.replay);
         loop {
@@ -1465,7 +1468,8 @@ impl SimDevice {
     /// this device's memory and are mapped there; warps that reached them remotely fault once
     /// more and then hit locally.
     fn service_policy_migrations(&self) {
-        for range in self.config.placement.take_migrations() {
+        for (range, trigger) in self.config.placement.take_migrations() {
+            let _trigger = TriggerScope::enter(trigger);
             for block in range.chunks(HUGE_PAGE_SIZE) {
                 // A counter region may reach past managed memory: only its managed pages move.
                 let pages: Vec<(VirtAddr, FaultAccess)> = block
@@ -1749,7 +1753,7 @@ impl SimDevice {
                         .fetch_add(summary.migrated, Ordering::Relaxed);
                     tracing::debug!(
                         dev = self.mem.id().0,
-                        trigger = "device_fault",
+                        trigger = hetmem::migrate::current_trigger().name(),
                         from = peer.0,
                         start = %span.start(),
                         pages = span.npages(),
@@ -1819,7 +1823,7 @@ impl SimDevice {
         self.clock.charge(Cause::MigrateToDevice, cost);
         tracing::debug!(
             dev = self.mem.id().0,
-            trigger = "device_fault",
+            trigger = hetmem::migrate::current_trigger().name(),
             from = "system",
             start = %sub.start(),
             pages = sub.npages(),

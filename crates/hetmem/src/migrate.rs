@@ -35,11 +35,13 @@
 //!   finalize frees a0,a1 (left A) and b9,b10 (unused); A: account_out(2), B: account_in(2)
 //! ```
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use hetmem_core::{
     migrate::{
-        MigrateEntry, MigrateFlags, MigrateSummary, PageLoc, PeerRun, SelectFlags, SkipReason,
+        MigrateEntry, MigrateFlags, MigrateSummary, MigrationCounts, PageLoc, PeerRun, SelectFlags,
+        SkipReason, Trigger,
     },
     notifier::{InvalidateGuard, NotifierRange, NotifyEvent},
     page_state::{DevicePlacement, Location},
@@ -439,7 +441,55 @@ impl<'a> MigrateVma<'a> {
         }
         let _ = mm;
         self.committed = true;
+        self.count_migrations();
         Committed(self)
+    }
+
+    /// Counts the committed pages in each device's statistics under the trigger in scope, and
+    /// emits the migration's trace event.
+    fn count_migrations(&self) {
+        let trigger = current_trigger();
+        let mut per: Vec<(DeviceId, MigrationCounts)> = Vec::new();
+        let mut bump = |dev: DeviceId, f: fn(&mut MigrationCounts)| {
+            let i = match per.iter().position(|(d, _)| *d == dev) {
+                Some(i) => i,
+                None => {
+                    per.push((dev, MigrationCounts::default()));
+                    per.len() - 1
+                }
+            };
+            f(&mut per[i].1);
+        };
+        for e in self.entries.iter().filter(|e| e.migrates()) {
+            match (e.src, e.dst) {
+                (PageLoc::Device { dev: a, .. }, Some(PageLoc::Device { dev: b, .. })) => {
+                    bump(a, |c| c.to_peer += 1);
+                    bump(b, |c| c.from_peer += 1);
+                }
+                (PageLoc::Device { dev, .. }, Some(PageLoc::System)) => {
+                    bump(dev, |c| c.to_system += 1)
+                }
+                (PageLoc::System | PageLoc::Empty, Some(PageLoc::Device { dev, .. })) => {
+                    bump(dev, |c| c.from_system += 1)
+                }
+                _ => {}
+            }
+        }
+        for (dev, pages) in &per {
+            if let Some(mem) = self.device_mem(*dev) {
+                mem.count_migrations(trigger, pages);
+            }
+            tracing::debug!(
+                trigger = trigger.name(),
+                dev = dev.0,
+                start = %self.args.range.start(),
+                from_system = pages.from_system,
+                from_peer = pages.from_peer,
+                to_system = pages.to_system,
+                to_peer = pages.to_peer,
+                "migration"
+            );
+        }
     }
 
     fn committed_entry(e: &MigrateEntry) -> bool {
@@ -1091,6 +1141,45 @@ impl MigrateDriver for ToSystem {
         }
     }
     fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+}
+
+thread_local! {
+    static TRIGGER: Cell<Trigger> = const { Cell::new(Trigger::Explicit) };
+}
+
+/// The trigger that migrations on this thread are counted under (seed 003's migration trigger):
+/// [`Trigger::Explicit`] unless a [`TriggerScope`] says otherwise.
+pub fn current_trigger() -> Trigger {
+    TRIGGER.with(Cell::get)
+}
+
+/// Migrations on this thread count under a trigger until the scope ends; scopes nest (an eviction
+/// inside a device fault's service counts as eviction, and the fault's own migration after it as
+/// the fault's). The trigger rides with the thread rather than each call because migrations start
+/// deep below the code that knows why (a placement policy evicting from inside a fault service, a
+/// CPU fault through a device's `migrate_to_ram`); every entry point sets it once.
+#[derive(Debug)]
+#[must_use = "the trigger is restored when the scope is dropped"]
+pub struct TriggerScope {
+    prev: Trigger,
+    // Restored on the thread it was set on.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl TriggerScope {
+    /// Counts this thread's migrations under `trigger` until the returned scope is dropped.
+    pub fn enter(trigger: Trigger) -> TriggerScope {
+        TriggerScope {
+            prev: TRIGGER.with(|t| t.replace(trigger)),
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for TriggerScope {
+    fn drop(&mut self) {
+        TRIGGER.with(|t| t.set(self.prev));
+    }
 }
 
 /// Runs a whole migration of `args` with `driver`.

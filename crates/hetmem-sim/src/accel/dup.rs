@@ -198,7 +198,7 @@ impl SimDevice {
                     self.clock.charge(Cause::MigrateToDevice, cost);
                     tracing::debug!(
                         dev = me.0,
-                        trigger = "device_fault",
+                        trigger = hetmem::migrate::current_trigger().name(),
                         start = %span.start(),
                         pages = n,
                         modelled_ns = cost.as_nanos(),
