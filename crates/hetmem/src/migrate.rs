@@ -156,10 +156,28 @@ impl<'a> MigrateVma<'a> {
         let mut locked = vec![false; n];
         let mut cats = vec![PageCategory::empty(); n];
         let wants_system = args.select.contains(SelectFlags::SYSTEM);
+        for (k, l) in locked.iter_mut().enumerate() {
+            if region.states.try_lock(first + k) {
+                *l = true;
+            } else {
+                entries[k] = MigrateEntry::skipped(SkipReason::Locked);
+            }
+        }
+        // The CPU's entries are read with the pages locked (the kernel collects under the page
+        // table lock): a page that a CPU fault brought back from a device just before was a hole
+        // a moment ago, and taking it for one now would zero-fill its destination and drop its
+        // bytes.
         if wants_system {
-            mm.pagemap
+            let read = mm
+                .pagemap
                 .read()
-                .page_flags(args.range.start().as_usize(), n, &mut cats)?;
+                .page_flags(args.range.start().as_usize(), n, &mut cats);
+            if read.is_err() {
+                for (k, _) in locked.iter().enumerate().filter(|(_, &l)| l) {
+                    wake_unlock(&region, first + k);
+                }
+            }
+            read?;
         }
         // /proc/self/maps is read only when system pages are collected (never on the CPU-fault
         // path, which migrates device pages back).
@@ -173,11 +191,9 @@ impl<'a> MigrateVma<'a> {
         let owned = owned_devices(mm, args.owner);
         for k in 0..n {
             let i = first + k;
-            if !region.states.try_lock(i) {
-                entries[k] = MigrateEntry::skipped(SkipReason::Locked);
+            if !locked[k] {
                 continue;
             }
-            locked[k] = true;
             let st = region.states.get(i);
             let entry = match st.location {
                 Location::System if wants_system => {
@@ -798,8 +814,10 @@ impl<'a> Committed<'a> {
 /// Readies freed frames for reuse. With userfaultfd a frame must be a hole to receive a MOVE, so
 /// its bytes are discarded. The mprotect backend copies every page whole into its frames, so
 /// they stay populated, as device memory always is, and the next migration does not pay for
-/// faulting them in again.
-pub(crate) fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn, npages: usize) {
+/// faulting them in again. Every frame goes back to the pool through here, whoever wrote it last
+/// (a migration, a read copy): under userfaultfd a zero-fill migration trusts a free frame to read
+/// as zeros.
+pub fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn, npages: usize) {
     if mm.backend == CpuFaultBackend::Userfaultfd {
         let _ = mem.arena().discard(
             DeviceMemory::frame_offset(frame),
@@ -1036,6 +1054,13 @@ fn copy_out_one(
         {
             return false;
         }
+    } else if mem
+        .arena()
+        .write(DeviceMemory::frame_offset(frame), &[0u8; PAGE_SIZE as usize])
+        .is_err()
+    {
+        // A hole migrates as zeros, whatever the frame held before.
+        return false;
     }
     match uffd {
         Some(u) => {
