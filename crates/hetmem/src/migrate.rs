@@ -167,6 +167,15 @@ impl<'a> MigrateVma<'a> {
         // table lock): a page that a CPU fault brought back from a device just before was a hole
         // a moment ago, and taking it for one now would zero-fill its destination and drop its
         // bytes.
+        // A region being released takes nothing more in: its pages only go home.
+        if wants_system && region.is_closing() {
+            for (k, _) in locked.iter().enumerate().filter(|(_, &l)| l) {
+                wake_unlock(&region, first + k);
+            }
+            return Err(MigrateError::NotManaged {
+                addr: args.range.start(),
+            });
+        }
         if wants_system {
             let read = mm
                 .pagemap
@@ -1056,7 +1065,10 @@ fn copy_out_one(
         }
     } else if mem
         .arena()
-        .write(DeviceMemory::frame_offset(frame), &[0u8; PAGE_SIZE as usize])
+        .write(
+            DeviceMemory::frame_offset(frame),
+            &[0u8; PAGE_SIZE as usize],
+        )
         .is_err()
     {
         // A hole migrates as zeros, whatever the frame held before.

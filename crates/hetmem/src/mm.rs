@@ -424,7 +424,17 @@ impl AddressSpace {
             .ok_or(MmError::NotRegistered {
                 addr: range.start(),
             })?;
-        crate::migrate::migrate_all_to_system(self, &region)?;
+        // Closed first: a policy's migration or a read copy starting now finds the region
+        // closing under the page's lock and takes nothing in; one already holding a lock is
+        // waited for by the eviction below, which then brings its page home too.
+        region.close();
+        for a in range.pages() {
+            crate::dup::collapse_locking(self, &region, a);
+        }
+        if let Err(e) = crate::migrate::migrate_all_to_system(self, &region) {
+            region.reopen();
+            return Err(e.into());
+        }
         self.regions.write().remove(&range.start().0);
         if let Some(uffd) = &self.uffd {
             let _ = uffd.unregister(range.start().as_usize(), range.len_bytes() as usize);
