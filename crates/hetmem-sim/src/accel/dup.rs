@@ -235,7 +235,7 @@ impl SimDevice {
         // later zero-fill migration into it would hand the device those bytes for zeros.
         let frames: Vec<DevPfn> = frames.into_iter().collect();
         for &f in &frames {
-            hetmem::migrate::scrub_frames(&self.mm, &self.mem, f, 1);
+            hetmem::migrate::scrub_frames(self.mm, &self.mem, f, 1);
         }
         let mut pool = self.mem.pool().lock();
         for f in frames {
