@@ -736,6 +736,10 @@ impl Accelerator {
         if threads == 0 {
             return Err(AccelError::EmptyLaunch);
         }
+        // The program's munmap or madvise returned once its userfaultfd event was read, maybe
+        // before it was handled: the device pages it discards must be gone before any warp
+        // can read them (found by the model test, issue 6).
+        self.dev.mm.sync_events();
         self.dev
             .launch_started
             .store(self.dev.now_ns(), Ordering::Release);
@@ -885,6 +889,11 @@ impl Drop for Accelerator {
         if let Some(h) = self.service.take() {
             let _ = h.join();
         }
+        // Read copies go first: the last copy of a page to go opens the CPU's write access
+        // again. Left behind, the pages stayed write-protected after the device was gone (under
+        // the mprotect backend, PROT_READ: the program's next write to its own memory was a
+        // SIGSEGV nobody handled; found by the model test, issue 6).
+        self.drop_all_copies();
         if let Some(sub) = self.dev.sub.lock().take() {
             self.dev.mm.notifiers().remove(&sub);
         }
@@ -1873,6 +1882,41 @@ impl SimDevice {
                     return Err((addr, RangeFaultError::Fault { addr }))
                 }
                 Err(e) => return Err((faulted.first().map_or(span.start(), |p| p.0), e)),
+            }
+            // This device's own pages are reported as they are, never faulted (hmm.c), so a
+            // write to one it holds read-only comes back valid but not writable: mapping it
+            // read-only and replaying would fault again for ever (DESIGN.md invariant 4). When
+            // the program made the page read-only (`AddressSpace::protect`), that is a
+            // permission fault, as it would be in system memory (invariant 5); otherwise the
+            // page came in read-only (a zero page, a write-protected page) and goes back to
+            // system memory, where the next pass faults it writable.
+            let read_only_own = |&&(a, access): &&(VirtAddr, FaultAccess)| {
+                let pfn = r.hmm_pfns[span.index_of(a) as usize];
+                access >= FaultAccess::Write
+                    && pfn.is_valid()
+                    && !pfn.is_write()
+                    && pfn
+                        .device_frame()
+                        .is_some_and(|(dev, _, _)| dev == self.mem.id())
+            };
+            let mut upgraded = false;
+            for &(a, _) in faulted.iter().filter(read_only_own) {
+                let writable = self
+                    .mm
+                    .region_of(a)
+                    .is_some_and(|region| region.states.prot(region.index(a)) & 0b10 != 0);
+                if !writable {
+                    return Err((a, RangeFaultError::Permission { addr: a }));
+                }
+                let page = PageRange::new(a.0, PAGE_SIZE)
+                    .map_err(|_| (a, RangeFaultError::Invalid("page")))?;
+                self.mm
+                    .evict_range(page, Some(self.mem.id()))
+                    .map_err(|_| (a, RangeFaultError::Busy))?;
+                upgraded = true;
+            }
+            if upgraded {
+                continue;
             }
             targets.clear();
             targets.extend(r.hmm_pfns.iter().enumerate().map(|(k, pfn)| {

@@ -295,7 +295,11 @@ impl AddressSpace {
     /// event thread makes `event_batch` odd before it reads and even after it has handled the
     /// batch; since the program's call returned only after the read, it sees the odd value of
     /// that batch (and waits for it to end) or a later one (that batch is done).
-    pub(crate) fn sync_events(&self) {
+    ///
+    /// Public for devices: a launch waits here too, so that a kernel started right after the
+    /// program's `madvise` or `munmap` cannot reach device pages the pending event is about to
+    /// discard.
+    pub fn sync_events(&self) {
         if self.uffd.is_none() || self.forked() || crate::events::on_event_thread() {
             return;
         }
@@ -435,6 +439,23 @@ impl AddressSpace {
             NotifyEvent::Release,
             None,
         ));
+        if self.backend == CpuFaultBackend::Mprotect {
+            // Pages write-protected for read duplication (PROT_READ under this backend) would
+            // stay so once nothing handles their faults any more: the program's next write to
+            // its own buffer would be a SIGSEGV (found by the model test, issue 6). The copies
+            // went with the Release invalidation; the program's own protection comes back.
+            let mut at = 0;
+            while at < region.states.len() {
+                let bits = region.states.prot(at);
+                let mut end = at + 1;
+                while end < region.states.len() && region.states.prot(end) == bits {
+                    end += 1;
+                }
+                let run = PageRange::from_pages(range.page(at as u64).0, (end - at) as u64)?;
+                crate::os::protect(run, prot_from_bits(bits))?;
+                at = end;
+            }
+        }
         Ok(())
     }
 
