@@ -54,6 +54,11 @@ pub struct ModelConfig {
     pub memory_limit_pages: Option<u64>,
     /// Thrashing detection (on by default in a context; wall-clock driven).
     pub thrashing: bool,
+    /// Run the combinations of a known, open issue too (off by default): accessed-by advice over
+    /// read-mostly pages a device holds read copies of (the remote mapping replaces the copy's
+    /// mapping while the copy stays booked; `Context::check_invariants` reports it; the lead's
+    /// read-duplication work). Off, such an advice is skipped.
+    pub known_issues: bool,
 }
 
 impl Default for ModelConfig {
@@ -64,6 +69,7 @@ impl Default for ModelConfig {
             max_pages: 24,
             memory_limit_pages: Some(48),
             thrashing: true,
+            known_issues: false,
         }
     }
 }
@@ -559,6 +565,8 @@ struct Slot {
     mem: Mem,
     /// The plain buffer: what every word must hold.
     model: Vec<u32>,
+    /// Pages advised read-mostly (for [`ModelConfig::known_issues`]).
+    read_mostly: Vec<bool>,
 }
 
 /// What a run did, for the figures.
@@ -753,6 +761,7 @@ impl Machine {
                 self.slots[s] = Some(Slot {
                     mem: Mem::Managed(m),
                     model: vec![0; n as usize * WORDS_PER_PAGE],
+                    read_mostly: vec![false; n as usize],
                 });
             }
             Op::Register { slot, pages, seed } => {
@@ -772,6 +781,7 @@ impl Machine {
                 self.slots[s] = Some(Slot {
                     mem: Mem::Registered(r),
                     model,
+                    read_mostly: vec![false; n as usize],
                 });
             }
             Op::Release { slot } => {
@@ -885,9 +895,21 @@ impl Machine {
                 advice,
             } => {
                 let s = self.slot_index(slot);
-                let Some((sub, _, _)) = self.pages(s, page, npages) else {
+                let Some((sub, first, count)) = self.pages(s, page, npages) else {
                     return Ok(false);
                 };
+                let sl = self.slots[s].as_mut().expect("slot checked");
+                let mostly = &mut sl.read_mostly[first..first + count];
+                match advice {
+                    AdviceOp::ReadMostly => mostly.fill(true),
+                    AdviceOp::UnsetReadMostly => mostly.fill(false),
+                    AdviceOp::AccessedBy(_)
+                        if !self.config.known_issues && mostly.iter().any(|&m| m) =>
+                    {
+                        return Ok(false);
+                    }
+                    _ => {}
+                }
                 let a = match advice {
                     AdviceOp::Preferred(t) => Advice::SetPreferredLocation(self.processor(t)),
                     AdviceOp::UnsetPreferred => Advice::UnsetPreferredLocation,
