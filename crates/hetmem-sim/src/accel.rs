@@ -52,7 +52,7 @@ use hetmem::{
 };
 use hetmem_core::{
     addr::PAGES_PER_HUGE,
-    copy_engine::{CopyEngine, CopyEngineConfig},
+    copy_engine::{CopyEngine, CopyEngineConfig, FaultPlan},
     device_mmu::{Access, MmuConfig, MmuFault, PtePerms, PteTarget},
     fault_ring::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
@@ -638,6 +638,17 @@ impl Accelerator {
     /// Counters of the copy engines (device-to-device migrations into this device).
     pub fn copy_stats(&self) -> hetmem_core::copy_engine::CopyStats {
         self.dev.copy.stats()
+    }
+
+    /// Fault injection (issue 6; never active unless a test calls this): the copy engines that
+    /// bring pages into this device from its peers fail windows as `plan` says
+    /// ([`FaultPlan::None`] ends it). A failed window rolls back its pages, which stay valid on
+    /// the peer; the service maps or migrates what it can.
+    pub fn set_copy_fault_plan(&self, plan: FaultPlan) -> Result<(), AccelError> {
+        self.dev
+            .copy
+            .set_fault_plan(plan)
+            .map_err(|e| AccelError::Config(format!("copy fault plan: {e}")))
     }
 
     /// Modelled time by cause.

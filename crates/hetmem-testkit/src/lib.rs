@@ -59,6 +59,9 @@ pub struct ModelConfig {
     /// mapping while the copy stays booked; `Context::check_invariants` reports it; the lead's
     /// read-duplication work). Off, such an advice is skipped.
     pub known_issues: bool,
+    /// Each device's fault ring capacity (a power of two; small rings overflow: fault
+    /// injection of a full ring).
+    pub ring_capacity: usize,
 }
 
 impl Default for ModelConfig {
@@ -70,6 +73,7 @@ impl Default for ModelConfig {
             memory_limit_pages: Some(48),
             thrashing: true,
             known_issues: false,
+            ring_capacity: 4096,
         }
     }
 }
@@ -661,7 +665,10 @@ impl Machine {
     pub fn new(config: ModelConfig) -> Result<Machine, String> {
         let mut b = Context::builder();
         for _ in 0..config.devices {
-            b = b.device(small_device());
+            b = b.device(AccelConfig {
+                ring_capacity: config.ring_capacity,
+                ..small_device()
+            });
         }
         if let Some(p) = config.memory_limit_pages {
             b = b.memory_limit(p * PAGE_SIZE);
