@@ -1508,6 +1508,29 @@ impl SimDevice {
     }
 
     fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
+        // Faults raised before the launch in flight started belong to an earlier launch, whose
+        // warps are gone (it finished, or failed with faults still in the ring): servicing them
+        // is wasted work, and a stale write fault merged into a block with this launch's faults
+        // failed this launch with the earlier one's permission fault (found by the fuzz smoke
+        // run, issue 6).
+        let started = self.launch_started.load(Ordering::Acquire);
+        let current: Vec<FaultEntry>;
+        let entries = if entries.iter().any(|e| e.timestamp < started) {
+            current = entries
+                .iter()
+                .filter(|e| e.timestamp >= started)
+                .cloned()
+                .collect();
+            self.counters
+                .faults_stale
+                .fetch_add((entries.len() - current.len()) as u64, Ordering::Relaxed);
+            if current.is_empty() {
+                return;
+            }
+            &current[..]
+        } else {
+            entries
+        };
         let batch = FaultBatch::from_entries(entries);
         let stats = batch.stats();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);

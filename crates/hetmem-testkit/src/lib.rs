@@ -54,10 +54,11 @@ pub struct ModelConfig {
     pub memory_limit_pages: Option<u64>,
     /// Thrashing detection (on by default in a context; wall-clock driven).
     pub thrashing: bool,
-    /// Run the combinations of a known, open issue too (off by default): accessed-by advice over
-    /// read-mostly pages a device holds read copies of (the remote mapping replaces the copy's
-    /// mapping while the copy stays booked; `Context::check_invariants` reports it; the lead's
-    /// read-duplication work). Off, such an advice is skipped.
+    /// Run the combinations of a known, open issue too (off by default): accessed-by and
+    /// read-mostly advice on the same pages (a remote mapping replaces a read copy's mapping
+    /// while the copy stays booked; `Context::check_invariants` reports "the copy of .. is mapped
+    /// as .. System"; the lead's read-duplication work). Off, the second of the two advices on
+    /// a page is skipped (accessed-by is never unset by the model, so it stays avoided).
     pub known_issues: bool,
     /// Each device's fault ring capacity (a power of two; small rings overflow: fault
     /// injection of a full ring).
@@ -571,6 +572,8 @@ struct Slot {
     model: Vec<u32>,
     /// Pages advised read-mostly (for [`ModelConfig::known_issues`]).
     read_mostly: Vec<bool>,
+    /// Pages advised accessed-by some device (for [`ModelConfig::known_issues`]).
+    accessed_by: Vec<bool>,
 }
 
 /// What a run did, for the figures.
@@ -769,6 +772,7 @@ impl Machine {
                     mem: Mem::Managed(m),
                     model: vec![0; n as usize * WORDS_PER_PAGE],
                     read_mostly: vec![false; n as usize],
+                    accessed_by: vec![false; n as usize],
                 });
             }
             Op::Register { slot, pages, seed } => {
@@ -789,6 +793,7 @@ impl Machine {
                     mem: Mem::Registered(r),
                     model,
                     read_mostly: vec![false; n as usize],
+                    accessed_by: vec![false; n as usize],
                 });
             }
             Op::Release { slot } => {
@@ -906,15 +911,15 @@ impl Machine {
                     return Ok(false);
                 };
                 let sl = self.slots[s].as_mut().expect("slot checked");
-                let mostly = &mut sl.read_mostly[first..first + count];
+                let pages = first..first + count;
+                let avoid = !self.config.known_issues;
+                let any = |v: &[bool]| v[pages.clone()].iter().any(|&b| b);
                 match advice {
-                    AdviceOp::ReadMostly => mostly.fill(true),
-                    AdviceOp::UnsetReadMostly => mostly.fill(false),
-                    AdviceOp::AccessedBy(_)
-                        if !self.config.known_issues && mostly.iter().any(|&m| m) =>
-                    {
-                        return Ok(false);
-                    }
+                    AdviceOp::AccessedBy(_) if avoid && any(&sl.read_mostly) => return Ok(false),
+                    AdviceOp::ReadMostly if avoid && any(&sl.accessed_by) => return Ok(false),
+                    AdviceOp::ReadMostly => sl.read_mostly[pages].fill(true),
+                    AdviceOp::UnsetReadMostly => sl.read_mostly[pages].fill(false),
+                    AdviceOp::AccessedBy(_) => sl.accessed_by[pages].fill(true),
                     _ => {}
                 }
                 let a = match advice {
