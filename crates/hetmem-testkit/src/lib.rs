@@ -459,7 +459,7 @@ impl Op {
 }
 
 fn target(b: u8) -> Target {
-    if b % 3 == 0 {
+    if b.is_multiple_of(3) {
         Target::Cpu
     } else {
         Target::Dev(b % 3 - 1)
@@ -523,19 +523,19 @@ pub fn op_strategy() -> impl Strategy<Value = Op> {
         1 => slot.clone().prop_map(|slot| Op::Release { slot }),
         4 => (slot.clone(), any::<u16>(), 1u16..3000, any::<u32>())
             .prop_map(|(slot, word, len, seed)| Op::CpuWrite { slot, word, len, seed }),
-        2 => (slot.clone(), page.clone(), npages.clone())
+        2 => (slot.clone(), page, npages.clone())
             .prop_map(|(slot, page, npages)| Op::CpuRead { slot, page, npages }),
-        4 => (dev.clone(), slot.clone(), page.clone(), npages.clone(), any::<u32>()).prop_map(
+        4 => (dev.clone(), slot.clone(), page, npages.clone(), any::<u32>()).prop_map(
             |(dev, slot, page, npages, seed)| Op::KernelWrite { dev, slot, page, npages, seed }
         ),
-        4 => (dev.clone(), slot.clone(), page.clone(), npages.clone())
+        4 => (dev.clone(), slot.clone(), page, npages.clone())
             .prop_map(|(dev, slot, page, npages)| Op::KernelRead { dev, slot, page, npages }),
-        4 => (slot.clone(), page.clone(), npages.clone(), target)
+        4 => (slot.clone(), page, npages.clone(), target)
             .prop_map(|(slot, page, npages, to)| Op::Prefetch { slot, page, npages, to }),
-        3 => (slot.clone(), page.clone(), npages.clone(), advice)
+        3 => (slot.clone(), page, npages.clone(), advice)
             .prop_map(|(slot, page, npages, advice)| Op::Advise { slot, page, npages, advice }),
         1 => Just(Op::Suspend),
-        2 => (slot.clone(), page.clone(), npages.clone(), any::<bool>()).prop_map(
+        2 => (slot.clone(), page, npages.clone(), any::<bool>()).prop_map(
             |(slot, page, npages, behind_back)| Op::Discard { slot, page, npages, behind_back }
         ),
         1 => slot.clone().prop_map(|slot| Op::Unmap { slot }),
