@@ -1063,15 +1063,18 @@ fn copy_out_one(
         {
             return false;
         }
-    } else if mem
-        .arena()
-        .write(
-            DeviceMemory::frame_offset(frame),
-            &[0u8; PAGE_SIZE as usize],
-        )
-        .is_err()
+    } else if src == PageLoc::Empty
+        && mem
+            .arena()
+            .write(
+                DeviceMemory::frame_offset(frame),
+                &[0u8; PAGE_SIZE as usize],
+            )
+            .is_err()
     {
-        // A hole migrates as zeros, whatever the frame held before.
+        // A hole migrates as a zeroed page, whatever the frame held (UFFDIO_MOVE refuses a
+        // populated destination, which is how this fallback is reached). Found twice: by
+        // dup_stress and by the model test (issue 6), a new allocation reading old bytes.
         return false;
     }
     match uffd {

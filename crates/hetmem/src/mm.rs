@@ -295,7 +295,11 @@ impl AddressSpace {
     /// event thread makes `event_batch` odd before it reads and even after it has handled the
     /// batch; since the program's call returned only after the read, it sees the odd value of
     /// that batch (and waits for it to end) or a later one (that batch is done).
-    pub(crate) fn sync_events(&self) {
+    ///
+    /// Public for devices: a launch waits here too, so that a kernel started right after the
+    /// program's `madvise` or `munmap` cannot reach device pages the pending event is about to
+    /// discard.
+    pub fn sync_events(&self) {
         if self.uffd.is_none() || self.forked() || crate::events::on_event_thread() {
             return;
         }
