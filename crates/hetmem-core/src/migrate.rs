@@ -199,3 +199,129 @@ mod tests {
         assert_eq!(run.len_bytes(), r.len);
     }
 }
+
+/// What caused a migration: seed 003's triggers (AMD's `KFD_MIGRATE_TRIGGER_*`: prefetch, a
+/// device fault, a CPU fault, eviction; suspend), UVM's access counters, and an explicit call.
+/// Pages a prefetcher adds to a device fault's migration belong to the fault, as AMD counts them
+/// (the runtime's statistics count the prefetched subset on its own).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Trigger {
+    /// A user's prefetch request (`cudaMemPrefetchAsync`, `svm_range_set_attr` prefetch), or a
+    /// prefetcher's migration ahead of the faults outside the faulting block.
+    Prefetch,
+    /// A device's fault (its replayable fault service, or its range fault on pages another
+    /// device holds).
+    DeviceFault,
+    /// A CPU access to a page in device memory.
+    CpuFault,
+    /// Device memory ran out: pages went back to system memory to make room.
+    Eviction,
+    /// Everything back to system memory (seed 003's suspend: queues stopped, VRAM emptied).
+    Suspend,
+    /// Remote accesses crossed the access counters' threshold.
+    AccessCounter,
+    /// An explicit migration call with none of the above in scope (a driver's or test device's
+    /// migrate request, unregistering memory, fork's bring-back).
+    Explicit,
+}
+
+impl Trigger {
+    /// Every trigger, in the order [`TriggerCounts`] keeps them.
+    pub const ALL: [Trigger; 7] = [
+        Trigger::Prefetch,
+        Trigger::DeviceFault,
+        Trigger::CpuFault,
+        Trigger::Eviction,
+        Trigger::Suspend,
+        Trigger::AccessCounter,
+        Trigger::Explicit,
+    ];
+
+    /// The name in statistics and trace events (`device_fault`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Prefetch => "prefetch",
+            Trigger::DeviceFault => "device_fault",
+            Trigger::CpuFault => "cpu_fault",
+            Trigger::Eviction => "eviction",
+            Trigger::Suspend => "suspend",
+            Trigger::AccessCounter => "access_counter",
+            Trigger::Explicit => "explicit",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl core::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Pages that migrations moved into and out of one device's memory (or, summed, a set of
+/// devices').
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrationCounts {
+    /// From system memory into the device.
+    pub from_system: u64,
+    /// From another device into this one.
+    pub from_peer: u64,
+    /// From the device to system memory.
+    pub to_system: u64,
+    /// From the device to another device.
+    pub to_peer: u64,
+}
+
+impl MigrationCounts {
+    /// Every page counted, each direction once.
+    pub fn total(&self) -> u64 {
+        self.from_system + self.from_peer + self.to_system + self.to_peer
+    }
+
+    fn add(&mut self, o: &MigrationCounts) {
+        self.from_system += o.from_system;
+        self.from_peer += o.from_peer;
+        self.to_system += o.to_system;
+        self.to_peer += o.to_peer;
+    }
+}
+
+/// [`MigrationCounts`] by [`Trigger`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TriggerCounts([MigrationCounts; Trigger::ALL.len()]);
+
+impl TriggerCounts {
+    /// The pages `trigger` moved.
+    pub fn get(&self, trigger: Trigger) -> MigrationCounts {
+        self.0[trigger.index()]
+    }
+
+    /// The pages `trigger` moved, for updating.
+    pub fn get_mut(&mut self, trigger: Trigger) -> &mut MigrationCounts {
+        &mut self.0[trigger.index()]
+    }
+
+    /// Each trigger with its pages, in [`Trigger::ALL`]'s order.
+    pub fn iter(&self) -> impl Iterator<Item = (Trigger, MigrationCounts)> + '_ {
+        Trigger::ALL.iter().map(|&t| (t, self.get(t)))
+    }
+
+    /// Every trigger's pages together.
+    pub fn total(&self) -> MigrationCounts {
+        let mut sum = MigrationCounts::default();
+        for c in &self.0 {
+            sum.add(c);
+        }
+        sum
+    }
+
+    /// Adds `other`'s pages, trigger by trigger.
+    pub fn add(&mut self, other: &TriggerCounts) {
+        for (a, b) in self.0.iter_mut().zip(&other.0) {
+            a.add(b);
+        }
+    }
+}

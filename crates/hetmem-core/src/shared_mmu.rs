@@ -334,6 +334,7 @@ mod tests {
         let retired: Arc<Vec<AtomicU64>> =
             Arc::new((0..PAGES).map(|_| AtomicU64::new(0)).collect());
         let stop = Arc::new(AtomicBool::new(false));
+        let used = Arc::new(AtomicU64::new(0));
         let frame = |k: u64, gen: u64| DevPfn((gen * PAGES + k) as u32);
         for k in 0..PAGES {
             m.update(|c| c.map(page(k), PteTarget::Local(frame(k, 0)), RW))
@@ -342,6 +343,7 @@ mod tests {
         let mut units = Vec::new();
         for cu in 0..3 {
             let (m, retired, stop) = (Arc::clone(&m), Arc::clone(&retired), Arc::clone(&stop));
+            let used = Arc::clone(&used);
             units.push(std::thread::spawn(move || {
                 let mut uses = 0u64;
                 let mut k = cu as u64;
@@ -363,15 +365,20 @@ mod tests {
                                  its shootdown completed"
                             );
                             uses += 1;
+                            used.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }
                 uses
             }));
         }
-        let deadline = Instant::now() + Duration::from_millis(300);
+        // 300 ms, longer on a loaded machine until the units have run at all (at most 10 s).
+        let start = Instant::now();
         let mut gen = 0;
-        while Instant::now() < deadline {
+        while start.elapsed() < Duration::from_millis(300)
+            || ((gen < 2 || used.load(Ordering::Relaxed) == 0)
+                && start.elapsed() < Duration::from_secs(10))
+        {
             gen += 1;
             for k in 0..PAGES {
                 m.update(|c| c.map(page(k), PteTarget::Local(frame(k, gen)), RW))

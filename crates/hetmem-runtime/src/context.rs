@@ -11,9 +11,12 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use hetmem::{AddressSpace, ComputeDevice, Config, CpuFaultBackend, MmError, Prot};
+use hetmem::{
+    migrate::TriggerScope, AddressSpace, ComputeDevice, Config, CpuFaultBackend, MmError, Prot,
+};
 use hetmem_core::{
     link::Direction,
+    migrate::Trigger,
     page_state::Location,
     policy::{
         access_counters::{AccessCounterConfig, AccessCounters},
@@ -456,6 +459,7 @@ impl Context {
                 let _ticket = ticket;
                 let mut copies = 0;
                 let _user = UserRequest::enter();
+                let _trigger = TriggerScope::enter(Trigger::Prefetch);
                 match &dev {
                     Some(d) => {
                         // The range, not the windows and prefetchers a fault would get.
@@ -498,6 +502,7 @@ impl Context {
     /// trigger). Returns the pages moved.
     pub fn suspend(&self) -> Result<u64, RuntimeError> {
         let _closed = self.gate.close();
+        let _trigger = TriggerScope::enter(Trigger::Suspend);
         let mut moved = 0;
         for d in &self.devices {
             d.drop_all_copies();
@@ -512,7 +517,10 @@ impl Context {
 
     /// The runtime's counters.
     pub fn stats(&self) -> RuntimeStats {
-        let s = self.counters.snapshot();
+        let mut s = self.counters.snapshot();
+        for d in &self.devices {
+            s.migrations.add(&d.memory().migrations());
+        }
         match &self.thrashing {
             Some(t) => s.with_thrashing(t.stats()),
             None => s,
@@ -586,6 +594,7 @@ impl Context {
             &d.stats(),
             &pool,
             &self.counters.device(dev),
+            d.memory().migrations(),
         ))
     }
 }

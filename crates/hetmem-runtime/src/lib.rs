@@ -29,6 +29,7 @@ pub mod stats;
 
 pub use advice::{Advice, Attr, RangeAttributes};
 pub use context::{Context, ContextBuilder, Fence, LaunchHandle};
+pub use hetmem_core::migrate::{MigrationCounts, Trigger, TriggerCounts};
 pub use hetmem_core::policy::Processor;
 pub use managed::{
     Managed, Page, Plain, RegisterError, Registered, UnregisterError, View, ViewMut,

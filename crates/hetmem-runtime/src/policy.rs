@@ -48,10 +48,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use hetmem::AddressSpace;
+use hetmem::{migrate::TriggerScope, AddressSpace};
 use hetmem_core::{
     fault_ring::FaultAccess,
     link::Direction,
+    migrate::Trigger,
     page_state::Location,
     policy::{
         access_counters::AccessCounters,
@@ -524,6 +525,7 @@ impl RuntimePlacement {
             .map(|(&b, &t)| (t, b))
             .collect();
         order.sort_unstable();
+        let _trigger = TriggerScope::enter(Trigger::Eviction);
         let mut freed = 0;
         for (_, base) in order {
             if free + freed >= needed {
@@ -541,13 +543,7 @@ impl RuntimePlacement {
                         handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
                         self.counters.add_eviction(pages);
                         self.counters.device(me).add_eviction(pages);
-                        tracing::debug!(
-                            dev = me.0,
-                            trigger = "eviction",
-                            start = %chunk.start(),
-                            pages,
-                            "migration"
-                        );
+                        tracing::debug!(dev = me.0, start = %chunk.start(), pages, "eviction");
                     }
                 }
                 Err(e) => tracing::warn!(chunk = %chunk.start(), error = %e, "eviction failed"),
@@ -804,27 +800,34 @@ impl PlacementPolicy for RuntimePlacement {
         }
     }
 
-    fn take_migrations(&self) -> Vec<PageRange> {
-        let mut out = std::mem::take(&mut *self.ahead.lock());
-        if let Some(ac) = &self.access {
-            // UVM's notification batch size.
-            let hot = ac.lock().take_notifications(256);
-            self.counters.add_counter_notifications(hot.len() as u64);
-            out.extend(hot);
-        }
-        match &self.thrashing {
-            Some(t) => {
-                // Called by the service thread between batches, and at least every few
-                // milliseconds while idle: the clock of the thrashing reset rules.
-                self.thrashing_housekeeping(t);
-                if out.is_empty() {
-                    return out;
-                }
-                let now = t.now();
-                without_thrashing(&t.state.lock().detector, now, out)
+    fn take_migrations(&self) -> Vec<(PageRange, Trigger)> {
+        let ahead = std::mem::take(&mut *self.ahead.lock());
+        let hot = match &self.access {
+            Some(ac) => {
+                // UVM's notification batch size.
+                let hot = ac.lock().take_notifications(256);
+                self.counters.add_counter_notifications(hot.len() as u64);
+                hot
             }
-            None => out,
+            None => Vec::new(),
+        };
+        let keep = |ranges: Vec<PageRange>| match &self.thrashing {
+            Some(t) if !ranges.is_empty() => {
+                without_thrashing(&t.state.lock().detector, t.now(), ranges)
+            }
+            _ => ranges,
+        };
+        if let Some(t) = &self.thrashing {
+            // Called by the service thread between batches, and at least every few
+            // milliseconds while idle: the clock of the thrashing reset rules.
+            self.thrashing_housekeeping(t);
         }
+        let mut out: Vec<(PageRange, Trigger)> = keep(ahead)
+            .into_iter()
+            .map(|r| (r, Trigger::Prefetch))
+            .collect();
+        out.extend(keep(hot).into_iter().map(|r| (r, Trigger::AccessCounter)));
+        out
     }
 
     fn migrated_to_host(&self, page: VirtAddr) {

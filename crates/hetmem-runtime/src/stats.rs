@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hetmem_core::DeviceId;
+use hetmem_core::{migrate::TriggerCounts, DeviceId};
 use parking_lot::RwLock;
 
 /// Counters shared by the context and its device policies.
@@ -143,6 +143,10 @@ pub struct RuntimeStats {
     pub thrashing_revocations: u64,
     /// 2 MiB blocks whose thrashing state was reset after an epoch without thrashing.
     pub thrashing_resets: u64,
+    /// Pages migrated into and out of the context's devices, by trigger (seed 003's prefetch,
+    /// device fault, CPU fault, eviction, suspend; access counters; explicit calls). A page moved
+    /// device to device counts once in `from_peer` and once in `to_peer`.
+    pub migrations: TriggerCounts,
 }
 
 impl RuntimeStats {
@@ -227,6 +231,9 @@ pub struct DeviceStats {
     pub evictions: u64,
     /// Pages those evictions moved to system memory (counted in `pages_to_system` too).
     pub pages_evicted: u64,
+    /// Pages migrated into and out of this device's memory, by trigger, as the migration engine
+    /// committed them (read copies are not migrations; `AccelStats::pages_duplicated` counts them).
+    pub migrations: TriggerCounts,
 }
 
 impl DeviceStats {
@@ -237,6 +244,7 @@ impl DeviceStats {
         acc: &hetmem_sim::accel::AccelStats,
         pool: &hetmem_core::pool::PoolStats,
         rt: &DeviceCounters,
+        migrations: TriggerCounts,
     ) -> Self {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
         DeviceStats {
@@ -251,6 +259,7 @@ impl DeviceStats {
             batches: acc.batches,
             evictions: g(&rt.evictions),
             pages_evicted: g(&rt.pages_evicted),
+            migrations,
         }
     }
 }

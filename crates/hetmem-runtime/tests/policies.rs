@@ -10,7 +10,7 @@ use hetmem_core::{
     policy::{access_counters::AccessCounterConfig, prefetch::StreamConfig},
     PAGE_SIZE,
 };
-use hetmem_runtime::{Advice, Context, ContextBuilder, Managed, Processor};
+use hetmem_runtime::{Advice, Context, ContextBuilder, Managed, Processor, Trigger};
 use hetmem_sim::accel::{AccelConfig, AccelStats, Miss, Thread};
 
 fn device() -> AccelConfig {
@@ -149,9 +149,13 @@ fn access_counters_pull_a_hot_remote_range_into_the_device() {
         }
         let s = stream_sum(&c, &x, &out);
         let rs = c.stats();
+        let counted = rs.migrations.get(Trigger::AccessCounter).from_system;
         if on {
             assert!(rs.counter_notifications > 0, "{rs:?}");
             assert!(s.policy_migrations > 0);
+            // Every page of the range came in on the counters' account (the output page on the
+            // fault's).
+            assert_eq!(counted, x.range().npages(), "{:?}", rs.migrations);
             assert_eq!(on_device(), x.range().npages(), "the hot range moved in");
             assert!(
                 s.remote_accesses - first.remote_accesses < first.remote_accesses,
@@ -162,6 +166,7 @@ fn access_counters_pull_a_hot_remote_range_into_the_device() {
         } else {
             assert_eq!(rs.counter_notifications, 0);
             assert_eq!(s.policy_migrations, 0);
+            assert_eq!(counted, 0);
             assert_eq!(on_device(), 0, "without counters the range stays remote");
         }
         assert_eq!(result(&out), sum.wrapping_mul(2));

@@ -319,3 +319,34 @@ fn a_registration_that_outlives_its_context_still_hands_the_buffer_back() {
         .enumerate()
         .all(|(i, &w)| w == i as u32 + 3));
 }
+
+#[test]
+fn unregistering_read_copies_gives_back_a_writable_buffer() {
+    let c = ctx(1);
+    let d = c.devices()[0];
+    let r = c.register(pages_with(16, |i| i as u32)).unwrap();
+    c.advise(r.range(), Advice::SetReadMostly).unwrap();
+    let out = c.alloc(PAGE_SIZE).unwrap();
+    let (base, o) = (r.addr(), out.addr());
+    let sum = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let v = t.load_u32(base + 4 * i)?;
+        t.atomic_add_u32(o, v).map(|_| ())
+    };
+    let n = 16 * PAGE_SIZE / 4;
+    c.launch(d, Arc::new(sum), n).unwrap().wait().unwrap();
+    let want = (0..n as u32).fold(0u32, |a, b| a.wrapping_add(b));
+    assert_eq!(out.view::<u32>()[0], want);
+    // The device reads through copies: the pages are write-protected for the CPU.
+    assert_eq!(c.device(d).unwrap().stats().copies_held, 16);
+    let mut v = r.unregister().unwrap();
+    assert_eq!(c.device(d).unwrap().stats().copies_held, 0);
+    // Plain stores into the program's own buffer: a page left write-protected would fault
+    // outside managed memory (a crash under the mprotect backend).
+    for p in v.iter_mut() {
+        for w in p.0.chunks_exact_mut(4) {
+            w.copy_from_slice(&7u32.to_ne_bytes());
+        }
+    }
+    assert!(words(&v).iter().all(|&w| w == 7));
+    c.check_invariants().unwrap();
+}

@@ -47,19 +47,19 @@ use std::{
 };
 
 use hetmem::{
-    migrate::{MigrateArgs, MigrateVma, ToSystem},
+    migrate::{MigrateArgs, MigrateVma, ToSystem, TriggerScope},
     AddressSpace, ComputeDevice, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
 };
 use hetmem_core::{
     addr::PAGES_PER_HUGE,
-    copy_engine::{CopyEngine, CopyEngineConfig},
+    copy_engine::{CopyEngine, CopyEngineConfig, FaultPlan},
     device_mmu::{Access, MmuConfig, MmuFault, PtePerms, PteTarget},
     fault_ring::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
     link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
-    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason},
+    migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
     pfn::HmmPfn,
@@ -675,6 +675,17 @@ impl Accelerator {
         self.dev.copy.stats()
     }
 
+    /// Fault injection (issue 6; never active unless a test calls this): the copy engines that
+    /// bring pages into this device from its peers fail windows as `plan` says
+    /// ([`FaultPlan::None`] ends it). A failed window rolls back its pages, which stay valid on
+    /// the peer; the service maps or migrates what it can.
+    pub fn set_copy_fault_plan(&self, plan: FaultPlan) -> Result<(), AccelError> {
+        self.dev
+            .copy
+            .set_fault_plan(plan)
+            .map_err(|e| AccelError::Config(format!("copy fault plan: {e}")))
+    }
+
     /// Modelled time by cause.
     pub fn clock(&self) -> ClockReport {
         self.dev.clock.snapshot()
@@ -771,6 +782,10 @@ impl Accelerator {
         if threads == 0 {
             return Err(AccelError::EmptyLaunch);
         }
+        // The program's munmap or madvise returned once its userfaultfd event was read, maybe
+        // before it was handled: the device pages it discards must be gone before any warp
+        // can read them (found by the model test, issue 6).
+        self.dev.mm.sync_events();
         self.dev
             .launch_started
             .store(self.dev.now_ns(), Ordering::Release);
@@ -928,6 +943,11 @@ impl Drop for Accelerator {
         if let Some(h) = self.service.take() {
             let _ = h.join();
         }
+        // Read copies go first: the last copy of a page to go opens the CPU's write access
+        // again. Left behind, the pages stayed write-protected after the device was gone (under
+        // the mprotect backend, PROT_READ: the program's next write to its own memory was a
+        // SIGSEGV nobody handled; found by the model test, issue 6).
+        self.drop_all_copies();
         if let Some(sub) = self.dev.sub.lock().take() {
             self.dev.mm.notifiers().remove(&sub);
         }
@@ -1482,6 +1502,9 @@ impl SimDevice {
 
     /// The fault service thread: batches, services, replays.
     fn service_loop(self: Arc<Self>) {
+        // Every migration this thread makes serves the device's faults, unless a policy's queued
+        // migration (below) or the placement policy's eviction says otherwise.
+        let _trigger = TriggerScope::enter(Trigger::DeviceFault);
         let mut entries = Vec::with_capacity(self.config.batch_size);
         let mut scheduler = ReplayScheduler::new(self.config.replay);
         loop {
@@ -1533,7 +1556,8 @@ impl SimDevice {
     /// this device's memory and are mapped there; warps that reached them remotely fault once
     /// more and then hit locally.
     fn service_policy_migrations(&self) {
-        for range in self.config.placement.take_migrations() {
+        for (range, trigger) in self.config.placement.take_migrations() {
+            let _trigger = TriggerScope::enter(trigger);
             for block in range.chunks(HUGE_PAGE_SIZE) {
                 // A counter region may reach past managed memory: only its managed pages move.
                 let pages: Vec<(VirtAddr, FaultAccess)> = block
@@ -1557,6 +1581,29 @@ impl SimDevice {
 
     fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
         let clock_before = self.clock.snapshot();
+        // Faults raised before the launch in flight started belong to an earlier launch, whose
+        // warps are gone (it finished, or failed with faults still in the ring): servicing them
+        // is wasted work, and a stale write fault merged into a block with this launch's faults
+        // failed this launch with the earlier one's permission fault (found by the fuzz smoke
+        // run, issue 6).
+        let started = self.launch_started.load(Ordering::Acquire);
+        let current: Vec<FaultEntry>;
+        let entries = if entries.iter().any(|e| e.timestamp < started) {
+            current = entries
+                .iter()
+                .filter(|e| e.timestamp >= started)
+                .cloned()
+                .collect();
+            self.counters
+                .faults_stale
+                .fetch_add((entries.len() - current.len()) as u64, Ordering::Relaxed);
+            if current.is_empty() {
+                return;
+            }
+            &current[..]
+        } else {
+            entries
+        };
         let batch = FaultBatch::from_entries(entries);
         let stats = batch.stats();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -1819,7 +1866,7 @@ impl SimDevice {
                         .fetch_add(summary.migrated, Ordering::Relaxed);
                     tracing::debug!(
                         dev = self.mem.id().0,
-                        trigger = "device_fault",
+                        trigger = hetmem::migrate::current_trigger().name(),
                         from = peer.0,
                         start = %span.start(),
                         pages = span.npages(),
@@ -1896,7 +1943,7 @@ impl SimDevice {
         self.clock.charge(Cause::MigrateToDevice, cost);
         tracing::debug!(
             dev = self.mem.id().0,
-            trigger = "device_fault",
+            trigger = hetmem::migrate::current_trigger().name(),
             from = "system",
             start = %sub.start(),
             pages = sub.npages(),
@@ -1950,6 +1997,41 @@ impl SimDevice {
                     return Err((addr, RangeFaultError::Fault { addr }))
                 }
                 Err(e) => return Err((faulted.first().map_or(span.start(), |p| p.0), e)),
+            }
+            // This device's own pages are reported as they are, never faulted (hmm.c), so a
+            // write to one it holds read-only comes back valid but not writable: mapping it
+            // read-only and replaying would fault again for ever (DESIGN.md invariant 4). When
+            // the program made the page read-only (`AddressSpace::protect`), that is a
+            // permission fault, as it would be in system memory (invariant 5); otherwise the
+            // page came in read-only (a zero page, a write-protected page) and goes back to
+            // system memory, where the next pass faults it writable.
+            let read_only_own = |&&(a, access): &&(VirtAddr, FaultAccess)| {
+                let pfn = r.hmm_pfns[span.index_of(a) as usize];
+                access >= FaultAccess::Write
+                    && pfn.is_valid()
+                    && !pfn.is_write()
+                    && pfn
+                        .device_frame()
+                        .is_some_and(|(dev, _, _)| dev == self.mem.id())
+            };
+            let mut upgraded = false;
+            for &(a, _) in faulted.iter().filter(read_only_own) {
+                let writable = self
+                    .mm
+                    .region_of(a)
+                    .is_some_and(|region| region.states.prot(region.index(a)) & 0b10 != 0);
+                if !writable {
+                    return Err((a, RangeFaultError::Permission { addr: a }));
+                }
+                let page = PageRange::new(a.0, PAGE_SIZE)
+                    .map_err(|_| (a, RangeFaultError::Invalid("page")))?;
+                self.mm
+                    .evict_range(page, Some(self.mem.id()))
+                    .map_err(|_| (a, RangeFaultError::Busy))?;
+                upgraded = true;
+            }
+            if upgraded {
+                continue;
             }
             targets.clear();
             targets.extend(r.hmm_pfns.iter().enumerate().map(|(k, pfn)| {

@@ -9,7 +9,9 @@
 
 use std::fmt::Debug;
 
-use hetmem_core::{fault_ring::FaultAccess, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE};
+use hetmem_core::{
+    fault_ring::FaultAccess, migrate::Trigger, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
+};
 
 /// What to do with a block's faulted pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +68,9 @@ pub trait PlacementPolicy: Send + Sync + Debug {
 
     /// Ranges to migrate into the device that no fault asked for: regions whose remote
     /// accesses crossed a threshold (UVM's access counter notifications), or a prefetch reaching
-    /// past the faulted block. The fault service drains them between batches. Default: none.
-    fn take_migrations(&self) -> Vec<PageRange> {
+    /// past the faulted block, each with what triggered it (access counters or prefetch). The
+    /// fault service drains them between batches. Default: none.
+    fn take_migrations(&self) -> Vec<(PageRange, Trigger)> {
         Vec::new()
     }
 

@@ -458,3 +458,27 @@ fn migrating_pages_never_populated_copies_nothing_over_the_link() {
     assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
     assert_eq!(acc.stats().pages_to_device, 128);
 }
+
+#[test]
+fn a_dropped_read_copy_leaves_nothing_behind_for_a_page_that_migrates_in_as_zeros() {
+    // Page `a` holds a pattern; the device copies it (read duplication), then drops the copy, and
+    // its frame goes back to the pool. Page `b` was never touched (a hole): it migrates in as
+    // zeros, into the frame the pool hands out first, the one just freed. Under userfaultfd a
+    // hole moves without writing its destination, so that frame must have been scrubbed.
+    let a = alloc_u32(1024, |_| 0xabab_abab);
+    let b = mm()
+        .map_anonymous(PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let acc = Accelerator::new(small()).unwrap();
+    assert_eq!(acc.read_duplicate(a), 1);
+    assert_eq!(acc.drop_copies(a), 1);
+    acc.make_resident(b, true).unwrap();
+    let st = mm().region_of(b.start()).unwrap();
+    assert!(matches!(
+        st.states.get(st.index(b.start())).location,
+        hetmem_core::page_state::Location::Device { .. }
+    ));
+    assert!(read_u32(b, 1024).iter().all(|&v| v == 0), "stale bytes");
+    assert!(read_u32(a, 1024).iter().all(|&v| v == 0xabab_abab));
+    acc.check_invariants().unwrap();
+}

@@ -8,10 +8,12 @@
 //! equal to its device's launches, and the invariants hold after every launch (copies mapped
 //! read-only over duplicated system pages). Runs for HETMEM_STRESS_SECS (default 2) per backend.
 //!
-//! Ignored in the default run: it still finds, about once in 30 runs, a device read that returns
-//! the value its writer had written one round before (a copy that outlived a write), on pages that
-//! a device also writes and that migrate between the devices. Without read copies (placement
-//! `Granularity::page()`) the same workload passed 24 of 24 runs.
+//! It found a stale-bytes bug (about 1 run in 30, 1 in 3 under load, userfaultfd only): a dropped
+//! copy's frame went back to the pool with its bytes, and a migration whose page had just come
+//! back from a device took that page for a hole (its CPU entry was read before the page was
+//! locked), so the move left the frame as it was: the device then read the page as it was one
+//! writer round before. Regression tests: `accel.rs`'s
+//! `a_dropped_read_copy_leaves_nothing_behind_for_a_page_that_migrates_in_as_zeros`.
 
 use std::{
     sync::{
@@ -66,13 +68,11 @@ impl PlacementPolicy for CopyReads {
 }
 
 #[test]
-#[ignore = "open bug: about 1 run in 30 a device reads a copy one writer round old (issue 4 note); run with --ignored"]
 fn copies_are_never_stale_uffd() {
     run(CpuFaultBackend::Userfaultfd);
 }
 
 #[test]
-#[ignore = "open bug: about 1 run in 30 a device reads a copy one writer round old (issue 4 note); run with --ignored"]
 fn copies_are_never_stale_mprotect() {
     run(CpuFaultBackend::Mprotect);
 }

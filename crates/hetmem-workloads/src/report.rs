@@ -12,47 +12,50 @@ use crate::preset::{Advise, Mode, Preset, PresetConfig};
 use crate::run::RunConfig;
 use crate::workload::{Workload, WorkloadKind};
 
-/// Pages migrated, by direction and trigger.
-///
-/// Derived from the runtime's and the device's counters: `to_device_fault` is what the fault
-/// service migrated minus what the prefetchers added and what explicit prefetches moved.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// Pages one trigger migrated (seed 003's triggers, as the runtime counts them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TriggerPages {
+    /// `prefetch`, `device_fault`, `cpu_fault`, `eviction`, `suspend`, `access_counter`,
+    /// `explicit`.
+    pub trigger: String,
+    /// Into device memory (from system memory or a peer).
+    pub to_device: u64,
+    /// Out of device memory (to system memory or a peer).
+    pub to_host: u64,
+}
+
+/// Pages migrated, by direction and trigger (the device's `DeviceStats::migrations`, as the
+/// migration engine committed them).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Migrations {
-    /// Into device memory: faulted pages and their migration windows.
-    pub to_device_fault: u64,
-    /// Into device memory: pages the tree prefetcher and stream detector added.
-    pub to_device_prefetcher: u64,
-    /// Into device memory: explicit prefetches (`cudaMemPrefetchAsync`, explicit copies).
-    pub to_device_user_prefetch: u64,
-    /// Access-counter notifications (regions pulled in).
-    pub to_device_access_counters: u64,
-    /// To system memory: CPU faults on device pages.
-    pub to_host_cpu_fault: u64,
-    /// To system memory: evictions.
-    pub to_host_eviction: u64,
-    /// To system memory: explicit prefetches.
-    pub to_host_user_prefetch: u64,
-    /// To system memory: suspend.
-    pub to_host_suspend: u64,
+    /// Each trigger that moved pages.
+    pub by_trigger: Vec<TriggerPages>,
+    /// Pages the tree prefetcher and the stream detector added to fault migrations (counted
+    /// under `device_fault` or `prefetch` above).
+    pub prefetcher_pages: u64,
 }
 
 impl Migrations {
+    /// The pages of `trigger` (by its name), both ways.
+    pub fn get(&self, trigger: &str) -> (u64, u64) {
+        self.by_trigger
+            .iter()
+            .find(|t| t.trigger == trigger)
+            .map_or((0, 0), |t| (t.to_device, t.to_host))
+    }
     /// Pages into device memory, every trigger.
     pub fn pages_to_device(&self) -> u64 {
-        self.to_device_fault + self.to_device_prefetcher + self.to_device_user_prefetch
+        self.by_trigger.iter().map(|t| t.to_device).sum()
     }
-    /// Pages to system memory, every trigger.
+    /// Pages out of device memory, every trigger.
     pub fn pages_to_host(&self) -> u64 {
-        self.to_host_cpu_fault
-            + self.to_host_eviction
-            + self.to_host_user_prefetch
-            + self.to_host_suspend
+        self.by_trigger.iter().map(|t| t.to_host).sum()
     }
     /// Bytes into device memory.
     pub fn bytes_to_device(&self) -> u64 {
         self.pages_to_device() * PAGE_SIZE
     }
-    /// Bytes to system memory.
+    /// Bytes out of device memory.
     pub fn bytes_to_host(&self) -> u64 {
         self.pages_to_host() * PAGE_SIZE
     }
@@ -289,27 +292,38 @@ impl RunReport {
             ),
         );
         let m = &self.migrations;
+        let per = |dev: bool| -> String {
+            m.by_trigger
+                .iter()
+                .map(|t| {
+                    (
+                        t.trigger.as_str(),
+                        if dev { t.to_device } else { t.to_host },
+                    )
+                })
+                .filter(|&(_, n)| n > 0)
+                .map(|(k, n)| format!("{k} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         row(
             "to device",
             format!(
-                "{} ({} pages): fault {}, prefetcher {}, prefetch {}",
+                "{} ({} pages): {} (prefetchers added {})",
                 mib(m.bytes_to_device()),
                 m.pages_to_device(),
-                m.to_device_fault,
-                m.to_device_prefetcher,
-                m.to_device_user_prefetch
+                per(true),
+                m.prefetcher_pages
             ),
         );
         row(
             "to host",
             format!(
-                "{} ({} pages): cpu faults {} ({} faults), eviction {}, prefetch {}",
+                "{} ({} pages): {} ({} cpu faults)",
                 mib(m.bytes_to_host()),
                 m.pages_to_host(),
-                m.to_host_cpu_fault,
-                self.cpu_faults,
-                m.to_host_eviction,
-                m.to_host_user_prefetch
+                per(false),
+                self.cpu_faults
             ),
         );
         row(

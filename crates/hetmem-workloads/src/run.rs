@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use hetmem_core::{
     link::{Cause, ClockReport, LinkPreset},
-    HUGE_PAGE_SIZE, PAGE_SIZE,
+    migrate::Trigger,
+    HUGE_PAGE_SIZE,
 };
 use hetmem_runtime::Context;
 use hetmem_sim::accel::AccelConfig;
@@ -18,7 +19,7 @@ use serde::Serialize;
 use crate::exec::{Exec, Observer};
 use crate::model::DeviceModel;
 use crate::preset::{Advise, Mode, Preset, PresetConfig};
-use crate::report::{Latency, Migrations, RunReport};
+use crate::report::{Latency, Migrations, RunReport, TriggerPages};
 use crate::workload::{check, Workload, WorkloadSpec};
 use crate::WorkloadError;
 
@@ -220,27 +221,21 @@ pub fn run_workload(
     let d = |a: u64, b: u64| a.saturating_sub(b);
     let prefetcher = d(rt.pages_tree_prefetch, rt0.pages_tree_prefetch)
         + d(rt.pages_stream_prefetch, rt0.pages_stream_prefetch);
-    let user_in = d(
-        rt.pages_prefetched_to_device,
-        rt0.pages_prefetched_to_device,
-    );
-    let to_device = d(s.pages_to_device, stats0.pages_to_device);
-    // Pages that left device memory, whatever moved them; what the runtime moved is counted by
-    // trigger, the rest came back on CPU faults (a fault brings back a page, or its whole block
-    // when the block moved as one).
-    let out = d(ctx.device_stats(dev)?.pages_out, dev0.pages_out);
-    let evicted = d(rt.pages_evicted, rt0.pages_evicted);
-    let user_out = d(rt.pages_prefetched_to_cpu, rt0.pages_prefetched_to_cpu);
-    let suspended = d(rt.pages_suspended, rt0.pages_suspended);
+    let now = ctx.device_stats(dev)?.migrations;
     let migrations = Migrations {
-        to_device_fault: to_device.saturating_sub(user_in + prefetcher),
-        to_device_prefetcher: prefetcher.min(to_device.saturating_sub(user_in)),
-        to_device_user_prefetch: user_in,
-        to_device_access_counters: d(rt.counter_notifications, rt0.counter_notifications),
-        to_host_cpu_fault: out.saturating_sub(evicted + user_out + suspended),
-        to_host_eviction: evicted,
-        to_host_user_prefetch: user_out,
-        to_host_suspend: suspended,
+        by_trigger: Trigger::ALL
+            .iter()
+            .map(|&t| {
+                let (a, b) = (now.get(t), dev0.migrations.get(t));
+                TriggerPages {
+                    trigger: t.name().to_owned(),
+                    to_device: d(a.from_system + a.from_peer, b.from_system + b.from_peer),
+                    to_host: d(a.to_system + a.to_peer, b.to_system + b.to_peer),
+                }
+            })
+            .filter(|t| t.to_device + t.to_host > 0)
+            .collect(),
+        prefetcher_pages: prefetcher,
     };
     let mut report = RunReport::empty(w, cfg, wall);
     report.device_memory = memory;
@@ -271,7 +266,6 @@ pub fn run_workload(
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.latency = Latency::from(&lat);
     report.cpu_faults = d(s.pages_to_host, stats0.pages_to_host);
-    debug_assert!(report.migrations.bytes_to_device() % PAGE_SIZE == 0);
     Ok(RunOutcome {
         report,
         samples,

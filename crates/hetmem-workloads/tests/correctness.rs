@@ -37,7 +37,8 @@ fn every_mode(kind: WorkloadKind) {
             base.faults, 0,
             "{kind} {factor}x: explicit copies fault: {base:?}"
         );
-        assert!(base.migrations.to_device_user_prefetch > 0, "{base:?}");
+        assert!(base.migrations.get("prefetch").0 > 0, "{base:?}");
+        assert_eq!(base.migrations.get("device_fault"), (0, 0), "{base:?}");
         for preset in Preset::ALL {
             let r = run(&cfg(kind, factor, Mode::Managed, preset), None)
                 .unwrap_or_else(|e| panic!("{kind} {preset} {factor}x: {e}"))

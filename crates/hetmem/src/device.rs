@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hetmem_core::{
     copy_engine::Fence,
     link::ClockReport,
-    migrate::{MigrateEntry, PeerRun},
+    migrate::{MigrateEntry, MigrationCounts, PeerRun, Trigger, TriggerCounts},
     pool::{DevicePool, MemoryKind},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr,
 };
@@ -27,6 +27,9 @@ pub struct DeviceMemory {
     kind: MemoryKind,
     pool: Mutex<DevicePool>,
     arena: Arena,
+    /// Pages migrated into and out of this memory, by trigger (counted at each migration's
+    /// commit).
+    migrations: Mutex<TriggerCounts>,
 }
 
 impl DeviceMemory {
@@ -49,6 +52,7 @@ impl DeviceMemory {
             kind,
             pool: Mutex::new(pool),
             arena,
+            migrations: Mutex::new(TriggerCounts::default()),
         })
     }
 
@@ -68,6 +72,20 @@ impl DeviceMemory {
     pub fn pool(&self) -> &Mutex<DevicePool> {
         &self.pool
     }
+    /// Pages migrated into and out of this memory so far, by trigger.
+    pub fn migrations(&self) -> TriggerCounts {
+        *self.migrations.lock()
+    }
+
+    pub(crate) fn count_migrations(&self, trigger: Trigger, pages: &MigrationCounts) {
+        let mut m = self.migrations.lock();
+        let c = m.get_mut(trigger);
+        c.from_system += pages.from_system;
+        c.from_peer += pages.from_peer;
+        c.to_system += pages.to_system;
+        c.to_peer += pages.to_peer;
+    }
+
     /// The bytes behind the frames.
     pub fn arena(&self) -> &Arena {
         &self.arena

@@ -76,7 +76,10 @@ impl AddressSpace {
             }
             lock_page(&region, i);
             let st = region.states.get(i);
-            if st.location != Location::System || region.states.prot(i) & 1 == 0 {
+            if st.location != Location::System
+                || region.states.prot(i) & 1 == 0
+                || region.is_closing()
+            {
                 unlock_page(&region, i);
                 continue;
             }

@@ -10,6 +10,7 @@
 use std::sync::Arc;
 
 use hetmem_core::{
+    migrate::Trigger,
     notifier::{NotifierRange, NotifyEvent},
     page_state::{DevicePlacement, Location},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
@@ -186,6 +187,7 @@ impl AddressSpace {
             return false;
         }
         let page = addr.page_down();
+        let _trigger = crate::migrate::TriggerScope::enter(Trigger::CpuFault);
         let mut synced = false;
         loop {
             let Some(region) = self.region_of(page) else {

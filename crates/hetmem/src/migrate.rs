@@ -35,11 +35,13 @@
 //!   finalize frees a0,a1 (left A) and b9,b10 (unused); A: account_out(2), B: account_in(2)
 //! ```
 
+use std::cell::Cell;
 use std::sync::Arc;
 
 use hetmem_core::{
     migrate::{
-        MigrateEntry, MigrateFlags, MigrateSummary, PageLoc, PeerRun, SelectFlags, SkipReason,
+        MigrateEntry, MigrateFlags, MigrateSummary, MigrationCounts, PageLoc, PeerRun, SelectFlags,
+        SkipReason, Trigger,
     },
     notifier::{InvalidateGuard, NotifierRange, NotifyEvent},
     page_state::{DevicePlacement, Location},
@@ -154,10 +156,37 @@ impl<'a> MigrateVma<'a> {
         let mut locked = vec![false; n];
         let mut cats = vec![PageCategory::empty(); n];
         let wants_system = args.select.contains(SelectFlags::SYSTEM);
+        for (k, l) in locked.iter_mut().enumerate() {
+            if region.states.try_lock(first + k) {
+                *l = true;
+            } else {
+                entries[k] = MigrateEntry::skipped(SkipReason::Locked);
+            }
+        }
+        // The CPU's entries are read with the pages locked (the kernel collects under the page
+        // table lock): a page that a CPU fault brought back from a device just before was a hole
+        // a moment ago, and taking it for one now would zero-fill its destination and drop its
+        // bytes.
+        // A region being released takes nothing more in: its pages only go home.
+        if wants_system && region.is_closing() {
+            for (k, _) in locked.iter().enumerate().filter(|(_, &l)| l) {
+                wake_unlock(&region, first + k);
+            }
+            return Err(MigrateError::NotManaged {
+                addr: args.range.start(),
+            });
+        }
         if wants_system {
-            mm.pagemap
+            let read = mm
+                .pagemap
                 .read()
-                .page_flags(args.range.start().as_usize(), n, &mut cats)?;
+                .page_flags(args.range.start().as_usize(), n, &mut cats);
+            if read.is_err() {
+                for (k, _) in locked.iter().enumerate().filter(|(_, &l)| l) {
+                    wake_unlock(&region, first + k);
+                }
+            }
+            read?;
         }
         // /proc/self/maps is read only when system pages are collected (never on the CPU-fault
         // path, which migrates device pages back).
@@ -171,11 +200,9 @@ impl<'a> MigrateVma<'a> {
         let owned = owned_devices(mm, args.owner);
         for k in 0..n {
             let i = first + k;
-            if !region.states.try_lock(i) {
-                entries[k] = MigrateEntry::skipped(SkipReason::Locked);
+            if !locked[k] {
                 continue;
             }
-            locked[k] = true;
             let st = region.states.get(i);
             let entry = match st.location {
                 Location::System if wants_system => {
@@ -439,7 +466,55 @@ impl<'a> MigrateVma<'a> {
         }
         let _ = mm;
         self.committed = true;
+        self.count_migrations();
         Committed(self)
+    }
+
+    /// Counts the committed pages in each device's statistics under the trigger in scope, and
+    /// emits the migration's trace event.
+    fn count_migrations(&self) {
+        let trigger = current_trigger();
+        let mut per: Vec<(DeviceId, MigrationCounts)> = Vec::new();
+        let mut bump = |dev: DeviceId, f: fn(&mut MigrationCounts)| {
+            let i = match per.iter().position(|(d, _)| *d == dev) {
+                Some(i) => i,
+                None => {
+                    per.push((dev, MigrationCounts::default()));
+                    per.len() - 1
+                }
+            };
+            f(&mut per[i].1);
+        };
+        for e in self.entries.iter().filter(|e| e.migrates()) {
+            match (e.src, e.dst) {
+                (PageLoc::Device { dev: a, .. }, Some(PageLoc::Device { dev: b, .. })) => {
+                    bump(a, |c| c.to_peer += 1);
+                    bump(b, |c| c.from_peer += 1);
+                }
+                (PageLoc::Device { dev, .. }, Some(PageLoc::System)) => {
+                    bump(dev, |c| c.to_system += 1)
+                }
+                (PageLoc::System | PageLoc::Empty, Some(PageLoc::Device { dev, .. })) => {
+                    bump(dev, |c| c.from_system += 1)
+                }
+                _ => {}
+            }
+        }
+        for (dev, pages) in &per {
+            if let Some(mem) = self.device_mem(*dev) {
+                mem.count_migrations(trigger, pages);
+            }
+            tracing::debug!(
+                trigger = trigger.name(),
+                dev = dev.0,
+                start = %self.args.range.start(),
+                from_system = pages.from_system,
+                from_peer = pages.from_peer,
+                to_system = pages.to_system,
+                to_peer = pages.to_peer,
+                "migration"
+            );
+        }
     }
 
     fn committed_entry(e: &MigrateEntry) -> bool {
@@ -748,8 +823,10 @@ impl<'a> Committed<'a> {
 /// Readies freed frames for reuse. With userfaultfd a frame must be a hole to receive a MOVE, so
 /// its bytes are discarded. The mprotect backend copies every page whole into its frames, so
 /// they stay populated, as device memory always is, and the next migration does not pay for
-/// faulting them in again.
-pub(crate) fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn, npages: usize) {
+/// faulting them in again. Every frame goes back to the pool through here, whoever wrote it last
+/// (a migration, a read copy): under userfaultfd a zero-fill migration trusts a free frame to read
+/// as zeros.
+pub fn scrub_frames(mm: &AddressSpace, mem: &DeviceMemory, frame: DevPfn, npages: usize) {
     if mm.backend == CpuFaultBackend::Userfaultfd {
         let _ = mem.arena().discard(
             DeviceMemory::frame_offset(frame),
@@ -986,6 +1063,19 @@ fn copy_out_one(
         {
             return false;
         }
+    } else if src == PageLoc::Empty
+        && mem
+            .arena()
+            .write(
+                DeviceMemory::frame_offset(frame),
+                &[0u8; PAGE_SIZE as usize],
+            )
+            .is_err()
+    {
+        // A hole migrates as a zeroed page, whatever the frame held (UFFDIO_MOVE refuses a
+        // populated destination, which is how this fallback is reached). Found twice: by
+        // dup_stress and by the model test (issue 6), a new allocation reading old bytes.
+        return false;
     }
     match uffd {
         Some(u) => {
@@ -1091,6 +1181,45 @@ impl MigrateDriver for ToSystem {
         }
     }
     fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
+}
+
+thread_local! {
+    static TRIGGER: Cell<Trigger> = const { Cell::new(Trigger::Explicit) };
+}
+
+/// The trigger that migrations on this thread are counted under (seed 003's migration trigger):
+/// [`Trigger::Explicit`] unless a [`TriggerScope`] says otherwise.
+pub fn current_trigger() -> Trigger {
+    TRIGGER.with(Cell::get)
+}
+
+/// Migrations on this thread count under a trigger until the scope ends; scopes nest (an eviction
+/// inside a device fault's service counts as eviction, and the fault's own migration after it as
+/// the fault's). The trigger rides with the thread rather than each call because migrations start
+/// deep below the code that knows why (a placement policy evicting from inside a fault service, a
+/// CPU fault through a device's `migrate_to_ram`); every entry point sets it once.
+#[derive(Debug)]
+#[must_use = "the trigger is restored when the scope is dropped"]
+pub struct TriggerScope {
+    prev: Trigger,
+    // Restored on the thread it was set on.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl TriggerScope {
+    /// Counts this thread's migrations under `trigger` until the returned scope is dropped.
+    pub fn enter(trigger: Trigger) -> TriggerScope {
+        TriggerScope {
+            prev: TRIGGER.with(|t| t.replace(trigger)),
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for TriggerScope {
+    fn drop(&mut self) {
+        TRIGGER.with(|t| t.set(self.prev));
+    }
 }
 
 /// Runs a whole migration of `args` with `driver`.

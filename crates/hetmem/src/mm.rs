@@ -295,7 +295,11 @@ impl AddressSpace {
     /// event thread makes `event_batch` odd before it reads and even after it has handled the
     /// batch; since the program's call returned only after the read, it sees the odd value of
     /// that batch (and waits for it to end) or a later one (that batch is done).
-    pub(crate) fn sync_events(&self) {
+    ///
+    /// Public for devices: a launch waits here too, so that a kernel started right after the
+    /// program's `madvise` or `munmap` cannot reach device pages the pending event is about to
+    /// discard.
+    pub fn sync_events(&self) {
         if self.uffd.is_none() || self.forked() || crate::events::on_event_thread() {
             return;
         }
@@ -424,7 +428,17 @@ impl AddressSpace {
             .ok_or(MmError::NotRegistered {
                 addr: range.start(),
             })?;
-        crate::migrate::migrate_all_to_system(self, &region)?;
+        // Closed first: a policy's migration or a read copy starting now finds the region
+        // closing under the page's lock and takes nothing in; one already holding a lock is
+        // waited for by the eviction below, which then brings its page home too.
+        region.close();
+        for a in range.pages() {
+            crate::dup::collapse_locking(self, &region, a);
+        }
+        if let Err(e) = crate::migrate::migrate_all_to_system(self, &region) {
+            region.reopen();
+            return Err(e.into());
+        }
         self.regions.write().remove(&range.start().0);
         if let Some(uffd) = &self.uffd {
             let _ = uffd.unregister(range.start().as_usize(), range.len_bytes() as usize);

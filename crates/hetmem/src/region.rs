@@ -5,6 +5,7 @@
 //! shared ones are tracked for invalidation only (the kernel does not migrate shared pages
 //! either: hmm-tests' `migrate_shared`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use hetmem_core::{page_state::PageStates, PageRange, VirtAddr};
@@ -33,6 +34,9 @@ pub struct Region {
     base: usize,
     /// Per-page state (shared with the regions split from the same original).
     pub states: Arc<PageStates>,
+    /// Being released (unregistered): nothing may move into a device or be copied to one any
+    /// more, so that what the release brings home stays home.
+    closing: AtomicBool,
 }
 
 impl Region {
@@ -48,6 +52,7 @@ impl Region {
             shared,
             base: 0,
             states: Arc::new(states),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -63,6 +68,18 @@ impl Region {
     pub fn is_shared(&self) -> bool {
         self.shared
     }
+    /// Is it being released? Checked with a page's lock held: a migration or copy that saw
+    /// `false` holds a lock the release waits for, one that starts later sees `true`.
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+    /// A release that failed: the region stays managed and open.
+    pub(crate) fn reopen(&self) {
+        self.closing.store(false, Ordering::SeqCst);
+    }
     /// Index in [`Region::states`] of the page holding `addr` (which must be inside).
     pub fn index(&self, addr: VirtAddr) -> usize {
         self.base + self.range.index_of(addr) as usize
@@ -76,6 +93,7 @@ impl Region {
             shared: self.shared,
             base: self.index(sub.start()),
             states: Arc::clone(&self.states),
+            closing: AtomicBool::new(self.is_closing()),
         }
     }
 

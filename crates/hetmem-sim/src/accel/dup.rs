@@ -198,7 +198,7 @@ impl SimDevice {
                     self.clock.charge(Cause::MigrateToDevice, cost);
                     tracing::debug!(
                         dev = me.0,
-                        trigger = "device_fault",
+                        trigger = hetmem::migrate::current_trigger().name(),
                         start = %span.start(),
                         pages = n,
                         modelled_ns = cost.as_nanos(),
@@ -231,6 +231,12 @@ impl SimDevice {
     /// Gives frames back to the pool: copies' frames after their shootdown, or frames that never
     /// became reachable.
     fn release_frames(&self, frames: impl IntoIterator<Item = DevPfn>) {
+        // A copy's frame holds its page's bytes: scrubbed like any frame a migration frees, or a
+        // later zero-fill migration into it would hand the device those bytes for zeros.
+        let frames: Vec<DevPfn> = frames.into_iter().collect();
+        for &f in &frames {
+            hetmem::migrate::scrub_frames(self.mm, &self.mem, f, 1);
+        }
         let mut pool = self.mem.pool().lock();
         for f in frames {
             if let Err(e) = pool.free_page(f) {
