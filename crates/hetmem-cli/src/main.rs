@@ -42,8 +42,17 @@ enum Cmd {
     },
     /// Runs a workload on the simulated device and reports what the memory system did.
     Run(workloads::RunOpts),
-    /// Micro-benchmarks as ratios against their baselines.
+    /// Runs a workload and prints the ranges of its context with their attributes and residency
+    /// (AMD's svm_ranges), at the end or after a chosen launch.
+    Inspect(workloads::InspectOpts),
+    /// Micro-benchmarks as ratios against their baselines; with `--matrix`, the workloads ×
+    /// presets × oversubscription matrix against explicit copies instead.
     Bench {
+        /// Run the workload matrix (see `--matrix-*`) instead of the micro-benchmarks.
+        #[arg(long)]
+        matrix: bool,
+        #[command(flatten)]
+        m: workloads::MatrixOpts,
         /// MiB migrated to the device and back.
         #[arg(long, default_value_t = 256)]
         mib: u64,
@@ -92,10 +101,15 @@ fn main() -> Result<()> {
     match cli.cmd.unwrap_or(Cmd::Demo { pages: 64 }) {
         Cmd::Demo { pages } => demo(mm, pages),
         Cmd::Bench {
+            matrix: true, m, ..
+        } => workloads::matrix_cmd(&m),
+        Cmd::Bench {
             mib,
             fault_pages,
             reps,
+            ..
         } => bench(mm, mib, fault_pages, reps),
+        Cmd::Inspect(o) => workloads::inspect_cmd(&o),
         Cmd::BenchDevice { mib, reps } => bench_device(mm, mib, reps),
         Cmd::Run(o) => workloads::run_cmd(&o, collector.as_ref()),
     }

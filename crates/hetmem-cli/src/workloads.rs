@@ -7,10 +7,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use hetmem_core::link::LinkPreset;
 use hetmem_workloads::{
-    exec::Step,
-    run::{run_with_baseline, RunConfig},
-    workload::Size,
-    Advise, Mode, Preset, WorkloadKind, WorkloadSpec,
+    exec::Step, run::RunConfig, workload::Size, Advise, Mode, Preset, WorkloadKind, WorkloadSpec,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -150,26 +147,178 @@ pub fn run_cmd(o: &RunOpts, collector: Option<&hetmem_workloads::trace::Collecto
         pb.set_position(s.index);
         pb.set_message(s.kernel);
     };
-    let out = if o.no_baseline || cfg.mode != Mode::Managed {
-        hetmem_workloads::run::run(&cfg, Some(&mut obs))?
-    } else {
-        run_with_baseline(&cfg, Some(&mut obs))?
-    };
+    let mut out = hetmem_workloads::run::run(&cfg, Some(&mut obs))?;
+    // The trace holds this run only, not the baseline's.
+    let events = collector.map(|c| c.take()).unwrap_or_default();
+    if !o.no_baseline && cfg.mode == Mode::Managed {
+        pb.set_message("explicit-copy baseline");
+        let base = hetmem_workloads::run::run(
+            &RunConfig {
+                mode: Mode::Explicit,
+                advise: Advise::None,
+                sample_every: Duration::ZERO,
+                ..cfg
+            },
+            None,
+        )?;
+        out.report
+            .set_baseline(base.report.modelled_ns, base.report.kernels_modelled_ns);
+    }
     pb.finish_and_clear();
     if o.json {
         println!("{}", serde_json::to_string_pretty(&out.report)?);
     } else {
         print!("{}", out.report.table());
     }
-    if let Some(path) = &o.trace {
-        let c = collector.context("--trace without a collector")?;
-        let n = hetmem_workloads::trace::write_chrome(path, c, &out.samples, out.started)?;
-        eprintln!("trace: {} ({n} events)", path.display());
+    if let (Some(path), Some(c)) = (&o.trace, collector) {
+        hetmem_workloads::trace::write_chrome(path, c, &events, &out.samples, out.started)?;
+        eprintln!("trace: {} ({} events)", path.display(), events.len());
     }
     if let Some(path) = &o.plot {
         let svg = hetmem_workloads::plot::svg(&out.report, &out.samples);
         std::fs::write(path, svg).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("plot: {}", path.display());
     }
+    Ok(())
+}
+
+/// Options of `hetmem inspect`.
+#[derive(Args, Debug, Clone)]
+pub struct InspectOpts {
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// Dump the ranges after this launch (1-based) instead of at the end.
+    #[arg(long)]
+    pub at: Option<u64>,
+    /// Residency runs shown per range.
+    #[arg(long, default_value_t = 8)]
+    pub runs: usize,
+    /// Print the ranges as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn inspect_cmd(o: &InspectOpts) -> Result<()> {
+    let cfg = o.run.config()?;
+    anyhow::ensure!(
+        cfg.mode != Mode::Cpu,
+        "a CPU-only run has no ranges to inspect"
+    );
+    let mut dumps: Vec<(u64, &'static str, Vec<hetmem_workloads::inspect::RangeInfo>)> = Vec::new();
+    let mut err = None;
+    let mut obs = |s: &Step<'_>| {
+        if o.at.is_none_or(|a| a == s.index) {
+            match hetmem_workloads::inspect::ranges(s.ctx, s.allocs) {
+                Ok(r) => {
+                    if o.at.is_some() {
+                        dumps.push((s.index, s.kernel, r));
+                    } else {
+                        dumps.clear();
+                        dumps.push((s.index, s.kernel, r));
+                    }
+                }
+                Err(e) => err = Some(e),
+            }
+        }
+    };
+    let out = hetmem_workloads::run::run(&cfg, Some(&mut obs))?;
+    if let Some(e) = err {
+        return Err(e.into());
+    }
+    let Some((index, kernel, ranges)) = dumps.pop() else {
+        anyhow::bail!(
+            "the run made {} launches: nothing after launch {:?}",
+            out.report.launches,
+            o.at
+        );
+    };
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&ranges)?);
+    } else {
+        println!(
+            "{} ({}) under {}: ranges after launch {index} ({kernel}) of {}",
+            out.report.workload, out.report.shape, out.report.preset, out.report.launches
+        );
+        print!("{}", hetmem_workloads::inspect::render(&ranges, o.runs));
+    }
+    Ok(())
+}
+
+/// Options of `hetmem bench --matrix`.
+#[derive(Args, Debug, Clone)]
+pub struct MatrixOpts {
+    /// Workloads (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub workloads: Vec<String>,
+    /// Presets (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub presets: Vec<String>,
+    /// Oversubscription factors (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,1,2")]
+    pub factors: Vec<f64>,
+    /// Device memory of every run.
+    #[arg(long, default_value = "32MiB")]
+    pub matrix_device_memory: String,
+    /// Link model.
+    #[arg(long, default_value = "pcie3")]
+    pub matrix_link: String,
+    /// Compute units.
+    #[arg(long, default_value_t = 4)]
+    pub matrix_compute_units: usize,
+    /// Where to write the CSV.
+    #[arg(long, default_value = "bench-matrix.csv")]
+    pub csv: std::path::PathBuf,
+}
+
+pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
+    use hetmem_workloads::bench::{csv, run_matrix, table, MatrixConfig};
+    let d = MatrixConfig::default();
+    let device_memory = match o.matrix_device_memory.parse::<Size>()? {
+        Size::Bytes(b) => b,
+        Size::Factor(_) => anyhow::bail!("--matrix-device-memory takes bytes"),
+    };
+    let m = MatrixConfig {
+        workloads: if o.workloads.is_empty() {
+            d.workloads
+        } else {
+            o.workloads
+                .iter()
+                .map(|w| w.parse())
+                .collect::<Result<_, _>>()?
+        },
+        presets: if o.presets.is_empty() {
+            d.presets
+        } else {
+            o.presets
+                .iter()
+                .map(|p| p.parse())
+                .collect::<Result<_, _>>()?
+        },
+        factors: o.factors.clone(),
+        device_memory,
+        link: o
+            .matrix_link
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--matrix-link: {e}"))?,
+        compute_units: o.matrix_compute_units,
+    };
+    let total = (m.workloads.len() * m.factors.len() * (m.presets.len() + 1)) as u64;
+    let pb = progress(total);
+    let t = std::time::Instant::now();
+    let cells = run_matrix(&m, &mut |what| {
+        pb.set_message(what.to_owned());
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    println!(
+        "hetmem bench --matrix: {} MiB device, link {}, {} compute units; slowdown against explicit copies on the same link model, end to end (to the last launch's end); every result checked against the CPU; {:.0} s",
+        device_memory >> 20,
+        m.link,
+        m.compute_units,
+        t.elapsed().as_secs_f64()
+    );
+    print!("{}", table(&m, &cells));
+    std::fs::write(&o.csv, csv(&cells)).with_context(|| format!("writing {}", o.csv.display()))?;
+    println!("csv: {}", o.csv.display());
     Ok(())
 }

@@ -12,7 +12,7 @@ const W: f64 = 900.0;
 const H: f64 = 440.0;
 const L: f64 = 70.0;
 const R: f64 = 80.0;
-const T: f64 = 50.0;
+const T: f64 = 78.0;
 const B: f64 = 60.0;
 
 fn mib(pages: u64) -> f64 {

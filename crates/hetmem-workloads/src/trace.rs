@@ -281,26 +281,25 @@ pub fn chrome_json(
     json!({"traceEvents": out, "displayTimeUnit": "ms"})
 }
 
-/// Writes [`chrome_json`] of `collector`'s events to `path`; `run_start` is when the samples'
-/// clock started.
+/// Writes [`chrome_json`] of `events` (taken from `collector`, whose thread names it uses) to
+/// `path`; `run_start` is when the samples' clock started.
 pub fn write_chrome(
     path: &Path,
     collector: &Collector,
+    events: &[TraceEvent],
     samples: &[Sample],
     run_start: Instant,
-) -> Result<usize, WorkloadError> {
-    let events = collector.take();
+) -> Result<(), WorkloadError> {
     let offset = run_start
         .checked_duration_since(collector.start())
         .unwrap_or_default()
         .as_nanos() as f64
         / 1e3;
-    let v = chrome_json(&events, &collector.threads(), samples, offset);
+    let v = chrome_json(events, &collector.threads(), samples, offset);
     let io = |source| WorkloadError::Io {
         what: path.display().to_string(),
         source,
     };
     let text = serde_json::to_string(&v).map_err(|e| io(std::io::Error::other(e)))?;
-    std::fs::write(path, text).map_err(io)?;
-    Ok(events.len())
+    std::fs::write(path, text).map_err(io)
 }

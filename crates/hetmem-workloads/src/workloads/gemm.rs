@@ -1,4 +1,4 @@
-//! Tiled GEMM `C = A·B` with `A` `m × K`, `B` `K × N` and `C` `m × N` (K = 256, N = 1024: a
+//! Tiled GEMM `C = A·B` with `A` `m × K`, `B` `K × N` and `C` `m × N` (K = 128, N = 1024: a
 //! transformer projection's shape; cuBLAS sgemm in Allen & Ge, PolyBench GEMM): each lane
 //! computes a 1×32 tile of C from one row of A and a 32-column strip of B, so a warp covers a row
 //! of C and every warp walks all of B. B (1 MiB) is reused by every warp and must stay resident;
@@ -22,7 +22,7 @@ pub struct Gemm {
 }
 
 /// Inner dimension.
-pub const K: u64 = 256;
+pub const K: u64 = 128;
 /// Columns of B and C.
 pub const N: u64 = 1024;
 const TILE: u64 = 32;
