@@ -48,12 +48,18 @@ pub struct RunArgs {
     /// Tuning: override the preset's stream detector (on/off).
     #[arg(long)]
     pub stream: Option<bool>,
+    /// Tuning: override how far ahead the stream detector reaches (pages).
+    #[arg(long)]
+    pub stream_depth: Option<u64>,
     /// Tuning: override the preset's eviction order (true: allocation order).
     #[arg(long)]
     pub allocation_order: Option<bool>,
     /// Tuning: override the preset's thrashing detection (on/off).
     #[arg(long)]
     pub thrashing: Option<bool>,
+    /// Tuning: override the window a CPU fault brings back (bytes, 4k to 2M).
+    #[arg(long)]
+    pub cpu_window: Option<String>,
     /// Tuning: override the preset's batch size.
     #[arg(long)]
     pub batch: Option<usize>,
@@ -86,11 +92,20 @@ impl RunArgs {
         if let Some(s) = self.stream {
             t.stream = s;
         }
+        if let Some(d) = self.stream_depth {
+            t.stream_max_depth_pages = d;
+        }
         if let Some(a) = self.allocation_order {
             t.allocation_order_eviction = a;
         }
         if let Some(a) = self.thrashing {
             t.thrashing = a;
+        }
+        if let Some(g) = &self.cpu_window {
+            t.cpu_window = match g.parse::<Size>()? {
+                Size::Bytes(b) => b,
+                Size::Factor(_) => anyhow::bail!("--cpu-window takes bytes"),
+            };
         }
         if let Some(b) = self.batch {
             t.batch_size = b;
@@ -271,7 +286,7 @@ pub struct MatrixOpts {
 }
 
 pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
-    use hetmem_workloads::bench::{csv, run_matrix, table, MatrixConfig};
+    use hetmem_workloads::bench::{run_matrix, table, MatrixConfig};
     let d = MatrixConfig::default();
     let device_memory = match o.matrix_device_memory.parse::<Size>()? {
         Size::Bytes(b) => b,
@@ -305,11 +320,33 @@ pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
     let total = (m.workloads.len() * m.factors.len() * (m.presets.len() + 1)) as u64;
     let pb = progress(total);
     let t = std::time::Instant::now();
-    let cells = run_matrix(&m, &mut |what| {
-        pb.set_message(what.to_owned());
-        pb.inc(1);
-    })?;
+    // Each cell goes to the CSV (and to stderr) as soon as it is measured: a long matrix
+    // interrupted keeps what it measured.
+    let mut file =
+        std::fs::File::create(&o.csv).with_context(|| format!("creating {}", o.csv.display()))?;
+    use std::io::Write as _;
+    writeln!(file, "{}", hetmem_workloads::bench::CSV_HEADER)?;
+    let mut write_err = None;
+    let cells = run_matrix(
+        &m,
+        &mut |what| {
+            pb.set_message(what.to_owned());
+            pb.inc(1);
+        },
+        &mut |c| {
+            let line = hetmem_workloads::bench::csv_line(c);
+            if pb.is_hidden() {
+                eprintln!("{line}");
+            }
+            if let Err(e) = writeln!(file, "{line}") {
+                write_err = Some(e);
+            }
+        },
+    )?;
     pb.finish_and_clear();
+    if let Some(e) = write_err {
+        return Err(e).with_context(|| format!("writing {}", o.csv.display()));
+    }
     println!(
         "hetmem bench --matrix: {} MiB device, link {}, {} compute units; slowdown against explicit copies on the same link model, end to end (to the last launch's end); every result checked against the CPU; {:.0} s",
         device_memory >> 20,
@@ -318,7 +355,6 @@ pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
         t.elapsed().as_secs_f64()
     );
     print!("{}", table(&m, &cells));
-    std::fs::write(&o.csv, csv(&cells)).with_context(|| format!("writing {}", o.csv.display()))?;
     println!("csv: {}", o.csv.display());
     Ok(())
 }

@@ -49,6 +49,7 @@ pub struct ContextBuilder {
     access: Option<AccessCounterConfig>,
     thrashing: Option<ThrashingConfig>,
     eviction: EvictionOrder,
+    cpu_window: u64,
 }
 
 impl Default for ContextBuilder {
@@ -63,6 +64,7 @@ impl Default for ContextBuilder {
             access: None,
             thrashing: Some(ThrashingConfig::default()),
             eviction: EvictionOrder::default(),
+            cpu_window: PAGE_SIZE,
         }
     }
 }
@@ -140,12 +142,23 @@ impl ContextBuilder {
         self
     }
 
+    /// The window a CPU fault on a device page brings back with it: the aligned `bytes` around
+    /// the page (a power of two from 4 KiB to 2 MiB; 4 KiB by default: the page alone, or its
+    /// whole block when the block moved as one). A program reading a kernel's output on the CPU
+    /// then takes one fault per window instead of one per page, as UVM's CPU fault path (which
+    /// runs its prefetcher) and AMD's (which moves the range's granularity) do.
+    pub fn cpu_fault_window(mut self, bytes: u64) -> Self {
+        self.cpu_window = bytes;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
             return Err(RuntimeError::NoDevices);
         }
         check_granularity(self.granularity)?;
+        check_granularity(self.cpu_window)?;
         let mm = match AddressSpace::current() {
             Ok(mm) => mm,
             Err(_) => AddressSpace::init(Config {
@@ -170,6 +183,7 @@ impl ContextBuilder {
                 access: self.access.map(AccessCounters::new).transpose()?,
                 thrashing: thrashing.clone(),
                 eviction: self.eviction,
+                cpu_window: self.cpu_window,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,

@@ -226,6 +226,8 @@ pub(crate) struct RuntimePlacement {
     lru: Mutex<Lru>,
     /// How victims are ordered.
     eviction: EvictionOrder,
+    /// Window a CPU fault brings back, bytes.
+    cpu_window: u64,
     /// UVM's density prefetcher, per block.
     tree: Option<TreePrefetcher>,
     /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
@@ -251,6 +253,8 @@ pub(crate) struct Policies {
     pub(crate) access: Option<AccessCounters>,
     pub(crate) thrashing: Option<Arc<Thrashing>>,
     pub(crate) eviction: EvictionOrder,
+    /// Window a CPU fault on this device's pages brings back (bytes; a page: just the page).
+    pub(crate) cpu_window: u64,
 }
 
 impl RuntimePlacement {
@@ -269,6 +273,7 @@ impl RuntimePlacement {
             granularity,
             lru: Mutex::new(Lru::default()),
             eviction: policies.eviction,
+            cpu_window: policies.cpu_window.max(PAGE_SIZE),
             tree: policies.tree,
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
@@ -552,6 +557,32 @@ impl RuntimePlacement {
         freed
     }
 
+    /// After a CPU fault brought `page` back: the rest of its aligned window comes back too, in
+    /// the faulting thread, before the access re-executes (UVM runs its prefetcher for CPU faults
+    /// as for device faults; AMD's `svm_migrate_to_ram` moves the range's granularity back;
+    /// uvm-svm.md, feature table). The copy is charged to this device's link; the pages count
+    /// under the CPU fault's trigger.
+    fn cpu_fault_window(&self, page: VirtAddr) {
+        if self.cpu_window <= PAGE_SIZE {
+            return;
+        }
+        let Some(handle) = self.me.get() else {
+            return;
+        };
+        let base = page.0 & !(self.cpu_window - 1);
+        let Ok(window) = PageRange::new(base, self.cpu_window) else {
+            return;
+        };
+        match self.mm.evict_range(window, Some(handle.id())) {
+            Ok(pages) if pages > 0 => {
+                handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
+                self.counters.device(handle.id()).add_to_system(pages);
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%page, error = %e, "CPU fault window failed"),
+        }
+    }
+
     /// Notes that `block` holds pages of this device now.
     fn touch(&self, block: PageRange) {
         let mut lru = self.lru.lock();
@@ -831,12 +862,13 @@ impl PlacementPolicy for RuntimePlacement {
     }
 
     fn migrated_to_host(&self, page: VirtAddr) {
-        let (Some(t), Some(me)) = (&self.thrashing, self.me()) else {
-            return;
-        };
         if in_user_request() {
             return;
         }
+        self.cpu_fault_window(page);
+        let (Some(t), Some(me)) = (&self.thrashing, self.me()) else {
+            return;
+        };
         let now = t.now();
         t.state.lock().detector.record_migration(
             page,

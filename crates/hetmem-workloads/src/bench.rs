@@ -72,10 +72,12 @@ pub struct Cell {
     pub wall_ms: f64,
 }
 
-/// Runs the matrix; `progress` hears about each run before it starts.
+/// Runs the matrix; `progress` hears about each run before it starts, `done` gets each cell as
+/// it is measured.
 pub fn run_matrix(
     m: &MatrixConfig,
     progress: &mut dyn FnMut(&str),
+    done: &mut dyn FnMut(&Cell),
 ) -> Result<Vec<Cell>, WorkloadError> {
     let mut cells = Vec::new();
     for &kind in &m.workloads {
@@ -110,7 +112,9 @@ pub fn run_matrix(
                 evictions: r.evictions,
                 wall_ms: r.wall_ns as f64 / 1e6,
             };
-            cells.push(cell("explicit".into(), &base));
+            let c = cell("explicit".into(), &base);
+            done(&c);
+            cells.push(c);
             for &preset in &m.presets {
                 progress(&format!("{kind} {factor}x {preset}"));
                 let cfg = RunConfig {
@@ -119,35 +123,42 @@ pub fn run_matrix(
                     ..base_cfg
                 };
                 let r = run_workload(&*w, &cfg, None)?.report;
-                cells.push(cell(preset.name().into(), &r));
+                let c = cell(preset.name().into(), &r);
+                done(&c);
+                cells.push(c);
             }
         }
     }
     Ok(cells)
 }
 
+/// The CSV header.
+pub const CSV_HEADER: &str = "workload,factor,footprint_bytes,run,modelled_ms,kernels_ms,slowdown,kernels_slowdown,faults,batches,evictions,wall_ms";
+
+/// One cell as a CSV line (no newline).
+pub fn csv_line(c: &Cell) -> String {
+    format!(
+        "{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{:.1}",
+        c.workload,
+        c.factor,
+        c.footprint,
+        c.run,
+        c.modelled_ns as f64 / 1e6,
+        c.kernels_ns as f64 / 1e6,
+        c.slowdown,
+        c.kernels_slowdown,
+        c.faults,
+        c.batches,
+        c.evictions,
+        c.wall_ms
+    )
+}
+
 /// The cells as CSV, one line per run.
 pub fn csv(cells: &[Cell]) -> String {
-    let mut s = String::from(
-        "workload,factor,footprint_bytes,run,modelled_ms,kernels_ms,slowdown,kernels_slowdown,faults,batches,evictions,wall_ms\n",
-    );
+    let mut s = format!("{CSV_HEADER}\n");
     for c in cells {
-        let _ = writeln!(
-            s,
-            "{},{},{},{},{:.4},{:.4},{:.4},{:.4},{},{},{},{:.1}",
-            c.workload,
-            c.factor,
-            c.footprint,
-            c.run,
-            c.modelled_ns as f64 / 1e6,
-            c.kernels_ns as f64 / 1e6,
-            c.slowdown,
-            c.kernels_slowdown,
-            c.faults,
-            c.batches,
-            c.evictions,
-            c.wall_ms
-        );
+        let _ = writeln!(s, "{}", csv_line(c));
     }
     s
 }

@@ -2,9 +2,11 @@
 //!
 //! * `uvm-default`: NVIDIA's driver defaults (uvm-svm.md A.3-A.9): batches of 256 faults,
 //!   batch-flush replay, 4 KiB fault granularity with the tree prefetcher at 51 % over 64 KiB
-//!   leaves, eviction by allocation order, thrashing detection on.
-//! * `none`: pure demand paging: each faulted 4 KiB page migrates alone, no prefetcher, no
-//!   thrashing detection; batches and eviction as `uvm-default`.
+//!   leaves, eviction by allocation order, thrashing detection on; a CPU fault brings back its
+//!   64 KiB region (UVM's prefetcher runs on CPU faults too, its big-page upgrade at least; the
+//!   density growth beyond 64 KiB is not modelled).
+//! * `none`: pure demand paging: each faulted 4 KiB page migrates alone, either way, no
+//!   prefetcher, no thrashing detection; batches and eviction as `uvm-default`.
 //! * `hetmem`: our best settings, chosen by measurement (README, "Measured"): see
 //!   [`Preset::config`].
 
@@ -47,10 +49,14 @@ pub struct PresetConfig {
     pub tree_threshold: Option<u32>,
     /// The stream detector, when on.
     pub stream: bool,
+    /// How far ahead the stream detector may reach, in pages (its depth doubles up to this).
+    pub stream_max_depth_pages: u64,
     /// Thrashing detection.
     pub thrashing: bool,
     /// Eviction order (true: allocation order, NVIDIA's; false: accessed-bit LRU).
     pub allocation_order_eviction: bool,
+    /// Window a CPU fault on a device page brings back (bytes).
+    pub cpu_window: u64,
     /// Faults per batch.
     pub batch_size: usize,
     /// Replay policy.
@@ -77,8 +83,10 @@ impl Preset {
             granularity: PAGE_SIZE,
             tree_threshold: Some(51),
             stream: false,
+            stream_max_depth_pages: 512,
             thrashing: true,
             allocation_order_eviction: true,
+            cpu_window: 64 << 10,
             batch_size: 256,
             replay: ReplayPolicy::BatchFlush,
         };
@@ -87,6 +95,7 @@ impl Preset {
             Preset::None => PresetConfig {
                 tree_threshold: None,
                 thrashing: false,
+                cpu_window: PAGE_SIZE,
                 ..uvm
             },
             // Chosen by measurement (`hetmem bench --matrix`, README "Measured"): whole 2 MiB
@@ -97,8 +106,10 @@ impl Preset {
                 granularity: HUGE_PAGE_SIZE,
                 tree_threshold: Some(51),
                 stream: true,
+                stream_max_depth_pages: 512,
                 thrashing: true,
                 allocation_order_eviction: false,
+                cpu_window: HUGE_PAGE_SIZE,
                 batch_size: 256,
                 replay: ReplayPolicy::BatchFlush,
             },
@@ -119,11 +130,16 @@ impl PresetConfig {
         hetmem_runtime::Context::builder()
             .device(accel)
             .granularity(self.granularity)
+            .cpu_fault_window(self.cpu_window)
             .prefetcher(self.tree_threshold.map(|t| PrefetchConfig {
                 threshold_percent: t,
                 ..PrefetchConfig::default()
             }))
-            .stream_prefetcher(self.stream.then(StreamConfig::default))
+            .stream_prefetcher(self.stream.then(|| StreamConfig {
+                depth_pages: 512.min(self.stream_max_depth_pages),
+                max_depth_pages: self.stream_max_depth_pages,
+                ..StreamConfig::default()
+            }))
             .thrashing(self.thrashing.then(ThrashingConfig::default))
             .eviction(if self.allocation_order_eviction {
                 EvictionOrder::AllocationOrder
