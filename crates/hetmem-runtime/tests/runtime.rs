@@ -460,3 +460,39 @@ fn a_cpu_fault_that_brings_back_a_whole_block_is_charged_for_the_whole_block() {
         512
     );
 }
+
+#[test]
+fn a_cpu_fault_window_brings_back_the_aligned_window_in_one_fault() {
+    for (window, pages) in [(PAGE_SIZE, 1), (64 << 10, 16)] {
+        let c = Context::builder()
+            .device(AccelConfig {
+                link: LinkModel::pcie3_x16(),
+                ..device(16)
+            })
+            .cpu_fault_window(window)
+            .build()
+            .unwrap();
+        let mut x = c.alloc(1 << 20).unwrap();
+        fill(&mut x, |i| i as u32);
+        let gpu = Processor::Device(dev0(&c));
+        c.prefetch(x.range(), gpu).unwrap().wait().unwrap();
+        let before = c.device_stats(dev0(&c)).unwrap();
+        // One word in the middle of a 64 KiB window.
+        let win = (x.addr() + (256 << 10)).next_multiple_of(64 << 10);
+        let word = ((win + (20 << 10) - x.addr()) / 4) as usize;
+        assert_eq!(x.view::<u32>()[word], word as u32);
+        let after = c.device_stats(dev0(&c)).unwrap();
+        assert_eq!(after.cpu_faults - before.cpu_faults, 1, "window {window}");
+        assert_eq!(on(&c, x.range(), Processor::Cpu), pages, "window {window}");
+        let w = PageRange::new(win, 64 << 10).unwrap();
+        assert_eq!(on(&c, w, Processor::Cpu), pages);
+        c.check_invariants().unwrap();
+    }
+    assert!(matches!(
+        Context::builder()
+            .device(device(16))
+            .cpu_fault_window(3 << 10)
+            .build(),
+        Err(RuntimeError::BadGranularity(_))
+    ));
+}
