@@ -1,10 +1,10 @@
 //! ATAX `y = Aᵀ(A·x)` (PolyBench, UVMSmart, ARIADNE) over an `m × 1024` matrix: a first kernel
 //! walks rows (`tmp = A·x`, one lane per row), a second walks columns (`Aᵀ·tmp`: each lane steps
-//! down one column through [`ROWS`] rows, one page per row, so a warp touches 32 pages at once
+//! down one column through 32 rows, one page per row, so a warp touches 32 pages at once
 //! and the grid every page of A in column order: the pattern that spreads faults over many 2 MiB
 //! blocks and thrashes under oversubscription), a third sums the column partials into `y`.
 //!
-//! The column walk is cut into blocks of [`ROWS`] rows because a simulated lane that misses runs
+//! The column walk is cut into blocks of 32 rows because a simulated lane that misses runs
 //! again from its start (hetmem-sim's accel.rs): a lane walking a whole column would need all of
 //! A resident at once to finish, which oversubscription forbids.
 

@@ -1,5 +1,5 @@
 //! A paged key-value cache, LLM decoding style (vLLM's PagedAttention; ARIADNE's Llama decode):
-//! [`SEQS`] sequences grow by a chunk of tokens per step; their 4 KiB blocks (16 tokens × 64
+//! 16 sequences grow by a chunk of tokens per step; their 4 KiB blocks (16 tokens × 64
 //! words) come from one pool in the order they are needed, so a sequence's blocks are scattered
 //! among the others'. Each step the device appends the new tokens' keys through the block table
 //! the CPU updated, then every sequence's whole cache is read against its query (attention
