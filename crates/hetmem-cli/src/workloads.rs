@@ -60,6 +60,9 @@ pub struct RunArgs {
     /// Tuning: override the window a CPU fault brings back (bytes, 4k to 2M).
     #[arg(long)]
     pub cpu_window: Option<String>,
+    /// Tuning: the window of a fault once device memory is full (bytes; `off`).
+    #[arg(long)]
+    pub pressure_window: Option<String>,
     /// Tuning: override the preset's batch size.
     #[arg(long)]
     pub batch: Option<usize>,
@@ -105,6 +108,15 @@ impl RunArgs {
             t.cpu_window = match g.parse::<Size>()? {
                 Size::Bytes(b) => b,
                 Size::Factor(_) => anyhow::bail!("--cpu-window takes bytes"),
+            };
+        }
+        if let Some(g) = &self.pressure_window {
+            t.pressure_window = match g.as_str() {
+                "off" => None,
+                g => match g.parse::<Size>()? {
+                    Size::Bytes(b) => Some(b),
+                    Size::Factor(_) => anyhow::bail!("--pressure-window takes bytes"),
+                },
             };
         }
         if let Some(b) = self.batch {

@@ -50,6 +50,7 @@ pub struct ContextBuilder {
     thrashing: Option<ThrashingConfig>,
     eviction: EvictionOrder,
     cpu_window: u64,
+    pressure_window: Option<u64>,
 }
 
 impl Default for ContextBuilder {
@@ -65,6 +66,7 @@ impl Default for ContextBuilder {
             thrashing: Some(ThrashingConfig::default()),
             eviction: EvictionOrder::default(),
             cpu_window: PAGE_SIZE,
+            pressure_window: None,
         }
     }
 }
@@ -152,6 +154,16 @@ impl ContextBuilder {
         self
     }
 
+    /// The migration window of a fault that needs room (device memory full), when it should be
+    /// smaller than the usual one (a power of two from 4 KiB to 2 MiB; `None`, the default: the
+    /// same window). Under oversubscription a large window, and what the prefetchers add, evict
+    /// pages in use for pages nobody asked for yet; with a pressure window only the faulted pages'
+    /// windows come in once memory is full, and eviction still frees whole chunks.
+    pub fn pressure_window(mut self, bytes: Option<u64>) -> Self {
+        self.pressure_window = bytes;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -159,6 +171,9 @@ impl ContextBuilder {
         }
         check_granularity(self.granularity)?;
         check_granularity(self.cpu_window)?;
+        if let Some(g) = self.pressure_window {
+            check_granularity(g)?;
+        }
         let mm = match AddressSpace::current() {
             Ok(mm) => mm,
             Err(_) => AddressSpace::init(Config {
@@ -184,6 +199,7 @@ impl ContextBuilder {
                 thrashing: thrashing.clone(),
                 eviction: self.eviction,
                 cpu_window: self.cpu_window,
+                pressure_window: self.pressure_window,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,

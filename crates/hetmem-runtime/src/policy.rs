@@ -228,6 +228,8 @@ pub(crate) struct RuntimePlacement {
     eviction: EvictionOrder,
     /// Window a CPU fault brings back, bytes.
     cpu_window: u64,
+    /// Window of a fault that needs room, bytes (see [`crate::ContextBuilder::pressure_window`]).
+    pressure_window: Option<u64>,
     /// UVM's density prefetcher, per block.
     tree: Option<TreePrefetcher>,
     /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
@@ -255,6 +257,8 @@ pub(crate) struct Policies {
     pub(crate) eviction: EvictionOrder,
     /// Window a CPU fault on this device's pages brings back (bytes; a page: just the page).
     pub(crate) cpu_window: u64,
+    /// Window of a fault when device memory is full, if smaller than the usual one.
+    pub(crate) pressure_window: Option<u64>,
 }
 
 impl RuntimePlacement {
@@ -274,6 +278,7 @@ impl RuntimePlacement {
             lru: Mutex::new(Lru::default()),
             eviction: policies.eviction,
             cpu_window: policies.cpu_window.max(PAGE_SIZE),
+            pressure_window: policies.pressure_window,
             tree: policies.tree,
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
@@ -799,11 +804,27 @@ impl PlacementPolicy for RuntimePlacement {
         // did not fault (nor one a hint keeps where it is: not in `faulted`), however the windows
         // and prefetchers grew (a write fault on a read-mostly page migrates it all the same).
         let dup = dup.intersection(&managed).difference(&resident);
-        let want = want
+        let mut want = want
             .intersection(&managed)
             .difference(&keep)
             .difference(&thrashing)
             .union(&faulted);
+        // Device memory full: what the windows and prefetchers add would each evict pages
+        // someone uses for pages nobody asked for yet, so only the faulted pages' pressure
+        // windows come in.
+        if let Some(g) = self.pressure_window {
+            if (want.difference(&resident).count() + dup.count()) as u64 > f.free_frames {
+                let mut small = BlockMask::new();
+                for k in faulted.iter() {
+                    small.set_range(window(block, block.page(k as u64), g));
+                }
+                want = small
+                    .intersection(&managed)
+                    .difference(&keep)
+                    .difference(&thrashing)
+                    .union(&faulted);
+            }
+        }
         if let Some(t) = thrashing_on {
             let prefetched = want.difference(&faulted).difference(&resident);
             if !prefetched.is_empty() {

@@ -496,3 +496,34 @@ fn a_cpu_fault_window_brings_back_the_aligned_window_in_one_fault() {
         Err(RuntimeError::BadGranularity(_))
     ));
 }
+
+#[test]
+fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
+    for (pressure, expect) in [(None, 512), (Some(64 << 10), 16)] {
+        let c = Context::builder()
+            .device(device(8))
+            .granularity(HUGE_PAGE_SIZE)
+            .prefetcher(None)
+            .thrashing(None)
+            .pressure_window(pressure)
+            .build()
+            .unwrap();
+        let mut x = c.alloc(6 * HUGE_PAGE_SIZE).unwrap();
+        fill(&mut x, |i| i as u32);
+        // Whole blocks while they fit.
+        touch_pages(&c, &x, 0, 4 * HUGE_PAGE_SIZE);
+        let first =
+            PageRange::new(x.addr().next_multiple_of(HUGE_PAGE_SIZE), HUGE_PAGE_SIZE).unwrap();
+        assert_eq!(on(&c, first, Processor::Device(dev0(&c))), 512);
+        // One page past what fits.
+        let at = 5 * HUGE_PAGE_SIZE - (x.addr() % HUGE_PAGE_SIZE) + (100 << 10);
+        touch_pages(&c, &x, at, at + PAGE_SIZE);
+        let b = PageRange::new((x.addr() + at) & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE).unwrap();
+        assert_eq!(
+            on(&c, b, Processor::Device(dev0(&c))),
+            expect,
+            "pressure window {pressure:?}"
+        );
+        c.check_invariants().unwrap();
+    }
+}
