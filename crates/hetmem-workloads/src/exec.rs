@@ -6,7 +6,7 @@
 //! |-----------------|--------------------|---------------------|------------------------|---------------------|
 //! | `input(x)`      | nothing (faults)   | prefetch x → device | x read-mostly          | prefetch x → device |
 //! | `output(x)`     | nothing (CPU faults when read) | prefetch x → CPU | nothing       | prefetch x → CPU    |
-//! | `on_device(x)`  | nothing            | nothing             | nothing                | prefetch x → device (never populated: nothing crosses the link, `cudaMalloc`) |
+//! | `on_device(x)`  | nothing            | prefetch x → device | nothing                | prefetch x → device (never populated: nothing crosses the link, `cudaMalloc`) |
 //!
 //! A prefetch moves exactly the pages asked for and is charged on the device's link model,
 //! with no fault-service cost: a `cudaMemcpy` over the same link.
@@ -173,8 +173,10 @@ impl<'a, 'o> Exec<'a, 'o> {
 
     /// `x` is written by the device before anything reads it (`cudaMalloc` of an output).
     pub fn on_device(&mut self, m: &Managed) -> Result<(), WorkloadError> {
-        match self.mode {
-            Mode::Explicit => self.prefetch(m, Processor::Device(self.dev)),
+        match (self.mode, self.advise) {
+            (Mode::Explicit, _) | (Mode::Managed, Advise::Prefetch) => {
+                self.prefetch(m, Processor::Device(self.dev))
+            }
             _ => Ok(()),
         }
     }
