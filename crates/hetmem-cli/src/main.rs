@@ -11,6 +11,8 @@ use hetmem::{AddressSpace, Config, CpuFaultBackend, Prot};
 use hetmem_core::{pfn::HmmPfn, pool::MemoryKind, range_fault::HmmRange, PageRange, PAGE_SIZE};
 use hetmem_sim::{DmirrorDevice, Mirror};
 
+mod workloads;
+
 #[derive(Parser)]
 #[command(
     name = "hetmem",
@@ -38,6 +40,8 @@ enum Cmd {
         #[arg(long, default_value_t = 64)]
         pages: u64,
     },
+    /// Runs a workload on the simulated device and reports what the memory system did.
+    Run(workloads::RunOpts),
     /// Micro-benchmarks as ratios against their baselines.
     Bench {
         /// MiB migrated to the device and back.
@@ -63,11 +67,23 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .init();
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
     let cli = Cli::parse();
+    // `--trace` collects the runtime's events for the Chrome trace beside the usual log.
+    let collector = match &cli.cmd {
+        Some(Cmd::Run(o)) if o.trace.is_some() => Some(hetmem_workloads::trace::Collector::new()),
+        _ => None,
+    };
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(tracing_subscriber::EnvFilter::from_default_env()),
+        )
+        .with(collector.as_ref().map(|c| c.layer()))
+        .init();
     let backend = cli.backend.map(|b| match b {
         Backend::Uffd => CpuFaultBackend::Userfaultfd,
         Backend::Mprotect => CpuFaultBackend::Mprotect,
@@ -81,6 +97,7 @@ fn main() -> Result<()> {
             reps,
         } => bench(mm, mib, fault_pages, reps),
         Cmd::BenchDevice { mib, reps } => bench_device(mm, mib, reps),
+        Cmd::Run(o) => workloads::run_cmd(&o, collector.as_ref()),
     }
 }
 

@@ -15,6 +15,7 @@ use hetmem::{
     migrate::TriggerScope, AddressSpace, ComputeDevice, Config, CpuFaultBackend, MmError, Prot,
 };
 use hetmem_core::{
+    link::Direction,
     migrate::Trigger,
     page_state::Location,
     policy::{
@@ -30,7 +31,9 @@ use parking_lot::RwLock;
 
 use crate::advice::{Advice, AdviceMap, RangeAttributes};
 use crate::managed::{Gate, Managed, Plain, RegisterError, Registered, RegistrationParts};
-use crate::policy::{ExactPlacement, Policies, RuntimePlacement, Thrashing, UserRequest};
+use crate::policy::{
+    EvictionOrder, ExactPlacement, Policies, RuntimePlacement, Thrashing, UserRequest,
+};
 use crate::stats::{Counters, DeviceStats, RuntimeStats};
 use crate::RuntimeError;
 
@@ -45,6 +48,7 @@ pub struct ContextBuilder {
     stream: Option<StreamConfig>,
     access: Option<AccessCounterConfig>,
     thrashing: Option<ThrashingConfig>,
+    eviction: EvictionOrder,
 }
 
 impl Default for ContextBuilder {
@@ -58,6 +62,7 @@ impl Default for ContextBuilder {
             stream: None,
             access: None,
             thrashing: Some(ThrashingConfig::default()),
+            eviction: EvictionOrder::default(),
         }
     }
 }
@@ -128,6 +133,13 @@ impl ContextBuilder {
         self
     }
 
+    /// Which chunks leave a full device first ([`EvictionOrder`]; by default the least recently
+    /// used by the device's accessed bits; NVIDIA's driver evicts by allocation order).
+    pub fn eviction(mut self, order: EvictionOrder) -> Self {
+        self.eviction = order;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -157,6 +169,7 @@ impl ContextBuilder {
                 stream: self.stream.map(StreamDetector::new).transpose()?,
                 access: self.access.map(AccessCounters::new).transpose()?,
                 thrashing: thrashing.clone(),
+                eviction: self.eviction,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,
@@ -220,6 +233,16 @@ fn pages_on(mm: &AddressSpace, range: PageRange, p: Processor) -> u64 {
         .filter(|(_, q)| *q == p)
         .map(|(r, _)| r.npages())
         .sum()
+}
+
+/// Charges `pages` that left `dev` for system memory at the runtime's request (prefetch to the
+/// CPU, suspend) to its clock, as the copy engine would move them: in 2 MiB transfers.
+fn charge_to_host(dev: &Accelerator, pages: u64) {
+    let per = HUGE_PAGE_SIZE / PAGE_SIZE;
+    for _ in 0..pages / per {
+        dev.charge_migration(Direction::DeviceToHost, HUGE_PAGE_SIZE);
+    }
+    dev.charge_migration(Direction::DeviceToHost, (pages % per) * PAGE_SIZE);
 }
 
 fn check_granularity(bytes: u64) -> Result<(), RuntimeError> {
@@ -417,7 +440,7 @@ impl Context {
             )),
             Processor::Cpu => None,
         };
-        let devices = self.devices();
+        let devices = self.devices.clone();
         // Held until the worker ends: memory is not released under a prefetch.
         let ticket = self.gate.enter_prefetch();
         let before = pages_on(mm, range, to);
@@ -456,9 +479,10 @@ impl Context {
                     None => {
                         // Device by device, so that each one's pages are counted as its own;
                         // then whatever other contexts' devices hold.
-                        for id in devices {
-                            let pages = mm.evict_range(range, Some(id))?;
-                            counters.device(id).add_to_system(pages);
+                        for d in devices {
+                            let pages = mm.evict_range(range, Some(d.id()))?;
+                            counters.device(d.id()).add_to_system(pages);
+                            charge_to_host(&d, pages);
                         }
                         mm.evict_range(range, None)?;
                     }
@@ -484,6 +508,7 @@ impl Context {
             d.drop_all_copies();
             let pages = self.mm.evict_device(d.id())?;
             self.counters.device(d.id()).add_to_system(pages);
+            charge_to_host(d, pages);
             moved += pages;
         }
         self.counters.add_suspended(moved);

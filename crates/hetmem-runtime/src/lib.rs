@@ -34,6 +34,7 @@ pub use hetmem_core::policy::Processor;
 pub use managed::{
     Managed, Page, Plain, RegisterError, Registered, UnregisterError, View, ViewMut,
 };
+pub use policy::EvictionOrder;
 pub use stats::{DeviceStats, RuntimeStats};
 
 use hetmem::{MigrateError, MmError};

@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use hetmem::{migrate::TriggerScope, AddressSpace};
 use hetmem_core::{
     fault_ring::FaultAccess,
+    link::Direction,
     migrate::Trigger,
     page_state::Location,
     policy::{
@@ -192,6 +193,19 @@ enum Kept {
     Pinned,
 }
 
+/// Which chunk of device memory leaves first when room is needed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum EvictionOrder {
+    /// Least recently used first, "used" read from the device's accessed bits, sampled when a
+    /// victim is needed (seed 000's `clear_flush_young`). hetmem's default.
+    #[default]
+    AccessedLru,
+    /// Least recently *allocated into* first: a chunk goes to the back of the list when the fault
+    /// service or a prefetch migrates pages into it, never because warps use it (NVIDIA's PMM,
+    /// `pick_root_chunk_to_evict`: the USED list is FIFO by allocation; uvm-svm.md A.7).
+    AllocationOrder,
+}
+
 /// Chunks of device memory in use, with the tick each was last seen used.
 #[derive(Debug, Default)]
 struct Lru {
@@ -210,6 +224,8 @@ pub(crate) struct RuntimePlacement {
     granularity: u64,
     /// Held across an eviction, so two of them never pick the same victims.
     lru: Mutex<Lru>,
+    /// How victims are ordered.
+    eviction: EvictionOrder,
     /// UVM's density prefetcher, per block.
     tree: Option<TreePrefetcher>,
     /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
@@ -234,6 +250,7 @@ pub(crate) struct Policies {
     pub(crate) stream: Option<StreamDetector>,
     pub(crate) access: Option<AccessCounters>,
     pub(crate) thrashing: Option<Arc<Thrashing>>,
+    pub(crate) eviction: EvictionOrder,
 }
 
 impl RuntimePlacement {
@@ -251,6 +268,7 @@ impl RuntimePlacement {
             me: OnceLock::new(),
             granularity,
             lru: Mutex::new(Lru::default()),
+            eviction: policies.eviction,
             tree: policies.tree,
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
@@ -486,8 +504,12 @@ impl RuntimePlacement {
         let mut lru = self.lru.lock();
         lru.tick += 1;
         let tick = lru.tick;
-        // Sample the accessed bits: a chunk used since the last sample is young again.
-        let chunks: Vec<u64> = lru.last_used.keys().copied().collect();
+        // Sample the accessed bits: a chunk used since the last sample is young again. (In
+        // allocation order, only migrations into a chunk make it young: `touch`.)
+        let chunks: Vec<u64> = match self.eviction {
+            EvictionOrder::AccessedLru => lru.last_used.keys().copied().collect(),
+            EvictionOrder::AllocationOrder => Vec::new(),
+        };
         for base in chunks {
             let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
             if let Some(Ok(young)) = handle.take_accessed(chunk) {
@@ -517,6 +539,8 @@ impl RuntimePlacement {
                 Ok(pages) => {
                     freed += pages;
                     if pages > 0 {
+                        // The copy back over the link, on this device's clock.
+                        handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
                         self.counters.add_eviction(pages);
                         self.counters.device(me).add_eviction(pages);
                         tracing::debug!(dev = me.0, start = %chunk.start(), pages, "eviction");

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use hetmem_core::{link::LinkModel, DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE};
-use hetmem_runtime::{Advice, Attr, Context, Managed, Processor, RuntimeError};
+use hetmem_runtime::{Advice, Attr, Context, EvictionOrder, Managed, Processor, RuntimeError};
 use hetmem_sim::accel::{AccelConfig, Kernel, Miss, Thread};
 
 fn device(mib: u64) -> AccelConfig {
@@ -320,4 +320,143 @@ fn bad_input_gets_typed_errors() {
         Context::builder().device(device(8)).granularity(0).build(),
         Err(RuntimeError::BadGranularity(0))
     ));
+}
+
+/// Reads one u32 of every page of `x` from `from` to `to` (bytes), one thread per page.
+fn touch_pages(c: &Context, x: &Managed, from: u64, to: u64) {
+    let base = x.addr() + from;
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.load_u32(base + i * PAGE_SIZE).map(|_| ())
+    };
+    c.launch(dev0(c), Arc::new(k), (to - from) / PAGE_SIZE)
+        .unwrap()
+        .wait()
+        .unwrap();
+}
+
+fn chunk_on_device(c: &Context, x: &Managed, chunk: u64) -> bool {
+    let r = PageRange::new(x.addr() + chunk * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE).unwrap();
+    on(c, r, Processor::Device(dev0(c))) == HUGE_PAGE_SIZE / PAGE_SIZE
+}
+
+/// Four chunks fill an 8 MiB device, a fifth evicts chunk 0; the device then reads chunk 1
+/// again, and a sixth chunk needs a victim: chunk 2 by use, chunk 1 by allocation.
+fn victim_after_reuse(order: EvictionOrder) -> (bool, bool) {
+    let c = Context::builder()
+        .device(AccelConfig {
+            link: LinkModel::pcie3_x16(),
+            ..device(8)
+        })
+        .granularity(HUGE_PAGE_SIZE)
+        .prefetcher(None)
+        .thrashing(None)
+        .eviction(order)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(6 * HUGE_PAGE_SIZE).unwrap();
+    fill(&mut x, |i| i as u32);
+    touch_pages(&c, &x, 0, 4 * HUGE_PAGE_SIZE);
+    let before = c.device(dev0(&c)).unwrap().clock();
+    touch_pages(&c, &x, 4 * HUGE_PAGE_SIZE, 5 * HUGE_PAGE_SIZE);
+    assert!(!chunk_on_device(&c, &x, 0), "chunk 0 was the first victim");
+    // The eviction's copy back is on the device clock: a 2 MiB transfer over PCIe 3.
+    let d = c.device(dev0(&c)).unwrap().clock().since(&before);
+    assert!(
+        d.get(hetmem_core::link::Cause::MigrateToHost).as_nanos() > 150_000,
+        "{d:?}"
+    );
+    touch_pages(&c, &x, HUGE_PAGE_SIZE, 2 * HUGE_PAGE_SIZE);
+    touch_pages(&c, &x, 5 * HUGE_PAGE_SIZE, 6 * HUGE_PAGE_SIZE);
+    assert_eq!(c.stats().evictions, 2);
+    c.check_invariants().unwrap();
+    (chunk_on_device(&c, &x, 1), chunk_on_device(&c, &x, 2))
+}
+
+#[test]
+fn eviction_by_use_keeps_a_chunk_the_device_read_again() {
+    assert_eq!(
+        victim_after_reuse(EvictionOrder::AccessedLru),
+        (true, false)
+    );
+}
+
+#[test]
+fn eviction_by_allocation_order_evicts_the_oldest_chunk_even_if_it_was_just_read() {
+    assert_eq!(
+        victim_after_reuse(EvictionOrder::AllocationOrder),
+        (false, true)
+    );
+}
+
+#[test]
+fn a_prefetch_back_to_the_cpu_is_charged_to_the_device_clock() {
+    let c = Context::builder()
+        .device(AccelConfig {
+            link: LinkModel::pcie3_x16(),
+            ..device(16)
+        })
+        .build()
+        .unwrap();
+    let x = c.alloc(4 << 20).unwrap();
+    let gpu = Processor::Device(dev0(&c));
+    c.prefetch(x.range(), gpu).unwrap().wait().unwrap();
+    let clock = || c.device(dev0(&c)).unwrap().clock();
+    let before = clock();
+    assert_eq!(
+        c.prefetch(x.range(), Processor::Cpu)
+            .unwrap()
+            .wait()
+            .unwrap(),
+        1024
+    );
+    let d = clock().since(&before);
+    let cause = hetmem_core::link::Cause::MigrateToHost;
+    assert_eq!(d.charges_of(cause), 2, "two 2 MiB transfers: {d:?}");
+    let two = LinkModel::pcie3_x16()
+        .transfer(hetmem_core::link::Direction::DeviceToHost, 2 << 20)
+        .as_nanos();
+    assert_eq!(d.get(cause).as_nanos(), 2 * two);
+}
+
+#[test]
+fn a_cpu_fault_that_brings_back_a_whole_block_is_charged_for_the_whole_block() {
+    let c = Context::builder()
+        .device(AccelConfig {
+            link: LinkModel::pcie3_x16(),
+            ..device(16)
+        })
+        .granularity(HUGE_PAGE_SIZE)
+        .build()
+        .unwrap();
+    // Never touched by the CPU: the device fills whole blocks of it, each moving as one.
+    let x = c.alloc(6 << 20).unwrap();
+    let base = x.addr();
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.store_u32(base + 4 * i, 2 * i as u32 + 1)
+    };
+    run(&c, (Arc::new(k), x.len() / 4));
+    // A block of the allocation that lies wholly inside it moved as one.
+    let block = x.addr().next_multiple_of(HUGE_PAGE_SIZE);
+    let gpu = Processor::Device(dev0(&c));
+    assert_eq!(
+        on(&c, PageRange::new(block, HUGE_PAGE_SIZE).unwrap(), gpu),
+        512
+    );
+    let before = c.device(dev0(&c)).unwrap().clock();
+    let word = ((block - x.addr()) / 4) as usize;
+    assert_eq!(x.view::<u32>()[word], 2 * word as u32 + 1);
+    let d = c.device(dev0(&c)).unwrap().clock().since(&before);
+    let cause = hetmem_core::link::Cause::MigrateToHost;
+    assert_eq!(d.charges_of(cause), 1, "{d:?}");
+    let whole =
+        LinkModel::pcie3_x16().transfer(hetmem_core::link::Direction::DeviceToHost, HUGE_PAGE_SIZE);
+    assert_eq!(d.get(cause), whole);
+    assert_eq!(
+        on(
+            &c,
+            PageRange::new(block, HUGE_PAGE_SIZE).unwrap(),
+            Processor::Cpu
+        ),
+        512
+    );
 }

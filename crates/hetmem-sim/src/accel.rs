@@ -73,6 +73,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::copy::{migrate_between, SimCopyBackend};
 
 mod dup;
+use crate::latency::{FaultLatency, LatencyRecorder};
 use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolicy};
 
 /// Lanes per warp.
@@ -328,7 +329,16 @@ pub struct SimDevice {
     launch_started: AtomicU64,
     stop: AtomicBool,
     counters: Counters,
+    /// Fault-service latency of every fault-buffer entry serviced.
+    latency: FaultLatencyRecorder,
     started: Instant,
+}
+
+/// Both clocks' latency histograms.
+#[derive(Debug, Default)]
+struct FaultLatencyRecorder {
+    wall: LatencyRecorder,
+    modelled: LatencyRecorder,
 }
 
 impl std::fmt::Debug for SimDevice {
@@ -346,6 +356,15 @@ impl Device for SimDevice {
     }
 
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        // A page of a block that moved as one comes back with its whole block
+        // (`hetmem::fault::migrate_to_ram`): the copy back is that long.
+        let pages = mm.region_of(addr).map_or(1, |r| {
+            if r.states.get(r.index(addr)).huge {
+                PAGES_PER_HUGE
+            } else {
+                1
+            }
+        });
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
         self.config.placement.migrated_to_host(addr);
@@ -356,7 +375,7 @@ impl Device for SimDevice {
             Cause::MigrateToHost,
             self.config
                 .link
-                .transfer(Direction::DeviceToHost, PAGE_SIZE),
+                .transfer(Direction::DeviceToHost, pages * PAGE_SIZE),
         );
         Ok(())
     }
@@ -567,6 +586,7 @@ impl Accelerator {
                 launch_started: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
+                latency: FaultLatencyRecorder::default(),
                 started: Instant::now(),
             }))
         })?;
@@ -633,6 +653,21 @@ impl Accelerator {
             copies_dropped: g(&c.copies_dropped),
             copies_held: self.dev.dups.lock().len() as u64,
         }
+    }
+
+    /// Fault-service latency of every fault serviced so far ([`crate::latency`]).
+    pub fn fault_latency(&self) -> FaultLatency {
+        FaultLatency {
+            wall: self.dev.latency.wall.snapshot(),
+            modelled: self.dev.latency.modelled.snapshot(),
+        }
+    }
+
+    /// Charges a migration of `bytes` in `dir` that went past this device's own copy paths (a
+    /// runtime's eviction or prefetch back to system memory, which the address space carries out)
+    /// to its modelled clock, as one transfer over its link.
+    pub fn charge_migration(&self, dir: Direction, bytes: u64) {
+        self.dev.charge_migration(dir, bytes);
     }
 
     /// Counters of the copy engines (device-to-device migrations into this device).
@@ -809,6 +844,14 @@ impl AccelHandle {
     /// [`Accelerator::drop_copies`]; `None` once the device is gone.
     pub fn drop_copies(&self, range: PageRange) -> Option<u64> {
         Some(self.dev.upgrade()?.drop_copies(range))
+    }
+
+    /// [`Accelerator::charge_migration`]; false once the device is gone.
+    pub fn charge_migration(&self, dir: Direction, bytes: u64) -> bool {
+        self.dev
+            .upgrade()
+            .map(|d| d.charge_migration(dir, bytes))
+            .is_some()
     }
 
     /// [`Accelerator::take_accessed`]; `None` once the device is gone.
@@ -1185,6 +1228,31 @@ impl SimDevice {
         self.started.elapsed().as_nanos() as u64
     }
 
+    fn charge_migration(&self, dir: Direction, bytes: u64) {
+        if bytes > 0 {
+            self.clock
+                .charge(dir.migrate_cause(), self.config.link.transfer(dir, bytes));
+        }
+    }
+
+    /// Records the latency of a serviced batch's entries: wall-clock from each entry's raise to
+    /// now, and the modelled time charged since `before` by the service itself (what compute
+    /// units and CPU faults charged meanwhile is not the batch's).
+    fn record_latency(&self, entries: &[FaultEntry], before: &ClockReport) {
+        let now = self.now_ns();
+        for e in entries {
+            self.latency.wall.record(now.saturating_sub(e.timestamp));
+        }
+        let d = self.clock.snapshot().since(before);
+        let service = d
+            .total
+            .saturating_sub(d.get(Cause::RemoteAccess))
+            .saturating_sub(d.get(Cause::CpuFault));
+        self.latency
+            .modelled
+            .record_n(service.as_nanos(), entries.len() as u64);
+    }
+
     fn replay(&self) {
         *self.epoch.lock() += 1;
         self.replayed.notify_all();
@@ -1535,6 +1603,7 @@ impl SimDevice {
         } else {
             entries
         };
+        let clock_before = self.clock.snapshot();
         let batch = FaultBatch::from_entries(entries);
         let stats = batch.stats();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -1600,6 +1669,7 @@ impl SimDevice {
         }
         let d = scheduler.after_batch();
         self.replay_charged(d);
+        self.record_latency(entries, &clock_before);
     }
 
     /// Carries out a replay decision. Batch-flush first drops the faults still in the ring: their
@@ -1851,6 +1921,13 @@ impl SimDevice {
         });
         let c = m.pages();
         let moved = c.entries().iter().filter(|e| e.migrates()).count() as u64;
+        // Pages never populated (a hole, the zero page) are zero-filled in device memory: nothing
+        // crosses the link for them (UVM populates untouched pages on the GPU, uvm-svm.md A.6).
+        let copied = c
+            .entries()
+            .iter()
+            .filter(|e| e.migrates() && e.src != PageLoc::Empty)
+            .count() as u64;
         let summary = c.finalize();
         if moved == 0 {
             return busy;
@@ -1862,7 +1939,7 @@ impl SimDevice {
         let cost = self
             .config
             .link
-            .transfer(Direction::HostToDevice, moved * PAGE_SIZE);
+            .transfer(Direction::HostToDevice, copied * PAGE_SIZE);
         self.clock.charge(Cause::MigrateToDevice, cost);
         tracing::debug!(
             dev = self.mem.id().0,

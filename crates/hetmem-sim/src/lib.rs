@@ -9,6 +9,7 @@
 
 pub mod accel;
 pub mod copy;
+pub mod latency;
 pub mod mirror;
 pub mod placement;
 

@@ -83,6 +83,40 @@ fn vector_add_equals_the_cpu_result_and_faults_in_batches() {
 }
 
 #[test]
+fn every_serviced_fault_has_a_latency_and_the_modelled_one_is_its_batch_service() {
+    let n = 32 * 1024;
+    let a = alloc_u32(n, |i| i as u32);
+    let out = alloc_u32(n, |_| 0);
+    let acc = Accelerator::new(AccelConfig {
+        link: hetmem_core::link::LinkModel::pcie3_x16(),
+        ..small()
+    })
+    .unwrap();
+    let (pa, po) = (a.start().0, out.start().0);
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let x = t.load_u32(pa + 4 * i)?;
+        t.store_u32(po + 4 * i, x + 1)
+    });
+    acc.launch(k, n).unwrap().wait().unwrap();
+    let s = acc.stats();
+    let l = acc.fault_latency();
+    assert_eq!(l.wall.count(), s.batched_faults, "{s:?}");
+    assert_eq!(l.modelled.count(), s.batched_faults);
+    // A batch's service costs at least its fixed cost and a replay (link.rs FaultCosts::UVM),
+    // and a fault waits at least that long in modelled time.
+    let p50 = l.modelled.quantile(0.5).unwrap();
+    assert!(p50 >= std::time::Duration::from_micros(20), "{p50:?}");
+    assert!(l.modelled.quantile(0.99).unwrap() >= p50);
+    assert!(l.wall.quantile(0.5).unwrap() > std::time::Duration::ZERO);
+    // Charged from outside (a runtime's eviction): one transfer on the device clock.
+    let before = acc.clock();
+    acc.charge_migration(hetmem_core::link::Direction::DeviceToHost, 2 << 20);
+    let d = acc.clock().since(&before);
+    assert_eq!(d.charges_of(Cause::MigrateToHost), 1);
+    assert!(d.get(Cause::MigrateToHost).as_nanos() > 100_000, "{d:?}");
+}
+
+#[test]
 fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
     let n = 8 * 1024;
     let a = alloc_u32(n, |i| i as u32);
@@ -424,4 +458,27 @@ fn a_dropped_read_copy_leaves_nothing_behind_for_a_page_that_migrates_in_as_zero
     assert!(read_u32(b, 1024).iter().all(|&v| v == 0), "stale bytes");
     assert!(read_u32(a, 1024).iter().all(|&v| v == 0xabab_abab));
     acc.check_invariants().unwrap();
+}
+
+#[test]
+fn migrating_pages_never_populated_copies_nothing_over_the_link() {
+    let acc = Accelerator::new(AccelConfig {
+        link: hetmem_core::link::LinkModel::pcie3_x16(),
+        ..small()
+    })
+    .unwrap();
+    let untouched = mm()
+        .map_anonymous(64 * PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let written = alloc_u32(64 * PAGE_SIZE / 4, |i| i as u32);
+    let before = acc.clock();
+    acc.make_resident(untouched, true).unwrap();
+    let d = acc.clock().since(&before);
+    assert_eq!(d.get(Cause::MigrateToDevice).as_nanos(), 0, "{d:?}");
+    acc.make_resident(written, true).unwrap();
+    let d = acc.clock().since(&before);
+    let expect = hetmem_core::link::LinkModel::pcie3_x16()
+        .transfer(hetmem_core::link::Direction::HostToDevice, 64 * PAGE_SIZE);
+    assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
+    assert_eq!(acc.stats().pages_to_device, 128);
 }

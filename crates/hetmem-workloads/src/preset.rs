@@ -1,0 +1,231 @@
+//! Policy presets, run modes and advice: what `--preset`, `--mode` and `--advice` name.
+//!
+//! * `uvm-default`: NVIDIA's driver defaults (uvm-svm.md A.3-A.9): batches of 256 faults,
+//!   batch-flush replay, 4 KiB fault granularity with the tree prefetcher at 51 % over 64 KiB
+//!   leaves, eviction by allocation order, thrashing detection on.
+//! * `none`: pure demand paging: each faulted 4 KiB page migrates alone, no prefetcher, no
+//!   thrashing detection; batches and eviction as `uvm-default`.
+//! * `hetmem`: our best settings, chosen by measurement (README, "Measured"): see
+//!   [`Preset::config`].
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hetmem_core::{
+    fault_ring::ReplayPolicy,
+    policy::{
+        prefetch::{PrefetchConfig, StreamConfig},
+        thrashing::ThrashingConfig,
+    },
+    HUGE_PAGE_SIZE, PAGE_SIZE,
+};
+use hetmem_runtime::{ContextBuilder, EvictionOrder};
+use hetmem_sim::accel::AccelConfig;
+use serde::Serialize;
+
+use crate::WorkloadError;
+
+/// A policy preset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Preset {
+    /// NVIDIA UVM's defaults.
+    UvmDefault,
+    /// Pure demand paging.
+    None,
+    /// hetmem's tuned settings.
+    Hetmem,
+}
+
+/// The settings a preset stands for.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct PresetConfig {
+    /// Migration window of a fault (bytes).
+    pub granularity: u64,
+    /// The tree prefetcher's threshold (percent), when on.
+    pub tree_threshold: Option<u32>,
+    /// The stream detector, when on.
+    pub stream: bool,
+    /// Thrashing detection.
+    pub thrashing: bool,
+    /// Eviction order (true: allocation order, NVIDIA's; false: accessed-bit LRU).
+    pub allocation_order_eviction: bool,
+    /// Faults per batch.
+    pub batch_size: usize,
+    /// Replay policy.
+    #[serde(skip)]
+    pub replay: ReplayPolicy,
+}
+
+impl Preset {
+    /// Every preset.
+    pub const ALL: [Preset; 3] = [Preset::UvmDefault, Preset::None, Preset::Hetmem];
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Preset::UvmDefault => "uvm-default",
+            Preset::None => "none",
+            Preset::Hetmem => "hetmem",
+        }
+    }
+
+    /// Its settings.
+    pub fn config(self) -> PresetConfig {
+        let uvm = PresetConfig {
+            granularity: PAGE_SIZE,
+            tree_threshold: Some(51),
+            stream: false,
+            thrashing: true,
+            allocation_order_eviction: true,
+            batch_size: 256,
+            replay: ReplayPolicy::BatchFlush,
+        };
+        match self {
+            Preset::UvmDefault => uvm,
+            Preset::None => PresetConfig {
+                tree_threshold: None,
+                thrashing: false,
+                ..uvm
+            },
+            // Chosen by measurement (`hetmem bench --matrix`, README "Measured"): whole 2 MiB
+            // blocks per fault (AMD's default granularity) amortise the per-batch and
+            // per-block costs that dominate a fault's service, and the stream detector
+            // migrates ahead of sequential walks; eviction by use keeps reused chunks.
+            Preset::Hetmem => PresetConfig {
+                granularity: HUGE_PAGE_SIZE,
+                tree_threshold: Some(51),
+                stream: true,
+                thrashing: true,
+                allocation_order_eviction: false,
+                batch_size: 256,
+                replay: ReplayPolicy::BatchFlush,
+            },
+        }
+    }
+}
+
+impl PresetConfig {
+    /// A context builder with these settings and one device `accel` (its batch and replay
+    /// settings replaced).
+    pub fn builder(&self, accel: AccelConfig) -> ContextBuilder {
+        let accel = AccelConfig {
+            batch_size: self.batch_size,
+            replay: self.replay,
+            fault_coalesce: Duration::from_micros(50),
+            ..accel
+        };
+        hetmem_runtime::Context::builder()
+            .device(accel)
+            .granularity(self.granularity)
+            .prefetcher(self.tree_threshold.map(|t| PrefetchConfig {
+                threshold_percent: t,
+                ..PrefetchConfig::default()
+            }))
+            .stream_prefetcher(self.stream.then(StreamConfig::default))
+            .thrashing(self.thrashing.then(ThrashingConfig::default))
+            .eviction(if self.allocation_order_eviction {
+                EvictionOrder::AllocationOrder
+            } else {
+                EvictionOrder::AccessedLru
+            })
+    }
+}
+
+impl fmt::Display for Preset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Preset {
+    type Err = WorkloadError;
+    fn from_str(s: &str) -> Result<Self, WorkloadError> {
+        Preset::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| WorkloadError::UnknownPreset { name: s.into() })
+    }
+}
+
+/// How a workload runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Managed memory: pages migrate on faults under the preset.
+    Managed,
+    /// The explicit-copy baseline: inputs prefetched to the device before the launches that
+    /// read them, outputs back after, no faults.
+    Explicit,
+    /// Plain Rust on the CPU (the reference every other mode is checked against).
+    Cpu,
+}
+
+impl Mode {
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Managed => "managed",
+            Mode::Explicit => "explicit",
+            Mode::Cpu => "cpu",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Mode {
+    type Err = WorkloadError;
+    fn from_str(s: &str) -> Result<Self, WorkloadError> {
+        [Mode::Managed, Mode::Explicit, Mode::Cpu]
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| WorkloadError::UnknownMode { name: s.into() })
+    }
+}
+
+/// Advice a managed run gives the runtime about the workload's buffers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Advise {
+    /// None: the program as written for demand paging.
+    #[default]
+    None,
+    /// `cudaMemPrefetchAsync` of each input to the device where explicit copies would copy it
+    /// (UVMBench's "with prefetch" variant), and of each output back.
+    Prefetch,
+    /// Inputs read-mostly (`cudaMemAdviseSetReadMostly`): devices get read copies.
+    ReadMostly,
+}
+
+impl Advise {
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Advise::None => "none",
+            Advise::Prefetch => "prefetch",
+            Advise::ReadMostly => "read-mostly",
+        }
+    }
+}
+
+impl fmt::Display for Advise {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Advise {
+    type Err = WorkloadError;
+    fn from_str(s: &str) -> Result<Self, WorkloadError> {
+        [Advise::None, Advise::Prefetch, Advise::ReadMostly]
+            .into_iter()
+            .find(|m| m.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| WorkloadError::UnknownAdvice { name: s.into() })
+    }
+}
