@@ -271,7 +271,10 @@ pub fn run_workload(
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.latency = Latency::from(&lat);
     report.cpu_faults = d(s.pages_to_host, stats0.pages_to_host);
-    debug_assert!(report.migrations.bytes_to_device().is_multiple_of(PAGE_SIZE));
+    debug_assert!(report
+        .migrations
+        .bytes_to_device()
+        .is_multiple_of(PAGE_SIZE));
     Ok(RunOutcome {
         report,
         samples,
