@@ -948,11 +948,15 @@ impl Drop for Accelerator {
         // the mprotect backend, PROT_READ: the program's next write to its own memory was a
         // SIGSEGV nobody handled; found by the model test, issue 6).
         self.drop_all_copies();
-        if let Some(sub) = self.dev.sub.lock().take() {
-            self.dev.mm.notifiers().remove(&sub);
-        }
+        // Pages come home while the notifier still reaches this device: each eviction unmaps
+        // them and waits for the warp in flight on every compute unit, so a lane of a launch
+        // still running cannot commit stores into a frame whose page already left (found by the
+        // reliability tests, issue 6: a device dropped mid-launch lost half a lane's stores).
         if let Err(e) = self.dev.mm.detach_device(self.dev.mem.id()) {
             tracing::error!(error = %e, "accelerator detach failed");
+        }
+        if let Some(sub) = self.dev.sub.lock().take() {
+            self.dev.mm.notifiers().remove(&sub);
         }
     }
 }
