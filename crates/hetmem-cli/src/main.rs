@@ -32,6 +32,8 @@ enum Backend {
     Mprotect,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// A short end-to-end run: pages migrate to a device, the CPU faults them back.

@@ -180,7 +180,8 @@ fn every_operation_once_matches_the_model() {
     ];
     let tally = Machine::run(ModelConfig::default(), &ops).unwrap();
     eprintln!("every op once: {tally}");
-    assert_eq!(tally.ops[13], 0, "no op was skipped");
+    // Read-mostly advice is skipped while its open issue stands (`ModelConfig::known_issues`).
+    assert_eq!(tally.ops[13], 1, "no other op was skipped");
     assert_eq!(tally.refused_writes, 1);
 }
 

@@ -948,11 +948,15 @@ impl Drop for Accelerator {
         // the mprotect backend, PROT_READ: the program's next write to its own memory was a
         // SIGSEGV nobody handled; found by the model test, issue 6).
         self.drop_all_copies();
-        if let Some(sub) = self.dev.sub.lock().take() {
-            self.dev.mm.notifiers().remove(&sub);
-        }
+        // Pages come home while the notifier still reaches this device: each eviction unmaps
+        // them and waits for the warp in flight on every compute unit, so a lane of a launch
+        // still running cannot commit stores into a frame whose page already left (found by the
+        // reliability tests, issue 6: a device dropped mid-launch lost half a lane's stores).
         if let Err(e) = self.dev.mm.detach_device(self.dev.mem.id()) {
             tracing::error!(error = %e, "accelerator detach failed");
+        }
+        if let Some(sub) = self.dev.sub.lock().take() {
+            self.dev.mm.notifiers().remove(&sub);
         }
     }
 }
@@ -1580,7 +1584,6 @@ impl SimDevice {
     }
 
     fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
-        let clock_before = self.clock.snapshot();
         // Faults raised before the launch in flight started belong to an earlier launch, whose
         // warps are gone (it finished, or failed with faults still in the ring): servicing them
         // is wasted work, and a stale write fault merged into a block with this launch's faults
@@ -1604,6 +1607,7 @@ impl SimDevice {
         } else {
             entries
         };
+        let clock_before = self.clock.snapshot();
         let batch = FaultBatch::from_entries(entries);
         let stats = batch.stats();
         self.counters.batches.fetch_add(1, Ordering::Relaxed);

@@ -437,29 +437,6 @@ fn a_second_device_pulls_pages_from_the_first_device_to_device() {
 }
 
 #[test]
-fn migrating_pages_never_populated_copies_nothing_over_the_link() {
-    let acc = Accelerator::new(AccelConfig {
-        link: hetmem_core::link::LinkModel::pcie3_x16(),
-        ..small()
-    })
-    .unwrap();
-    let untouched = mm()
-        .map_anonymous(64 * PAGE_SIZE, Prot::READ | Prot::WRITE, false)
-        .unwrap();
-    let written = alloc_u32(64 * PAGE_SIZE / 4, |i| i as u32);
-    let before = acc.clock();
-    acc.make_resident(untouched, true).unwrap();
-    let d = acc.clock().since(&before);
-    assert_eq!(d.get(Cause::MigrateToDevice).as_nanos(), 0, "{d:?}");
-    acc.make_resident(written, true).unwrap();
-    let d = acc.clock().since(&before);
-    let expect = hetmem_core::link::LinkModel::pcie3_x16()
-        .transfer(hetmem_core::link::Direction::HostToDevice, 64 * PAGE_SIZE);
-    assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
-    assert_eq!(acc.stats().pages_to_device, 128);
-}
-
-#[test]
 fn a_dropped_read_copy_leaves_nothing_behind_for_a_page_that_migrates_in_as_zeros() {
     // Page `a` holds a pattern; the device copies it (read duplication), then drops the copy, and
     // its frame goes back to the pool. Page `b` was never touched (a hole): it migrates in as
@@ -481,4 +458,27 @@ fn a_dropped_read_copy_leaves_nothing_behind_for_a_page_that_migrates_in_as_zero
     assert!(read_u32(b, 1024).iter().all(|&v| v == 0), "stale bytes");
     assert!(read_u32(a, 1024).iter().all(|&v| v == 0xabab_abab));
     acc.check_invariants().unwrap();
+}
+
+#[test]
+fn migrating_pages_never_populated_copies_nothing_over_the_link() {
+    let acc = Accelerator::new(AccelConfig {
+        link: hetmem_core::link::LinkModel::pcie3_x16(),
+        ..small()
+    })
+    .unwrap();
+    let untouched = mm()
+        .map_anonymous(64 * PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let written = alloc_u32(64 * PAGE_SIZE / 4, |i| i as u32);
+    let before = acc.clock();
+    acc.make_resident(untouched, true).unwrap();
+    let d = acc.clock().since(&before);
+    assert_eq!(d.get(Cause::MigrateToDevice).as_nanos(), 0, "{d:?}");
+    acc.make_resident(written, true).unwrap();
+    let d = acc.clock().since(&before);
+    let expect = hetmem_core::link::LinkModel::pcie3_x16()
+        .transfer(hetmem_core::link::Direction::HostToDevice, 64 * PAGE_SIZE);
+    assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
+    assert_eq!(acc.stats().pages_to_device, 128);
 }

@@ -54,11 +54,11 @@ pub struct ModelConfig {
     pub memory_limit_pages: Option<u64>,
     /// Thrashing detection (on by default in a context; wall-clock driven).
     pub thrashing: bool,
-    /// Run the combinations of a known, open issue too (off by default): accessed-by and
-    /// read-mostly advice on the same pages (a remote mapping replaces a read copy's mapping
-    /// while the copy stays booked; `Context::check_invariants` reports "the copy of .. is mapped
-    /// as .. System"; the lead's read-duplication work). Off, the second of the two advices on
-    /// a page is skipped (accessed-by is never unset by the model, so it stays avoided).
+    /// Run the operations of a known, open issue too (off by default): read-mostly advice. Read
+    /// duplication can leave a device's read copy booked while its mapping points at the
+    /// system page (`Context::check_invariants` reports "the copy of .. is mapped as .. System"),
+    /// with accessed-by advice on the same pages and, less often, without; it is the lead's
+    /// read-duplication work. Off, read-mostly advice is skipped.
     pub known_issues: bool,
     /// Each device's fault ring capacity (a power of two; small rings overflow: fault
     /// injection of a full ring).
@@ -916,7 +916,7 @@ impl Machine {
                 let any = |v: &[bool]| v[pages.clone()].iter().any(|&b| b);
                 match advice {
                     AdviceOp::AccessedBy(_) if avoid && any(&sl.read_mostly) => return Ok(false),
-                    AdviceOp::ReadMostly if avoid && any(&sl.accessed_by) => return Ok(false),
+                    AdviceOp::ReadMostly if avoid => return Ok(false),
                     AdviceOp::ReadMostly => sl.read_mostly[pages].fill(true),
                     AdviceOp::UnsetReadMostly => sl.read_mostly[pages].fill(false),
                     AdviceOp::AccessedBy(_) => sl.accessed_by[pages].fill(true),

@@ -1298,7 +1298,9 @@ pub(crate) fn evict_range_device(
         // page a device faulted back in after setup looked at it (not selected then) is a new
         // residency, not one this call failed to evict: under a device that keeps faulting,
         // waiting for "none held" could go on for ever.
-        let mut tries = 0;
+        // Bounded in time, not in tries: a lock holder descheduled on a loaded machine can keep
+        // a page for tens of milliseconds.
+        let since = std::time::Instant::now();
         loop {
             let (summary, entries) = migrate(mm, args, &ToSystem)?;
             moved += summary.migrated;
@@ -1306,12 +1308,11 @@ pub(crate) fn evict_range_device(
                 e.skipped.is_some_and(|r| r != SkipReason::NotSelected) && held(s + k)
             });
             let Some((k, _)) = busy else { break };
-            if tries == 1000 {
+            if since.elapsed() > std::time::Duration::from_secs(2) {
                 return Err(MigrateError::Stuck {
                     addr: sub.page(k as u64),
                 });
             }
-            tries += 1;
             std::thread::sleep(std::time::Duration::from_micros(100));
         }
     }
