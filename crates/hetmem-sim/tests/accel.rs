@@ -477,8 +477,14 @@ fn migrating_pages_never_populated_copies_nothing_over_the_link() {
     assert_eq!(d.get(Cause::MigrateToDevice).as_nanos(), 0, "{d:?}");
     acc.make_resident(written, true).unwrap();
     let d = acc.clock().since(&before);
-    let expect = hetmem_core::link::LinkModel::pcie3_x16()
-        .transfer(hetmem_core::link::Direction::HostToDevice, 64 * PAGE_SIZE);
+    // One transfer per 2 MiB block the range touches (it may straddle a boundary).
+    let link = hetmem_core::link::LinkModel::pcie3_x16();
+    let expect = written
+        .chunks(hetmem_core::HUGE_PAGE_SIZE)
+        .map(|c| link.transfer(hetmem_core::link::Direction::HostToDevice, c.len_bytes()))
+        .fold(hetmem_core::link::ModelTime::ZERO, |a, b| {
+            a.saturating_add(b)
+        });
     assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
     assert_eq!(acc.stats().pages_to_device, 128);
 }
