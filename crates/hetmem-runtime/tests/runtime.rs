@@ -334,8 +334,18 @@ fn touch_pages(c: &Context, x: &Managed, from: u64, to: u64) {
         .unwrap();
 }
 
+/// Bytes from `x`'s start to its first 2 MiB boundary (mappings need not be aligned).
+fn to_block(x: &Managed) -> u64 {
+    x.addr().next_multiple_of(HUGE_PAGE_SIZE) - x.addr()
+}
+
+/// Is `x`'s `chunk`-th whole block (counted from its first boundary) on the device?
 fn chunk_on_device(c: &Context, x: &Managed, chunk: u64) -> bool {
-    let r = PageRange::new(x.addr() + chunk * HUGE_PAGE_SIZE, HUGE_PAGE_SIZE).unwrap();
+    let r = PageRange::new(
+        x.addr() + to_block(x) + chunk * HUGE_PAGE_SIZE,
+        HUGE_PAGE_SIZE,
+    )
+    .unwrap();
     on(c, r, Processor::Device(dev0(c))) == HUGE_PAGE_SIZE / PAGE_SIZE
 }
 
@@ -353,11 +363,12 @@ fn victim_after_reuse(order: EvictionOrder) -> (bool, bool) {
         .eviction(order)
         .build()
         .unwrap();
-    let mut x = c.alloc(6 * HUGE_PAGE_SIZE).unwrap();
+    let mut x = c.alloc(7 * HUGE_PAGE_SIZE).unwrap();
     fill(&mut x, |i| i as u32);
-    touch_pages(&c, &x, 0, 4 * HUGE_PAGE_SIZE);
+    let o = to_block(&x);
+    touch_pages(&c, &x, o, o + 4 * HUGE_PAGE_SIZE);
     let before = c.device(dev0(&c)).unwrap().clock();
-    touch_pages(&c, &x, 4 * HUGE_PAGE_SIZE, 5 * HUGE_PAGE_SIZE);
+    touch_pages(&c, &x, o + 4 * HUGE_PAGE_SIZE, o + 5 * HUGE_PAGE_SIZE);
     assert!(!chunk_on_device(&c, &x, 0), "chunk 0 was the first victim");
     // The eviction's copy back is on the device clock: a 2 MiB transfer over PCIe 3.
     let d = c.device(dev0(&c)).unwrap().clock().since(&before);
@@ -365,8 +376,8 @@ fn victim_after_reuse(order: EvictionOrder) -> (bool, bool) {
         d.get(hetmem_core::link::Cause::MigrateToHost).as_nanos() > 150_000,
         "{d:?}"
     );
-    touch_pages(&c, &x, HUGE_PAGE_SIZE, 2 * HUGE_PAGE_SIZE);
-    touch_pages(&c, &x, 5 * HUGE_PAGE_SIZE, 6 * HUGE_PAGE_SIZE);
+    touch_pages(&c, &x, o + HUGE_PAGE_SIZE, o + 2 * HUGE_PAGE_SIZE);
+    touch_pages(&c, &x, o + 5 * HUGE_PAGE_SIZE, o + 6 * HUGE_PAGE_SIZE);
     assert_eq!(c.stats().evictions, 2);
     c.check_invariants().unwrap();
     (chunk_on_device(&c, &x, 1), chunk_on_device(&c, &x, 2))
@@ -508,15 +519,14 @@ fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
             .pressure_window(pressure)
             .build()
             .unwrap();
-        let mut x = c.alloc(6 * HUGE_PAGE_SIZE).unwrap();
+        let mut x = c.alloc(7 * HUGE_PAGE_SIZE).unwrap();
         fill(&mut x, |i| i as u32);
+        let o = to_block(&x);
         // Whole blocks while they fit.
-        touch_pages(&c, &x, 0, 4 * HUGE_PAGE_SIZE);
-        let first =
-            PageRange::new(x.addr().next_multiple_of(HUGE_PAGE_SIZE), HUGE_PAGE_SIZE).unwrap();
-        assert_eq!(on(&c, first, Processor::Device(dev0(&c))), 512);
+        touch_pages(&c, &x, o, o + 4 * HUGE_PAGE_SIZE);
+        assert!(chunk_on_device(&c, &x, 0));
         // One page past what fits.
-        let at = 5 * HUGE_PAGE_SIZE - (x.addr() % HUGE_PAGE_SIZE) + (100 << 10);
+        let at = o + 5 * HUGE_PAGE_SIZE + (100 << 10);
         touch_pages(&c, &x, at, at + PAGE_SIZE);
         let b = PageRange::new((x.addr() + at) & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE).unwrap();
         assert_eq!(
