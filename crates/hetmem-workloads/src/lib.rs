@@ -6,7 +6,7 @@
 //! BFS over a generated graph, and a paged key-value cache growing and being read. Each one also
 //! runs as plain Rust on the CPU, and every device run is checked against that result.
 //!
-//! A run ([`run`]) puts a workload on a fresh [`hetmem_runtime::Context`] in one of three modes
+//! A run ([`mod@run`]) puts a workload on a fresh [`hetmem_runtime::Context`] in one of three modes
 //! ([`Mode`]): managed memory under a policy preset ([`Preset`]: `uvm-default`, `none`,
 //! `hetmem`), the explicit-copy baseline (inputs prefetched to the device before the first
 //! launch, outputs back after the last, no faults: the `cudaMemcpy` program, charged on the same
@@ -14,7 +14,7 @@
 //! against explicit copies, faults, batches, migrations by trigger, evictions, thrashing and
 //! fault-service latency; [`trace`] writes Chrome trace events, [`plot`] an SVG of residency
 //! and migrations over time, [`inspect`] the ranges of the context (AMD's `svm_ranges`), and
-//! [`bench`] the matrix of workloads × presets × oversubscription.
+//! [`mod@bench`] the matrix of workloads × presets × oversubscription.
 //!
 //! ```text
 //!   WorkloadSpec ──build──► dyn Workload ──run(ex: &mut Exec)──► output (checked against cpu())

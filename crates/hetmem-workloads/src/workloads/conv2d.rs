@@ -12,7 +12,7 @@ use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
 use crate::WorkloadError;
 
-/// The stencil over `h` rows of [`WIDTH`] words.
+/// The stencil over `h` rows of 1024 words.
 #[derive(Debug)]
 pub struct Conv2d {
     h: u64,
