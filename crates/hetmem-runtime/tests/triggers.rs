@@ -222,32 +222,8 @@ impl tracing::Subscriber for Recorder {
 #[test]
 fn every_migration_event_names_its_trigger_and_agrees_with_the_counts() {
     let rec = Arc::new(Recorder::default());
-    struct Shared(Arc<Recorder>);
-    impl tracing::Subscriber for Shared {
-        fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
-            self.0.enabled(m)
-        }
-        fn new_span(&self, a: &tracing::span::Attributes<'_>) -> tracing::span::Id {
-            self.0.new_span(a)
-        }
-        fn record(&self, s: &tracing::span::Id, r: &tracing::span::Record<'_>) {
-            self.0.record(s, r)
-        }
-        fn record_follows_from(&self, a: &tracing::span::Id, b: &tracing::span::Id) {
-            self.0.record_follows_from(a, b)
-        }
-        fn event(&self, e: &tracing::Event<'_>) {
-            self.0.event(e)
-        }
-        fn enter(&self, s: &tracing::span::Id) {
-            self.0.enter(s)
-        }
-        fn exit(&self, s: &tracing::span::Id) {
-            self.0.exit(s)
-        }
-    }
     // Events come from the service threads too: the subscriber must be global.
-    tracing::subscriber::set_global_default(Shared(Arc::clone(&rec))).unwrap();
+    tracing::subscriber::set_global_default(Arc::clone(&rec)).unwrap();
     let c = Context::builder().device(device(4)).build().unwrap();
     let d = c.devices()[0];
     let mut x = c.alloc(8 << 20).unwrap();
