@@ -325,6 +325,11 @@ pub struct SimDevice {
     /// The fatal fault of the launch in flight, if any (one launch at a time per device).
     fatal: Mutex<Option<LaunchError>>,
     active_launches: AtomicU64,
+    /// Held by the service thread while it services a batch. [`Launch::wait`] passes through it
+    /// once the compute units are done, so that it returns only after the batch in flight is
+    /// over: the replay of that batch may be what let the last warps finish, and the rest of it
+    /// (its counters, its latencies) must not run behind the caller's back.
+    servicing: Mutex<()>,
     /// Device clock (ns) when the launch in flight started.
     launch_started: AtomicU64,
     stop: AtomicBool,
@@ -583,6 +588,7 @@ impl Accelerator {
                 replayed: Condvar::new(),
                 fatal: Mutex::new(None),
                 active_launches: AtomicU64::new(0),
+                servicing: Mutex::new(()),
                 launch_started: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -990,6 +996,9 @@ impl Launch {
             }
         }
         self.dev.active_launches.fetch_sub(1, Ordering::AcqRel);
+        // The batch in flight ends before the launch does; any later one finds no launch active
+        // and services nothing (`SimDevice::service_batch`).
+        drop(self.dev.servicing.lock());
         if let Some(e) = self.dev.fatal.lock().take() {
             result = Err(e);
         }
@@ -1544,7 +1553,9 @@ impl SimDevice {
                 scheduler.note_overflow();
             }
             let (t, cpu) = (Instant::now(), hetmem_sys::clock::thread_cpu_time());
+            let servicing = self.servicing.lock();
             self.service_batch(&entries, &mut scheduler);
+            drop(servicing);
             self.counters
                 .service_ns
                 .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
@@ -1583,13 +1594,23 @@ impl SimDevice {
         }
     }
 
+    /// Services one batch; called with `servicing` held.
     fn service_batch(&self, entries: &[FaultEntry], scheduler: &mut ReplayScheduler) {
         // Faults raised before the launch in flight started belong to an earlier launch, whose
         // warps are gone (it finished, or failed with faults still in the ring): servicing them
         // is wasted work, and a stale write fault merged into a block with this launch's faults
         // failed this launch with the earlier one's permission fault (found by the fuzz smoke
-        // run, issue 6).
-        let started = self.launch_started.load(Ordering::Acquire);
+        // run, issue 6). With no launch in flight every entry is such a leftover (a warp's
+        // duplicate of a fault another warp's batch already serviced): serviced after the
+        // launch returned, it pulled back into this device pages the program had moved
+        // elsewhere since (read under `servicing`, which `Launch::wait` passes through after
+        // the count drops, so a batch sees either the launch active or its wait not yet
+        // returned).
+        let started = if self.active_launches.load(Ordering::Acquire) == 0 {
+            u64::MAX
+        } else {
+            self.launch_started.load(Ordering::Acquire)
+        };
         let current: Vec<FaultEntry>;
         let entries = if entries.iter().any(|e| e.timestamp < started) {
             current = entries

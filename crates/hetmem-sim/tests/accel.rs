@@ -117,6 +117,46 @@ fn every_serviced_fault_has_a_latency_and_the_modelled_one_is_its_batch_service(
 }
 
 #[test]
+fn a_finished_launch_leaves_nothing_serviced_behind_its_wait() {
+    // One page read by 32 warps: they all fault on it during the first batch's interrupt
+    // moderation pause. Batches of 3 without a flush service one entry's page and replay; the
+    // warps then hit and the launch finishes with the other 29 entries still in the ring, the
+    // last 2 of which wait out another pause before they are read.
+    let n = 1024;
+    let a = alloc_u32(n, |i| i as u32);
+    let acc = Accelerator::new(AccelConfig {
+        batch_size: 3,
+        fault_coalesce: std::time::Duration::from_millis(20),
+        replay: hetmem_core::fault_ring::ReplayPolicy::Batch,
+        ..small()
+    })
+    .unwrap();
+    let pa = a.start().0;
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.load_u32(pa + 4 * i).map(drop)
+    });
+    acc.launch(k, n).unwrap().wait().unwrap();
+    // Every fault the launch's wait saw serviced has its latency recorded.
+    let s = acc.stats();
+    assert_eq!(acc.fault_latency().wall.count(), s.batched_faults, "{s:?}");
+    assert_eq!(s.pages_to_device, 1, "{s:?}");
+    // The CPU takes the page back; the launch's leftovers have time to be read.
+    hetmem::cpu_touch(a.start()).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let t = acc.stats();
+    assert_eq!(
+        t.pages_to_device, s.pages_to_device,
+        "a leftover fault of the finished launch pulled the page back: {t:?}"
+    );
+    assert_eq!(
+        t.batched_faults, s.batched_faults,
+        "serviced after the wait: {t:?}"
+    );
+    assert_eq!(read_u32(a, n)[77], 77);
+    acc.check_invariants().unwrap();
+}
+
+#[test]
 fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
     let n = 8 * 1024;
     let a = alloc_u32(n, |i| i as u32);
