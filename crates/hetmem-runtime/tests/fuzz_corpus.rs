@@ -37,16 +37,15 @@ fn the_committed_fuzz_corpus_runs_clean() {
     assert!(files > 0, "the corpus is committed");
 }
 
-/// Inputs that lose a device store now and then under the mprotect backend (open, see the README).
-const FLAKY_INPUTS: &[usize] = &[134];
-
+/// Input 134 lost stores now and then under the mprotect backend (a page read zero after a
+/// kernel wrote it): a migration's own discard crossed two VMAs, the kernel reported it once per
+/// VMA, and the second report was taken for the program's madvise and dropped the pages just
+/// migrated when it came late enough. Fixed (`hetmem`'s `zaps`); run ten times since the loss
+/// was a race (about 1 run in 50 before).
 #[test]
-#[ignore = "open issue: a lost device store under the mprotect backend, intermittent"]
-fn known_issue_lost_store_under_mprotect() {
-    for _ in 0..20 {
-        for &i in FLAKY_INPUTS {
-            run(&format!("input {i}"), &random_input(i));
-        }
+fn regression_lost_store_under_mprotect() {
+    for _ in 0..10 {
+        run("input 134", &random_input(134));
     }
 }
 
@@ -83,9 +82,6 @@ fn regression_read_copy_mapped_as_system() {
 fn random_byte_strings_run_clean() {
     let mut ops = 0;
     for (i, data) in random_inputs().enumerate().take(inputs()) {
-        if FLAKY_INPUTS.contains(&i) {
-            continue;
-        }
         ops += run(&format!("input {i}"), &data);
     }
     eprintln!("random byte strings: {} inputs, {ops} ops", inputs());
