@@ -180,8 +180,7 @@ fn every_operation_once_matches_the_model() {
     ];
     let tally = Machine::run(ModelConfig::default(), &ops).unwrap();
     eprintln!("every op once: {tally}");
-    // Read-mostly advice is skipped while its open issue stands (`ModelConfig::known_issues`).
-    assert_eq!(tally.ops[13], 1, "no other op was skipped");
+    assert_eq!(tally.ops[13], 0, "no op was skipped");
     assert_eq!(tally.refused_writes, 1);
 }
 
@@ -278,13 +277,12 @@ fn regression_an_untouched_page_migrates_as_zeros_into_a_reused_frame() {
     }
 }
 
-/// Open (reported to the lead; read duplication): accessed-by advice over read-mostly pages a
-/// device holds read copies of maps the system pages remotely over the copies' mappings while
-/// the copies stay booked, and `check_invariants` reports "the copy of .. is mapped as .. System".
-/// The property tests skip that combination (`ModelConfig::known_issues`); this runs it.
+/// Found by the model (issue 6): accessed-by advice over read-mostly pages a device held read
+/// copies of mapped the system pages remotely over the copies' leaves while the copies stayed
+/// booked (`check_invariants`: "the copy of .. is mapped as .. System"): the fault service
+/// mapped every page of its span as the range fault reported it. Copies now keep their leaves.
 #[test]
-#[ignore = "open issue: accessed-by over read copies (read duplication)"]
-fn known_issue_accessed_by_over_read_copies_keeps_the_copies_mapped() {
+fn regression_accessed_by_over_read_copies_keeps_the_copies_mapped() {
     let ops = [
         Op::Register {
             slot: 0,
@@ -310,12 +308,5 @@ fn known_issue_accessed_by_over_read_copies_keeps_the_copies_mapped() {
             advice: AdviceOp::AccessedBy(0),
         },
     ];
-    Machine::run(
-        ModelConfig {
-            known_issues: true,
-            ..ModelConfig::default()
-        },
-        &ops,
-    )
-    .unwrap();
+    Machine::run(ModelConfig::default(), &ops).unwrap();
 }

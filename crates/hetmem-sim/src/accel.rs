@@ -2082,13 +2082,45 @@ impl SimDevice {
                 if sub.read_retry(r.notifier_seq) {
                     return None;
                 }
-                Some(map_span(c, span, &targets))
+                // This device's read copies (the copies' lock is taken inside the table update,
+                // as the notifier takes it, so none comes or goes meanwhile) keep their leaves:
+                // the range fault reports the system page under a copy, and mapping that over
+                // the copy's leaf would leave the copy booked but unreachable. A page the device
+                // is to write cannot have a copy any more (the write collapsed them); should one
+                // remain, it goes before the page is mapped writable.
+                let mut dropped = Vec::new();
+                {
+                    let dups = self.dups.lock();
+                    for (k, t) in targets.iter_mut().enumerate() {
+                        let a = span.page(k as u64);
+                        match t {
+                            Some((_, perms)) if dups.copy_of(a).is_some() => {
+                                if perms.contains(PtePerms::WRITE) {
+                                    dropped.push(a);
+                                } else {
+                                    *t = None;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                let mut copies = Vec::new();
+                for a in dropped {
+                    let page = PageRange::new(a.0, PAGE_SIZE).expect("a page of the span");
+                    copies.extend(self.unmap_copies(c, page));
+                }
+                Some((map_span(c, span, &targets), copies))
             });
-            let Some(mapped) = mapped else { continue };
-            let mapped = mapped.map_err(|e| (span.start(), e))?;
+            let Some((mapped, copies)) = mapped else {
+                continue;
+            };
             // Mapping over leaves queued their invalidations: send them (and wait for any other
-            // in flight) before the replay lets warps run on the new mappings.
+            // in flight) before the replay lets warps run on the new mappings, and before a
+            // dropped copy's frame goes back to the pool.
             self.mmu.shootdown();
+            self.free_copies(&copies);
+            let mapped = mapped.map_err(|e| (span.start(), e))?;
             self.counters
                 .pages_mapped_remote
                 .fetch_add(mapped.remote, Ordering::Relaxed);

@@ -54,12 +54,6 @@ pub struct ModelConfig {
     pub memory_limit_pages: Option<u64>,
     /// Thrashing detection (on by default in a context; wall-clock driven).
     pub thrashing: bool,
-    /// Run the operations of a known, open issue too (off by default): read-mostly advice. Read
-    /// duplication can leave a device's read copy booked while its mapping points at the
-    /// system page (`Context::check_invariants` reports "the copy of .. is mapped as .. System"),
-    /// with accessed-by advice on the same pages and, less often, without; it is the lead's
-    /// read-duplication work. Off, read-mostly advice is skipped.
-    pub known_issues: bool,
     /// Each device's fault ring capacity (a power of two; small rings overflow: fault
     /// injection of a full ring).
     pub ring_capacity: usize,
@@ -73,7 +67,6 @@ impl Default for ModelConfig {
             max_pages: 24,
             memory_limit_pages: Some(48),
             thrashing: true,
-            known_issues: false,
             ring_capacity: 4096,
         }
     }
@@ -570,10 +563,6 @@ struct Slot {
     mem: Mem,
     /// The plain buffer: what every word must hold.
     model: Vec<u32>,
-    /// Pages advised read-mostly (for [`ModelConfig::known_issues`]).
-    read_mostly: Vec<bool>,
-    /// Pages advised accessed-by some device (for [`ModelConfig::known_issues`]).
-    accessed_by: Vec<bool>,
 }
 
 /// What a run did, for the figures.
@@ -771,8 +760,6 @@ impl Machine {
                 self.slots[s] = Some(Slot {
                     mem: Mem::Managed(m),
                     model: vec![0; n as usize * WORDS_PER_PAGE],
-                    read_mostly: vec![false; n as usize],
-                    accessed_by: vec![false; n as usize],
                 });
             }
             Op::Register { slot, pages, seed } => {
@@ -792,8 +779,6 @@ impl Machine {
                 self.slots[s] = Some(Slot {
                     mem: Mem::Registered(r),
                     model,
-                    read_mostly: vec![false; n as usize],
-                    accessed_by: vec![false; n as usize],
                 });
             }
             Op::Release { slot } => {
@@ -907,21 +892,9 @@ impl Machine {
                 advice,
             } => {
                 let s = self.slot_index(slot);
-                let Some((sub, first, count)) = self.pages(s, page, npages) else {
+                let Some((sub, _, _)) = self.pages(s, page, npages) else {
                     return Ok(false);
                 };
-                let sl = self.slots[s].as_mut().expect("slot checked");
-                let pages = first..first + count;
-                let avoid = !self.config.known_issues;
-                let any = |v: &[bool]| v[pages.clone()].iter().any(|&b| b);
-                match advice {
-                    AdviceOp::AccessedBy(_) if avoid && any(&sl.read_mostly) => return Ok(false),
-                    AdviceOp::ReadMostly if avoid => return Ok(false),
-                    AdviceOp::ReadMostly => sl.read_mostly[pages].fill(true),
-                    AdviceOp::UnsetReadMostly => sl.read_mostly[pages].fill(false),
-                    AdviceOp::AccessedBy(_) => sl.accessed_by[pages].fill(true),
-                    _ => {}
-                }
                 let a = match advice {
                     AdviceOp::Preferred(t) => Advice::SetPreferredLocation(self.processor(t)),
                     AdviceOp::UnsetPreferred => Advice::UnsetPreferredLocation,

@@ -67,6 +67,7 @@ fn handle(mm: &AddressSpace, ev: UffdEvent) {
             }
             if let Ok(r) = PageRange::from_bounds(start as u64, end as u64) {
                 tracing::debug!(?r, "madvise discard of managed memory");
+                mm.stats.add(&mm.stats.program_discards, 1);
                 mm.forget(r, NotifyEvent::Clear);
             }
         }

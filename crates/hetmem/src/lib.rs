@@ -26,6 +26,7 @@ pub mod mm;
 mod os;
 pub mod region;
 pub mod stats;
+mod zaps;
 
 pub use device::{ComputeDevice, Device, DeviceMemory, MigrateDriver, PeerCopy};
 pub use error::{MigrateError, MmError};

@@ -101,7 +101,7 @@ pub struct AddressSpace {
     pub(crate) regions: RwLock<BTreeMap<u64, Arc<Region>>>,
     pub(crate) devices: RwLock<Vec<Option<Arc<dyn Device>>>>,
     /// Ranges hetmem itself is discarding with MADV_DONTNEED: their REMOVE events are its own.
-    pub(crate) self_zaps: Mutex<Vec<(u64, u64)>>,
+    pub(crate) self_zaps: Mutex<crate::zaps::SelfZaps>,
     /// mremaps hetmem itself is doing, `(from, to, len, dont_unmap)` (`to` is `u64::MAX` when
     /// the kernel picks it): the event thread learns from the mark whether the old range stays
     /// mapped, which the REMAP event does not say.
@@ -226,7 +226,7 @@ impl AddressSpace {
             notifiers: MmNotifiers::new(),
             regions: RwLock::new(BTreeMap::new()),
             devices: RwLock::new(Vec::new()),
-            self_zaps: Mutex::new(Vec::new()),
+            self_zaps: Mutex::new(crate::zaps::SelfZaps::default()),
             self_remaps: Mutex::new(Vec::new()),
             event_batch: AtomicU64::new(0),
             stats: Stats::default(),
@@ -683,21 +683,16 @@ impl AddressSpace {
         range: PageRange,
         f: impl FnOnce() -> Result<T, E>,
     ) -> Result<T, E> {
-        // The entry is consumed by the event thread when it handles the REMOVE event: the
-        // madvise returns as soon as the event is *read*, before it is handled, so removing it
-        // here would race with the handling.
-        let key = (range.start().0, range.end().0);
-        let tracked = self.uffd.is_some();
-        if tracked {
-            self.self_zaps.lock().push(key);
+        // The mark is claimed by the event thread as it handles the REMOVE events (one per VMA
+        // crossed): the madvise returns as soon as they are *read*, before they are handled, so
+        // removing it here would race with the handling (see `zaps`).
+        if self.uffd.is_none() {
+            return f();
         }
+        let id = self.self_zaps.lock().begin(range.start().0, range.end().0);
         let r = f();
-        if r.is_err() && tracked {
-            let mut z = self.self_zaps.lock();
-            if let Some(i) = z.iter().position(|k| *k == key) {
-                z.swap_remove(i);
-            }
-        }
+        let batch = self.event_batch.load(Ordering::SeqCst);
+        self.self_zaps.lock().finish(id, batch, r.is_err());
         r
     }
 
@@ -713,14 +708,8 @@ impl AddressSpace {
 
     /// Consumes a self-zap covering `[start, end)`, if there is one.
     pub(crate) fn take_self_zap(&self, start: u64, end: u64) -> bool {
-        let mut z = self.self_zaps.lock();
-        match z.iter().position(|&(s, e)| s <= start && end <= e) {
-            Some(i) => {
-                z.swap_remove(i);
-                true
-            }
-            None => false,
-        }
+        let batch = self.event_batch.load(Ordering::SeqCst);
+        self.self_zaps.lock().claim(start, end, batch)
     }
 
     // ----- devices -------------------------------------------------------------------------

@@ -41,6 +41,9 @@ stats! {
     pages_discarded,
     /// userfaultfd events handled (unmap, remap, remove).
     uffd_events,
+    /// REMOVE events taken for the program's own discard (`madvise(MADV_DONTNEED)` and the
+    /// like), not hetmem's.
+    program_discards,
     /// Pages handed to a device as read-only copies (read duplication).
     pages_duplicated,
     /// Duplicated pages collapsed back to one copy by a write.

@@ -56,6 +56,11 @@ impl Duplicates {
         self.copies.get(&addr.0) == Some(&frame)
     }
 
+    /// The frame holding this device's copy of the page at `addr`, if it has one.
+    pub(super) fn copy_of(&self, addr: VirtAddr) -> Option<DevPfn> {
+        self.copies.get(&addr.0).copied()
+    }
+
     /// The smallest range holding every copy.
     pub(super) fn hull(&self) -> Option<PageRange> {
         let (&lo, _) = self.copies.first_key_value()?;
