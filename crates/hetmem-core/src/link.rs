@@ -1052,8 +1052,10 @@ impl DeviceClock {
         let _ = self.nanos[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
             Some(ns.saturating_add(t.as_nanos()))
         });
+        // No event per charge: remote accesses charge once per access of a lane, and even a
+        // disabled `trace!` costs a callsite check there; the clock itself is the record
+        // (`snapshot`: time and count by cause).
         self.charges[i].fetch_add(1, Ordering::Relaxed);
-        tracing::trace!(cause = cause.name(), ns = t.as_nanos(), "link: charge");
     }
 
     /// Modelled time charged so far, all causes.
@@ -1179,6 +1181,43 @@ mod tests {
 
     const H2D: Direction = Direction::HostToDevice;
     const D2H: Direction = Direction::DeviceToHost;
+
+    /// Counts the events it is given, at every level.
+    #[derive(Default)]
+    struct EventCounter(std::sync::atomic::AtomicU64);
+
+    impl tracing::Subscriber for EventCounter {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn charging_the_clock_emits_no_event_per_charge() {
+        // Remote accesses charge the clock once per lane access: an event each would cost a
+        // subscriber's work on the hottest path of a remote-mapped kernel.
+        let counter = Arc::new(EventCounter::default());
+        let clock = DeviceClock::new();
+        tracing::subscriber::with_default(Arc::clone(&counter), || {
+            for _ in 0..1000 {
+                clock.charge(Cause::RemoteAccess, ModelTime::from_nanos(10));
+            }
+        });
+        assert_eq!(counter.0.load(Ordering::Relaxed), 0);
+        let r = clock.snapshot();
+        assert_eq!(r.charges_of(Cause::RemoteAccess), 1000);
+        assert_eq!(r.get(Cause::RemoteAccess).as_nanos(), 10_000);
+    }
 
     /// The four link presets, slowest first.
     fn links() -> [LinkModel; 4] {

@@ -253,7 +253,7 @@ impl DeviceStats {
             pages_from_peers: acc.pages_from_peers,
             pages_out: pool.page_out,
             pages_to_system: g(&rt.pages_to_system),
-            cpu_faults: acc.pages_to_host,
+            cpu_faults: acc.cpu_faults,
             pages_resident: pool.pages_in_use,
             faults: acc.faults_read + acc.faults_write + acc.faults_atomic,
             batches: acc.batches,

@@ -218,6 +218,7 @@ struct Counters {
     pages_to_device: AtomicU64,
     pages_mapped_remote: AtomicU64,
     pages_to_host: AtomicU64,
+    cpu_faults: AtomicU64,
     pages_serviced: AtomicU64,
     service_ns: AtomicU64,
     service_cpu_ns: AtomicU64,
@@ -269,8 +270,11 @@ pub struct AccelStats {
     pub pages_to_device: u64,
     /// Pages mapped remotely (system memory over the link).
     pub pages_mapped_remote: u64,
-    /// Pages brought back to system memory by CPU faults on device pages.
+    /// Pages brought back to system memory by CPU faults on device pages (each fault brings
+    /// back its page, or its whole 2 MiB block when the block moved as one).
     pub pages_to_host: u64,
+    /// CPU faults on device pages that migrated them back (`pages_to_host` counts their pages).
+    pub cpu_faults: u64,
     /// Pages the fault service mapped on the device (faulted pages and those the placement
     /// policy took along).
     pub pages_serviced: u64,
@@ -373,7 +377,10 @@ impl Device for SimDevice {
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
         self.config.placement.migrated_to_host(addr);
-        self.counters.pages_to_host.fetch_add(1, Ordering::Relaxed);
+        self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .pages_to_host
+            .fetch_add(pages, Ordering::Relaxed);
         self.clock
             .charge(Cause::CpuFault, self.config.link.cpu_fault());
         self.clock.charge(
@@ -645,6 +652,7 @@ impl Accelerator {
             pages_to_device: g(&c.pages_to_device),
             pages_mapped_remote: g(&c.pages_mapped_remote),
             pages_to_host: g(&c.pages_to_host),
+            cpu_faults: g(&c.cpu_faults),
             pages_serviced: g(&c.pages_serviced),
             service_busy: Duration::from_nanos(g(&c.service_ns)),
             service_cpu: Duration::from_nanos(g(&c.service_cpu_ns)),

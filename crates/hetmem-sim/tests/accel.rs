@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use hetmem::{AddressSpace, Prot};
-use hetmem_core::{fault_ring::FaultAccess, link::Cause, PageRange, VirtAddr, PAGE_SIZE};
+use hetmem_core::{
+    addr::PAGES_PER_HUGE, fault_ring::FaultAccess, link::Cause, PageRange, VirtAddr,
+    HUGE_PAGE_SIZE, PAGE_SIZE,
+};
 use hetmem_sim::accel::{AccelConfig, Accelerator, LaunchError, Miss, Thread};
 use hetmem_sim::placement::Granularity;
 
@@ -80,6 +83,42 @@ fn vector_add_equals_the_cpu_result_and_faults_in_batches() {
     }
     assert!(acc.stats().pages_to_host >= 64, "{:?}", acc.stats());
     mm().check_invariants().unwrap();
+}
+
+#[test]
+fn pages_to_host_counts_pages_and_cpu_faults_count_faults() {
+    // An untouched, aligned 2 MiB block written by the device moves as one (2 MiB windows),
+    // and one CPU touch brings it all back.
+    let block = mm()
+        .map_anonymous_aligned(HUGE_PAGE_SIZE, HUGE_PAGE_SIZE, Prot::READ | Prot::WRITE)
+        .unwrap();
+    let acc = Accelerator::new(AccelConfig {
+        placement: Arc::new(Granularity::default()),
+        ..small()
+    })
+    .unwrap();
+    let base = block.start().0;
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.store_u32(base + 4 * i, i as u32)
+    });
+    acc.launch(k, HUGE_PAGE_SIZE / 4).unwrap().wait().unwrap();
+    let r = mm().region_of(block.start()).unwrap();
+    assert!(r.states.get(r.index(block.start())).huge, "moved as one");
+    let before = acc.stats();
+    hetmem::cpu_touch(block.page(3)).unwrap();
+    let s = acc.stats();
+    assert_eq!(s.cpu_faults - before.cpu_faults, 1, "{s:?}");
+    assert_eq!(
+        s.pages_to_host - before.pages_to_host,
+        PAGES_PER_HUGE,
+        "the whole block came back: {s:?}"
+    );
+    assert_eq!(read_u32(block, HUGE_PAGE_SIZE / 4)[4097], 4097);
+    assert_eq!(
+        acc.stats().cpu_faults,
+        s.cpu_faults,
+        "nothing else was on the device"
+    );
 }
 
 #[test]

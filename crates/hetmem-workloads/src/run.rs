@@ -265,7 +265,7 @@ pub fn run_workload(
     report.pages_throttled = d(rt.pages_throttled, rt0.pages_throttled);
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.latency = Latency::from(&lat);
-    report.cpu_faults = d(s.pages_to_host, stats0.pages_to_host);
+    report.cpu_faults = d(s.cpu_faults, stats0.cpu_faults);
     Ok(RunOutcome {
         report,
         samples,
