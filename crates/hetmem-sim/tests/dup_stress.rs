@@ -1,7 +1,8 @@
 //! Bounded concurrent stress of read duplication: CPU threads keep writing their own words of
 //! every page while two devices, each launching in its own thread, read every word through
 //! read-only copies and increment a word of their own in half the pages (a write, which collapses
-//! that page's copies and migrates it). An evictor takes pages back now and then.
+//! that page's copies and migrates it). An evictor takes pages back now and then, and the program
+//! sets the range's protection again and again (to what it was).
 //!
 //! Checked: no device read returns a value older than the one its writer had published before
 //! the launch began (a stale copy would), nothing any writer wrote is lost, every device word ends
@@ -144,6 +145,23 @@ fn run(backend: CpuFaultBackend) {
             }
         })
     };
+    // The program changing the range's protection now and then (to what it was): under the
+    // mprotect backend this shares the page tables with duplication's write protection, which
+    // must survive it, or a CPU write would not collapse the copies.
+    let protector = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mm = AddressSpace::current().unwrap();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // SAFETY: the protection stays what the writers and readers need.
+                unsafe { mm.protect(range, Prot::READ | Prot::WRITE).unwrap() };
+                n += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            n
+        })
+    };
     let launchers: Vec<_> = devices
         .iter()
         .enumerate()
@@ -206,6 +224,7 @@ fn run(backend: CpuFaultBackend) {
     stop.store(true, Ordering::Relaxed);
     let finals: Vec<u64> = writers.into_iter().map(|h| h.join().unwrap()).collect();
     evictor.join().unwrap();
+    let protects = protector.join().unwrap();
     for (k, (launches, stale)) in results.iter().enumerate() {
         assert!(stale.is_empty(), "device {k} read stale copies: {stale:?}");
         assert!(*launches > 0);
@@ -240,7 +259,7 @@ fn run(backend: CpuFaultBackend) {
     let m = mm.stats();
     eprintln!(
         "dup stress ({backend:?}): {:?}, writes {:?}, launches {:?}, copies made {:?}, dropped \
-         {:?}, collapses {}, pages to device {:?}",
+         {:?}, collapses {}, pages to device {:?}, protects {protects}",
         budget(),
         finals,
         results.iter().map(|r| r.0).collect::<Vec<_>>(),

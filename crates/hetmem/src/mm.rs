@@ -575,30 +575,54 @@ impl AddressSpace {
             }
         }
         if self.backend == CpuFaultBackend::Mprotect {
-            // Apply only to runs of pages that are not held away from the CPU.
-            let mut at = range.start().0;
-            while at < range.end().0 {
-                let held = |a: u64| {
-                    self.region_of(VirtAddr(a)).is_some_and(|r| {
-                        !matches!(
-                            r.states.get(r.index(VirtAddr(a))).location,
-                            Location::System | Location::Device { coherent: true, .. }
-                        )
-                    })
-                };
-                let start = at;
-                let h = held(at);
-                while at < range.end().0 && held(at) == h {
-                    at += hetmem_core::PAGE_SIZE;
-                }
-                if !h {
-                    crate::os::protect(PageRange::from_bounds(start, at)?, prot)?;
-                }
-            }
-            Ok(())
+            self.protect_mprotect_backend(range, prot, &regions)
         } else {
             Ok(crate::os::protect(range, prot)?)
         }
+    }
+
+    /// [`AddressSpace::protect`]'s CPU side under the mprotect backend, where hetmem's own
+    /// protections share the page tables with the program's. Pages held away from the CPU stay
+    /// `PROT_NONE` (they get `prot` when they come back). A duplicated page stays write-protected,
+    /// or a CPU write would not collapse its copies. Each managed page in system memory changes
+    /// under its lock: read duplication write-protects a page under the same lock, and a
+    /// duplication between the check and the `mprotect` would otherwise be opened again with its
+    /// copy in place (a device reading stale bytes after the CPU's next write).
+    fn protect_mprotect_backend(
+        &self,
+        range: PageRange,
+        prot: Prot,
+        regions: &[Arc<Region>],
+    ) -> Result<(), MmError> {
+        let mut at = range.start();
+        for region in regions {
+            let Some(sub) = region.range().intersect(&range) else {
+                continue;
+            };
+            // Unmanaged memory before the region: the plain mprotect.
+            if at < sub.start() {
+                crate::os::protect(PageRange::from_bounds(at.0, sub.start().0)?, prot)?;
+            }
+            for a in sub.pages() {
+                let i = region.index(a);
+                crate::fault::lock_page(region, i);
+                let st = region.states.get(i);
+                let page_prot = match st.location {
+                    Location::System if st.duplicated => Some(prot - Prot::WRITE),
+                    Location::System | Location::Device { coherent: true, .. } => Some(prot),
+                    _ => None,
+                };
+                let page = PageRange::new(a.0, hetmem_core::PAGE_SIZE)?;
+                let r = page_prot.map_or(Ok(()), |p| crate::os::protect(page, p));
+                crate::fault::unlock_page(region, i);
+                r?;
+            }
+            at = sub.end();
+        }
+        if at < range.end() {
+            crate::os::protect(PageRange::from_bounds(at.0, range.end().0)?, prot)?;
+        }
+        Ok(())
     }
 
     /// `madvise(MADV_DONTNEED)` through hetmem: contents are discarded, device pages included.
