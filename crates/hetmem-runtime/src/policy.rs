@@ -29,6 +29,9 @@
 //! * **throttle**: the page stays where it is and this device maps it there for the throttling
 //!   period (see [`Kept`] for why a mapping rather than a fault left pending); when the period
 //!   is over, the mapping is revoked, so the next access faults and is decided again;
+//! * a CPU fault on a thrashing page is throttled too, as UVM's CPU fault handler is: the
+//!   faulting thread sleeps until the throttling period ends
+//!   ([`PlacementPolicy::cpu_fault_delay`]), then the page comes back;
 //! * **pin** elsewhere (the CPU: the only place every processor reaches): the page stays in
 //!   system memory and every device maps it remotely until the pin expires; then, as UVM's
 //!   delayed work does, the remote mappings are revoked and the next access decides afresh.
@@ -880,6 +883,32 @@ impl PlacementPolicy for RuntimePlacement {
             .collect();
         out.extend(keep(hot).into_iter().map(|r| (r, Trigger::AccessCounter)));
         out
+    }
+
+    fn cpu_fault_delay(&self, page: VirtAddr) -> Option<Duration> {
+        if in_user_request() {
+            return None;
+        }
+        let t = self.thrashing.as_ref()?;
+        // A fault from the preferred location is serviced before thrashing is looked at
+        // (uvm-svm.md A.6), as for devices.
+        let preferred = self.advice.read().at(page.0).preferred;
+        if preferred == Some(Processor::Cpu) {
+            return None;
+        }
+        let now = t.now();
+        let hint = t
+            .state
+            .lock()
+            .detector
+            .hint(page, Processor::Cpu, now, preferred);
+        // A pin needs nothing of the CPU: the page comes back (a pin to a device is carried
+        // out by the devices, which map it remotely; the CPU cannot map device memory).
+        let Hint::Throttle { until } = hint else {
+            return None;
+        };
+        self.counters.add_cpu_throttle();
+        Some(until.saturating_sub(now))
     }
 
     fn migrated_to_host(&self, page: VirtAddr) {

@@ -26,6 +26,7 @@ pub(crate) struct Counters {
     counter_notifications: AtomicU64,
     per_device: PerDevice,
     pages_throttled: AtomicU64,
+    cpu_throttles: AtomicU64,
     pages_pinned_remote: AtomicU64,
     thrashing_revocations: AtomicU64,
 }
@@ -68,6 +69,9 @@ impl Counters {
         self.pages_pinned_remote
             .fetch_add(pinned, Ordering::Relaxed);
     }
+    pub(crate) fn add_cpu_throttle(&self) {
+        self.cpu_throttles.fetch_add(1, Ordering::Relaxed);
+    }
     pub(crate) fn add_thrashing_revoked(&self, pages: u64) {
         self.thrashing_revocations
             .fetch_add(pages, Ordering::Relaxed);
@@ -91,6 +95,7 @@ impl Counters {
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
             counter_notifications: g(&self.counter_notifications),
             pages_throttled: g(&self.pages_throttled),
+            cpu_throttles: g(&self.cpu_throttles),
             pages_pinned_remote: g(&self.pages_pinned_remote),
             thrashing_revocations: g(&self.thrashing_revocations),
             ..RuntimeStats::default()
@@ -130,6 +135,9 @@ pub struct RuntimeStats {
     /// Faulted thrashing pages a device mapped where they were for a throttling period instead
     /// of migrating them (UVM's `num_throttle`).
     pub pages_throttled: u64,
+    /// CPU faults on thrashing pages that slept until their throttling period ended before the
+    /// page came back (UVM throttles the CPU in its fault handler).
+    pub cpu_throttles: u64,
     /// Pin events: thrashing pages pinned to one location, every other processor mapping them
     /// remotely until the pin expires.
     pub thrashing_pins: u64,

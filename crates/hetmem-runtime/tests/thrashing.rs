@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use hetmem_core::{
     link::LinkModel,
     policy::thrashing::{ThrashingConfig, ThrashingError},
-    DeviceId, HUGE_PAGE_SIZE, PAGE_SIZE,
+    policy::Processor,
+    DeviceId, PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 use hetmem_runtime::{Context, ContextBuilder, Managed, RuntimeError, RuntimeStats};
 use hetmem_sim::accel::{AccelConfig, Miss, Thread};
@@ -177,12 +178,13 @@ fn thrashing_pins_a_ping_pong_and_saves_migrations() {
         let s = &run.stats;
         eprintln!(
             "thrashing {name}: {} page migrations in {} rounds ({:?}); detected {}, \
-             throttled {}, pins {}, pinned remote {}, pin expirations {}, revocations {}",
+             throttled {} (CPU {}), pins {}, pinned remote {}, pin expirations {}, revocations {}",
             run.migrations,
             run.rounds,
             run.wall,
             s.thrashing_detected,
             s.pages_throttled,
+            s.cpu_throttles,
             s.thrashing_pins,
             s.pages_pinned_remote,
             s.pin_expirations,
@@ -198,7 +200,10 @@ fn thrashing_pins_a_ping_pong_and_saves_migrations() {
     assert!(s.thrashing_revocations > 0, "{s:?}");
     let s = &off.stats;
     assert_eq!(s.thrashing_detected, 0);
-    assert_eq!(s.pages_throttled + s.pages_pinned_remote, 0);
+    assert_eq!(
+        s.pages_throttled + s.cpu_throttles + s.pages_pinned_remote,
+        0
+    );
     assert_eq!(s.thrashing_pins + s.thrashing_revocations, 0);
     // Without mitigation every page moves twice a round (the final check brings the pages back
     // after the last one), and the tree prefetcher may take more of the block along.
@@ -209,6 +214,52 @@ fn thrashing_pins_a_ping_pong_and_saves_migrations() {
         off.migrations,
         on.migrations
     );
+}
+
+/// UVM throttles the CPU too: a CPU fault on a thrashing page in a throttling period that a
+/// device was serviced in sleeps until the period ends, then the page comes back. In the plain
+/// ping-pong the CPU is never throttled: the device's migration is the third, which declares
+/// the pages thrashing, so the CPU asks first in the period that follows and is serviced. Here
+/// the pages start on the device through a prefetch, which thrashing detection does not count:
+/// the CPU's fault makes the third migration and the device asks first.
+#[test]
+fn a_cpu_fault_in_a_period_a_device_was_serviced_in_is_throttled() {
+    // A longer lapse than `scaled`: a loaded host must not stretch a round past it.
+    let config = ThrashingConfig {
+        lapse: Duration::from_millis(50),
+        ..ThrashingConfig::default()
+    };
+    let c = builder(LinkModel::off(), Some(config)).build().unwrap();
+    let d = c.devices()[0];
+    let mut b = Bouncing::new(&c);
+    let pages = PageRange::new(b.base(), PAGES * PAGE_SIZE).unwrap();
+    let to_device = || {
+        c.prefetch(pages, Processor::Device(d))
+            .unwrap()
+            .wait()
+            .unwrap()
+    };
+    to_device();
+    let t = Instant::now();
+    let mut r = 0;
+    while c.stats().cpu_throttles == 0 {
+        b.cpu_round(r);
+        // Now and then the pages go back by prefetch rather than by the device's faults, which
+        // shifts which side's migration declares them thrashing (should something else, the
+        // tree prefetcher, say, have shifted it the other way).
+        if r % 8 == 7 {
+            to_device();
+        }
+        b.device_round(&c, d, r);
+        r += 1;
+        let s = c.stats();
+        assert!(t.elapsed() < Duration::from_secs(20), "round {r}: {s:?}");
+    }
+    b.check();
+    c.check_invariants().unwrap();
+    let s = c.stats();
+    eprintln!("CPU throttled after {r} rounds ({:?}): {s:?}", t.elapsed());
+    assert!(s.thrashing_detected > 0, "{s:?}");
 }
 
 #[test]

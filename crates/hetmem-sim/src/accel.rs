@@ -79,6 +79,9 @@ use crate::placement::{BlockFaults, Granularity, PlacementAction, PlacementPolic
 /// Lanes per warp.
 pub const WARP_SIZE: u64 = 32;
 
+/// The longest a CPU fault waits for a throttling period to end, whatever the policy says.
+const MAX_CPU_THROTTLE: Duration = Duration::from_millis(100);
+
 /// How the accelerator is built.
 #[derive(Clone, Debug)]
 pub struct AccelConfig {
@@ -219,6 +222,7 @@ struct Counters {
     pages_mapped_remote: AtomicU64,
     pages_to_host: AtomicU64,
     cpu_faults: AtomicU64,
+    cpu_throttles: AtomicU64,
     pages_serviced: AtomicU64,
     service_ns: AtomicU64,
     service_cpu_ns: AtomicU64,
@@ -275,6 +279,9 @@ pub struct AccelStats {
     pub pages_to_host: u64,
     /// CPU faults on device pages that migrated them back (`pages_to_host` counts their pages).
     pub cpu_faults: u64,
+    /// CPU faults that waited for a thrashing throttling period to end first
+    /// ([`PlacementPolicy::cpu_fault_delay`]).
+    pub cpu_throttles: u64,
     /// Pages the fault service mapped on the device (faulted pages and those the placement
     /// policy took along).
     pub pages_serviced: u64,
@@ -374,6 +381,18 @@ impl Device for SimDevice {
                 1
             }
         });
+        // Thrashing mitigation may throttle the CPU: the faulting thread sleeps until the
+        // period ends (bounded, whatever the policy says), then the fault is serviced. Only a
+        // CPU fault: a device's range fault reaching this device's page comes here too, on that
+        // device's fault service thread, which must not sleep for the CPU.
+        let cpu_fault = hetmem::migrate::current_trigger() == Trigger::CpuFault;
+        if let Some(nap) = cpu_fault
+            .then(|| self.config.placement.cpu_fault_delay(addr))
+            .flatten()
+        {
+            self.counters.cpu_throttles.fetch_add(1, Ordering::Relaxed);
+            std::thread::sleep(nap.min(MAX_CPU_THROTTLE));
+        }
         // The notifier callback (Migrate event) unmaps the page from the device first.
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
         self.config.placement.migrated_to_host(addr);
@@ -653,6 +672,7 @@ impl Accelerator {
             pages_mapped_remote: g(&c.pages_mapped_remote),
             pages_to_host: g(&c.pages_to_host),
             cpu_faults: g(&c.cpu_faults),
+            cpu_throttles: g(&c.cpu_throttles),
             pages_serviced: g(&c.pages_serviced),
             service_busy: Duration::from_nanos(g(&c.service_ns)),
             service_cpu: Duration::from_nanos(g(&c.service_cpu_ns)),

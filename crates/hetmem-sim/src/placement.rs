@@ -8,6 +8,7 @@
 //! one page).
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use hetmem_core::{
     fault_ring::FaultAccess, migrate::Trigger, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
@@ -80,6 +81,15 @@ pub trait PlacementPolicy: Send + Sync + Debug {
     /// touch managed memory. Default: ignored.
     fn migrated_to_host(&self, page: VirtAddr) {
         let _ = page;
+    }
+
+    /// How long a CPU thread that faulted on `page`, held by this device, waits before the page
+    /// comes back: thrashing mitigation throttling the CPU (UVM's CPU fault handler sleeps until
+    /// the throttling period ends, then services the fault). Called on the faulting thread before
+    /// the migration, with no lock held; it must not touch managed memory. Default: no wait.
+    fn cpu_fault_delay(&self, page: VirtAddr) -> Option<Duration> {
+        let _ = page;
+        None
     }
 }
 
