@@ -34,10 +34,18 @@ use hetmem_core::shared_mmu::SharedMmu;
 use hetmem_core::sync::{Condvar, Mutex};
 use hetmem_core::{DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE};
 use shuttle::scheduler::{PctScheduler, RandomScheduler};
-use shuttle::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use shuttle::sync::atomic::{AtomicBool, AtomicU32};
 use shuttle::{thread, Config, Runner};
 
 // ---- running the models ---------------------------------------------------------------------
+
+/// Schedules each model runs per scheduler by default (about a second per model on a 2-core
+/// machine).
+const DEFAULT_ITERS: usize = 10_000;
+
+/// Schedules per scheduler within which each mutant must be caught (fixed seeds: the same
+/// schedules every run, whatever `HETMEM_SHUTTLE_ITERS` says).
+const MUTANT_ITERS: usize = 10_000;
 
 /// Schedules per scheduler: `HETMEM_SHUTTLE_ITERS`, else `default`.
 fn iterations(default: usize) -> usize {
@@ -63,12 +71,22 @@ fn explore(model: impl Fn() + Send + Sync + 'static, iters: usize) {
     Runner::new(PctScheduler::new(3, iters), config()).run(move || model());
 }
 
-/// Runs `model` under seeded random schedules and returns the failure message, if one failed.
-/// The seed makes it deterministic: the same schedules every run.
+/// Runs `model` under seeded schedules, `iters` random ones then `iters` PCT ones (depth 3), and
+/// returns the failure message of the first that failed, if one did. The seed makes it
+/// deterministic: the same schedules every run.
 fn failure_of(model: impl Fn() + Send + Sync + 'static, seed: u64, iters: usize) -> Option<String> {
-    let r = catch_unwind(AssertUnwindSafe(|| {
-        Runner::new(RandomScheduler::new_from_seed(seed, iters), config()).run(model);
-    }));
+    let model = Arc::new(model);
+    let run = |pct: bool| {
+        let m = Arc::clone(&model);
+        catch_unwind(AssertUnwindSafe(move || {
+            if pct {
+                Runner::new(PctScheduler::new_from_seed(seed, 3, iters), config()).run(move || m());
+            } else {
+                Runner::new(RandomScheduler::new_from_seed(seed, iters), config()).run(move || m());
+            }
+        }))
+    };
+    let r = run(false).and_then(|()| run(true));
     r.err().map(|e| {
         e.downcast_ref::<String>()
             .cloned()
@@ -80,7 +98,7 @@ fn failure_of(model: impl Fn() + Send + Sync + 'static, seed: u64, iters: usize)
 /// Asserts that a mutant's model fails within `iters` seeded random schedules, with a message
 /// containing `expected`.
 fn assert_caught(model: impl Fn() + Send + Sync + 'static, iters: usize, expected: &str) {
-    let msg = failure_of(model, 0x6e7a_11, iters)
+    let msg = failure_of(model, 0x006e_7a11, iters)
         .unwrap_or_else(|| panic!("the mutant survived {iters} schedules"));
     assert!(
         msg.contains(expected),
@@ -116,6 +134,9 @@ enum Variant {
     EpochAfterPush,
     /// A migration to the device skips its notifier invalidation (model C).
     NoMigrateInvalidation,
+    /// The mprotect fault handler gives a system page its protection back without taking the
+    /// page lock (model C; the bug `hetmem::fault::fault_system_page` documents).
+    UnlockedProtectionRestore,
 }
 
 /// A one-shot gate: threads wait until it opens.
@@ -326,14 +347,14 @@ fn notifier_model(variant: Variant) {
 
 #[test]
 fn notifier_protocol_leaves_no_stale_mapping() {
-    explore(|| notifier_model(Variant::Real), iterations(2000));
+    explore(|| notifier_model(Variant::Real), iterations(DEFAULT_ITERS));
 }
 
 #[test]
 fn notifier_model_catches_a_missing_retry_check() {
     assert_caught(
         || notifier_model(Variant::NoRetryCheck),
-        iterations(2000),
+        MUTANT_ITERS,
         "stale mapping",
     );
 }
@@ -376,8 +397,806 @@ fn insert_vs_invalidate_model() {
 #[test]
 fn regression_insert_racing_invalidate_start() {
     assert_eq!(
-        failure_of(insert_vs_invalidate_model, 0x6e7a_11, 5000),
+        failure_of(insert_vs_invalidate_model, 0x006e_7a11, 5000),
         None
     );
     assert_eq!(failure_of(insert_vs_invalidate_model, 0xface, 5000), None);
+}
+
+// ---- model B: the fault ring ----------------------------------------------------------------
+
+/// The page warp `w` of compute unit `cu` faults on: every warp its own, except that the last
+/// warp shares the first one's page (the batch merges the duplicates).
+fn ring_page(cu: u16, w: u32) -> usize {
+    match (cu, w) {
+        (1, 1) => 0,
+        _ => cu as usize * 2 + w as usize,
+    }
+}
+
+/// What a compute unit pushed: the ids of the entries the ring accepted, in order, and how many
+/// it dropped (ring full or overflowed).
+type Pushed = (Vec<u64>, u64);
+
+/// **Model B: the fault ring** (seed 002's replayable fault buffer; UVM's fault batching and
+/// replay policies; DESIGN.md invariant 4: every fault is serviced or reported fatal, replayable
+/// faults dropped by a full ring fault again on replay, no deadlock).
+///
+/// Real: [`SharedFaultRing`] (push with overflow, `fetch_batch`, `flush`, `wait_nonempty`, its
+/// lock and condition variable, `check_invariants`), [`FaultBatch`] (merging, grouping by block,
+/// resolution) and [`ReplayScheduler`] under each [`ReplayPolicy`]. Modelled, transcribing
+/// `hetmem-sim`'s accelerator: a compute unit's warps (`run_unit` / `run_warp`: read the replay
+/// epoch, run the ready warps, push a fault for each miss and stall at that epoch, sleep until a
+/// replay when none is ready) and the fault service loop (fetch a batch, service it, replay per
+/// the scheduler; replay what is owed before sleeping on an empty ring). Servicing a fault is
+/// setting the page's "mapped" flag. The real service loop also wakes every 5 ms to poll its stop
+/// flag and replays while a launch is active: not modelled, so that a warp left stalled with
+/// nothing owed is a deadlock here instead of a 5 ms hiccup there. Shutdown is a stop flag and an
+/// entry pushed to wake the service.
+///
+/// Two compute units of two warps on a 4-slot ring (3 entries), batches of 2: the ring overflows.
+/// Checked: every warp completes (no deadlock), the ring's invariants after every fetch, and no
+/// entry lost, duplicated or reordered: what each unit's pushes queued is exactly what the service
+/// fetched, what the flushes discarded and what is left, in each unit's order.
+fn fault_ring_model(policy: ReplayPolicy, variant: Variant) {
+    const CUS: u16 = 2;
+    const WARPS: u32 = 2;
+    const STOP: u64 = 0xdead_0000;
+    let ring = Arc::new(SharedFaultRing::new(4).expect("ring"));
+    let epoch = Arc::new((Mutex::new(0u64), Condvar::new()));
+    let mapped: Arc<[AtomicBool; 3]> = Arc::new(Default::default());
+    let stop = Arc::new(AtomicBool::new(false));
+
+    let units: Vec<thread::JoinHandle<Pushed>> = (0..CUS)
+        .map(|cu| {
+            let (ring, epoch, mapped) =
+                (Arc::clone(&ring), Arc::clone(&epoch), Arc::clone(&mapped));
+            thread::spawn(move || {
+                let mut stalled_at: [Option<u64>; WARPS as usize] = [None; WARPS as usize];
+                let mut done = [false; WARPS as usize];
+                let (mut queued, mut dropped, mut next) = (Vec::new(), 0u64, 0u64);
+                loop {
+                    // Read before the faults are pushed, so that a replay servicing them is seen.
+                    let e = *epoch.0.lock();
+                    let mut ran = false;
+                    for w in 0..WARPS {
+                        let k = w as usize;
+                        if done[k] || stalled_at[k].is_some_and(|at| e <= at) {
+                            continue;
+                        }
+                        ran = true;
+                        stalled_at[k] = None;
+                        let page = ring_page(cu, w);
+                        if mapped[page].load(SeqCst) {
+                            done[k] = true;
+                            continue;
+                        }
+                        let id = ((cu as u64) << 32) | next;
+                        next += 1;
+                        let outcome = ring.push(FaultEntry {
+                            addr: va(page),
+                            access: FaultAccess::Write,
+                            client: FaultClient { cu, warp: w },
+                            timestamp: id,
+                            replayable: true,
+                        });
+                        match outcome {
+                            PushOutcome::Queued => queued.push(id),
+                            PushOutcome::DroppedReplayable => dropped += 1,
+                            PushOutcome::LostNonReplayable => unreachable!("replayable"),
+                        }
+                        stalled_at[k] = Some(if variant == Variant::EpochAfterPush {
+                            *epoch.0.lock()
+                        } else {
+                            e
+                        });
+                    }
+                    if done.iter().all(|&d| d) {
+                        return (queued, dropped);
+                    }
+                    if !ran {
+                        // Every warp is stalled: sleep until a replay.
+                        let mut now = epoch.0.lock();
+                        if *now == e {
+                            epoch.1.wait(&mut now);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let service = {
+        let (ring, epoch, mapped, stop) = (
+            Arc::clone(&ring),
+            Arc::clone(&epoch),
+            Arc::clone(&mapped),
+            Arc::clone(&stop),
+        );
+        thread::spawn(move || {
+            let mut sched = ReplayScheduler::new(policy);
+            let (mut fetched, mut discarded) = (Vec::new(), 0u64);
+            let mut buf = Vec::new();
+            let carry_out = |d: ReplayDecision, discarded: &mut u64| {
+                if d == ReplayDecision::FlushThenReplay {
+                    let mut kept = Vec::new();
+                    *discarded += ring.flush(&mut kept).discarded_replayable as u64;
+                    assert!(kept.is_empty(), "no non-replayable faults here");
+                }
+                if d.replays() {
+                    *epoch.0.lock() += 1;
+                    epoch.1.notify_all();
+                }
+            };
+            loop {
+                buf.clear();
+                let n = ring.fetch_batch(2, &mut buf);
+                ring.check_invariants().unwrap();
+                if n == 0 {
+                    let d = sched.after_drain();
+                    if d.replays() {
+                        carry_out(d, &mut discarded);
+                        continue;
+                    }
+                    if stop.load(SeqCst) {
+                        return (fetched, discarded, sched.stats());
+                    }
+                    ring.wait_nonempty(std::time::Duration::from_millis(5));
+                    continue;
+                }
+                if ring.stats().dropped_replayable > 0 {
+                    sched.note_overflow();
+                }
+                buf.retain(|e| e.addr.0 != STOP);
+                fetched.extend(buf.iter().map(|e| e.timestamp));
+                let mut batch = FaultBatch::from_entries(&buf);
+                assert_eq!(batch.stats().faults, buf.len() as u64);
+                for block in batch.blocks_mut() {
+                    for f in block.faults() {
+                        let page = ((f.page().0 - BASE) / PAGE_SIZE) as usize;
+                        mapped[page].store(true, SeqCst);
+                    }
+                    block.resolve_all(FaultOutcome::Serviced);
+                    carry_out(sched.after_block(), &mut discarded);
+                }
+                assert!(batch.is_resolved());
+                carry_out(sched.after_batch(), &mut discarded);
+            }
+        })
+    };
+
+    let pushed: Vec<Pushed> = units.into_iter().map(|u| u.join().unwrap()).collect();
+    stop.store(true, SeqCst);
+    // The wake-up may find the ring full: dropped then, but the service is not asleep.
+    let stop_outcome = ring.push(FaultEntry {
+        addr: VirtAddr(STOP),
+        access: FaultAccess::Read,
+        client: FaultClient { cu: 0, warp: 0 },
+        timestamp: u64::MAX,
+        replayable: true,
+    });
+    let stop_queued = stop_outcome == PushOutcome::Queued;
+    let (fetched, discarded, _) = service.join().unwrap();
+
+    ring.check_invariants().unwrap();
+    let stats = ring.stats();
+    let queued: u64 = pushed.iter().map(|p| p.0.len() as u64).sum();
+    let dropped: u64 =
+        pushed.iter().map(|p| p.1).sum::<u64>() + (stop_outcome != PushOutcome::Queued) as u64;
+    assert_eq!(stats.pushed, queued + stop_queued as u64, "pushes counted");
+    assert_eq!(stats.dropped_replayable, dropped, "drops counted");
+    // Nothing lost or duplicated: fetched + discarded + left == queued (the stop entry aside).
+    let left = ring.len() as u64;
+    let stop_fetched = stats.fetched - fetched.len() as u64;
+    assert_eq!(
+        fetched.len() as u64 + discarded + left,
+        queued + stop_queued as u64 - stop_fetched,
+        "entries lost or duplicated"
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for id in &fetched {
+        assert!(seen.insert(*id), "entry {id:#x} fetched twice");
+    }
+    // Each unit's fetched entries are among its queued ones, in its order.
+    for (cu, (q, _)) in pushed.iter().enumerate() {
+        let mine: Vec<u64> = fetched
+            .iter()
+            .copied()
+            .filter(|id| id >> 32 == cu as u64)
+            .collect();
+        let mut it = q.iter();
+        for id in &mine {
+            assert!(
+                it.any(|x| x == id),
+                "unit {cu}: entry {id:#x} fetched out of order or never queued"
+            );
+        }
+    }
+    assert!(mapped.iter().all(|m| m.load(SeqCst)));
+}
+
+const POLICIES: [ReplayPolicy; 4] = [
+    ReplayPolicy::Block,
+    ReplayPolicy::Batch,
+    ReplayPolicy::BatchFlush,
+    ReplayPolicy::Once,
+];
+
+#[test]
+fn fault_ring_loses_nothing_and_never_strands_a_warp() {
+    for policy in POLICIES {
+        explore(
+            move || fault_ring_model(policy, Variant::Real),
+            iterations(DEFAULT_ITERS),
+        );
+    }
+}
+
+#[test]
+fn fault_ring_model_catches_a_warp_that_reads_the_epoch_late() {
+    assert_caught(
+        || fault_ring_model(ReplayPolicy::BatchFlush, Variant::EpochAfterPush),
+        MUTANT_ITERS,
+        "deadlock",
+    );
+}
+
+// ---- model C: migration against CPU faults --------------------------------------------------
+
+/// The futex the page lock sleeps on (`hetmem_sys::futex`): `wait` sleeps while the word holds
+/// `val` (checked and slept atomically against `wake`, as the kernel does under its hash-bucket
+/// lock), `wake` wakes every sleeper. No timeout: hetmem's waits time out after 5 ms and re-check,
+/// which would hide a lost wake-up; here one is a deadlock.
+#[derive(Debug, Default)]
+struct Futex {
+    bucket: Mutex<()>,
+    cv: Condvar,
+}
+
+impl Futex {
+    fn wait(&self, word: &AtomicU32, val: u32) {
+        let mut g = self.bucket.lock();
+        if word.load(SeqCst) == val {
+            self.cv.wait(&mut g);
+        }
+    }
+
+    fn wake(&self) {
+        let _g = self.bucket.lock();
+        self.cv.notify_all();
+    }
+}
+
+/// The CPU-fault backend a model runs (README "CPU fault backends").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    /// A device page is a hole in the CPU page table; pages move by `UFFDIO_MOVE`.
+    Uffd,
+    /// A device page is `PROT_NONE`; a migration write-stops its pages (`PROT_READ`), copies,
+    /// then takes them away.
+    Mprotect,
+}
+
+/// What the CPU may do with a page: its page-table entry as the MMU sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CpuAccess {
+    /// Nothing: a hole (userfaultfd) or `PROT_NONE` (mprotect); a touch faults.
+    None,
+    /// Read only: write-stopped while a migration copies it (mprotect).
+    Read,
+    /// Read and write.
+    Write,
+}
+
+/// A page as the CPU reaches it: its page-table entry and its bytes (one counter). An access
+/// checks the entry and touches the bytes in one step, as the MMU does; `UFFDIO_MOVE` takes both
+/// away in one step; the mprotect backend's copy and its `mprotect` are separate steps.
+#[derive(Debug)]
+struct CpuPage {
+    access: CpuAccess,
+    data: u64,
+}
+
+/// One address space of `NPAGES` managed pages and one device-private device.
+#[derive(Debug)]
+struct World {
+    states: PageStates,
+    cpu: Vec<Mutex<CpuPage>>,
+    pool: Mutex<DevicePool>,
+    /// The device's memory: frame → (the page whose data it holds, the bytes).
+    arena: Mutex<BTreeMap<u32, (usize, u64)>>,
+    mm: Arc<MmNotifiers>,
+    dev: Arc<Mirror>,
+    sub: Arc<IntervalNotifier>,
+    futex: Futex,
+    backend: Backend,
+    variant: Variant,
+}
+
+const NPAGES: usize = 2;
+
+impl World {
+    fn new(backend: Backend, variant: Variant) -> Arc<World> {
+        let mm = MmNotifiers::new();
+        let dev = Mirror::new();
+        let sub = dev.subscribe(&mm, pages(0, NPAGES));
+        // Room for one page: a migration of both is partial, the other page stays (and a device
+        // fault on it maps it remotely).
+        let mut pool = DevicePool::new(DEV, OWNER, MemoryKind::DevicePrivate, 512);
+        pool.set_limit(Some(1));
+        Arc::new(World {
+            states: PageStates::new(NPAGES),
+            // Page 0 is populated; page 1 is a hole (never touched): with userfaultfd a touch
+            // faults, with mprotect the kernel fills it.
+            cpu: vec![
+                Mutex::new(CpuPage {
+                    access: CpuAccess::Write,
+                    data: 0,
+                }),
+                Mutex::new(CpuPage {
+                    access: match backend {
+                        Backend::Uffd => CpuAccess::None,
+                        Backend::Mprotect => CpuAccess::Write,
+                    },
+                    data: 0,
+                }),
+            ],
+            pool: Mutex::new(pool),
+            arena: Mutex::new(BTreeMap::new()),
+            mm,
+            dev,
+            sub,
+            futex: Futex::default(),
+            backend,
+            variant,
+        })
+    }
+
+    /// `hetmem::fault::unlock_page` (and the migration's `wake_unlock`).
+    fn unlock_page(&self, i: usize) {
+        if self.states.unlock(i) {
+            self.futex.wake();
+        }
+    }
+
+    /// A migration of system pages into the device (`MigrateVma` with `SELECT_SYSTEM`, as a
+    /// prefetch or a device fault makes it): collect and lock, invalidate, (mprotect: write-stop),
+    /// a frame per page, commit (`UFFDIO_MOVE`; or copy, then `PROT_NONE`), unlock, end the
+    /// invalidation.
+    fn migrate_to_device(&self, first: usize, n: usize) {
+        let mut collected = Vec::new();
+        for i in first..first + n {
+            if !self.states.try_lock(i) {
+                continue; // SkipReason::Locked
+            }
+            if self.states.get(i).location == Location::System {
+                collected.push(i);
+            } else {
+                self.unlock_page(i); // not selected: unlocked at once
+            }
+        }
+        if collected.is_empty() {
+            return;
+        }
+        let guard = (self.variant != Variant::NoMigrateInvalidation).then(|| {
+            self.mm.invalidate_start(invalidation(
+                pages(first, n),
+                NotifyEvent::Migrate,
+                Some(OWNER),
+            ))
+        });
+        if self.backend == Backend::Mprotect {
+            // Writers stop now (they wait on the page lock in the fault handler).
+            for &i in &collected {
+                self.cpu[i].lock().access = CpuAccess::Read;
+            }
+        }
+        let frames: Vec<Option<DevPfn>> = {
+            let mut pool = self.pool.lock();
+            collected.iter().map(|_| pool.alloc_page().ok()).collect()
+        };
+        for (&i, frame) in collected.iter().zip(&frames) {
+            let Some(frame) = *frame else {
+                // SkipReason::NoDestination: the page stays where it is; mprotect gives it its
+                // protection back (`restore_prot` when the migration is dropped).
+                if self.backend == Backend::Mprotect {
+                    self.cpu[i].lock().access = CpuAccess::Write;
+                }
+                continue;
+            };
+            let bytes = match self.backend {
+                Backend::Uffd => {
+                    // UFFDIO_MOVE: the bytes and the entry go in one step (a hole moves as
+                    // zeros).
+                    let mut c = self.cpu[i].lock();
+                    let b = c.data;
+                    *c = CpuPage {
+                        access: CpuAccess::None,
+                        data: 0,
+                    };
+                    b
+                }
+                Backend::Mprotect => {
+                    // One copy into the frame, then the CPU loses the page (PROT_NONE and
+                    // MADV_DONTNEED).
+                    let b = self.cpu[i].lock().data;
+                    *self.cpu[i].lock() = CpuPage {
+                        access: CpuAccess::None,
+                        data: 0,
+                    };
+                    b
+                }
+            };
+            self.arena.lock().insert(frame.0, (i, bytes));
+            self.states.set_device(
+                i,
+                DevicePlacement {
+                    dev: DEV,
+                    frame,
+                    write: true,
+                    huge: false,
+                    coherent: false,
+                    exclusive: false,
+                },
+            );
+            self.pool.lock().account_in(1);
+        }
+        for &i in &collected {
+            self.unlock_page(i);
+        }
+        drop(guard);
+    }
+
+    /// A migration of the device's pages back to system memory (`migrate_to_ram` for a CPU
+    /// fault, eviction for the runtime): collect and lock, invalidate (the device unmaps and
+    /// shoots down), move the bytes back (`UFFDIO_MOVE`; or a refill through `/proc/self/mem`
+    /// and `mprotect` back), record them as system pages, free the frames, unlock, end the
+    /// invalidation.
+    fn migrate_to_system(&self, first: usize, n: usize) {
+        let mut collected = Vec::new();
+        for i in first..first + n {
+            if !self.states.try_lock(i) {
+                continue;
+            }
+            if matches!(self.states.get(i).location, Location::Device { .. }) {
+                collected.push(i);
+            } else {
+                self.unlock_page(i);
+            }
+        }
+        if collected.is_empty() {
+            return;
+        }
+        let guard = self.mm.invalidate_start(invalidation(
+            pages(first, n),
+            NotifyEvent::Migrate,
+            Some(OWNER),
+        ));
+        let mut freed = Vec::new();
+        for &i in &collected {
+            let Location::Device { frame, .. } = self.states.get(i).location else {
+                unreachable!("a locked page does not move");
+            };
+            let (page, bytes) = self
+                .arena
+                .lock()
+                .remove(&frame.0)
+                .expect("the frame holds the page");
+            assert_eq!(page, i, "frame {frame:?} held page {page}, not {i}");
+            match self.backend {
+                Backend::Uffd => {
+                    *self.cpu[i].lock() = CpuPage {
+                        access: CpuAccess::Write,
+                        data: bytes,
+                    }
+                }
+                Backend::Mprotect => {
+                    self.cpu[i].lock().data = bytes;
+                    self.cpu[i].lock().access = CpuAccess::Write;
+                }
+            }
+            self.states.set_system(i);
+            self.pool.lock().account_out(1);
+            freed.push(frame);
+        }
+        {
+            let mut pool = self.pool.lock();
+            for f in freed {
+                pool.free_page(f).expect("frame allocated");
+            }
+        }
+        for &i in &collected {
+            self.unlock_page(i);
+        }
+        drop(guard);
+    }
+
+    /// `AddressSpace::handle_cpu_fault`: wait while the page is locked; a device page comes back
+    /// (`migrate_to_ram`); a system page is, under its lock, zero-filled if a hole (userfaultfd)
+    /// or given back the protection a migration that ended left behind (mprotect). The access
+    /// then runs again.
+    fn cpu_fault(&self, i: usize) {
+        loop {
+            let st = self.states.get(i);
+            if st.locked {
+                if let Some(v) = self.states.prepare_wait(i) {
+                    self.futex.wait(self.states.word(i), v);
+                }
+                continue;
+            }
+            match st.location {
+                // Had a concurrent migration kept it, the access faults again.
+                Location::Device { .. } => return self.migrate_to_system(i, 1),
+                Location::System => {
+                    if self.variant == Variant::UnlockedProtectionRestore {
+                        self.cpu[i].lock().access = CpuAccess::Write;
+                        return;
+                    }
+                    if !self.states.try_lock(i) {
+                        return; // someone is working on it: retry the access
+                    }
+                    if self.states.get(i).location == Location::System {
+                        let mut c = self.cpu[i].lock();
+                        match self.backend {
+                            // UFFDIO_COPY of a zero page (EEXIST when present: nothing to do).
+                            Backend::Uffd if c.access == CpuAccess::None => {
+                                *c = CpuPage {
+                                    access: CpuAccess::Write,
+                                    data: 0,
+                                }
+                            }
+                            Backend::Uffd => {}
+                            // mprotect to the program's protection.
+                            Backend::Mprotect => c.access = CpuAccess::Write,
+                        }
+                    }
+                    self.unlock_page(i);
+                    return;
+                }
+                Location::Exclusive { .. } => unreachable!("no exclusive access here"),
+            }
+        }
+    }
+
+    /// The CPU adds 1 to page `i`, faulting until it can.
+    fn cpu_add(&self, i: usize) {
+        loop {
+            {
+                let mut c = self.cpu[i].lock();
+                if c.access == CpuAccess::Write {
+                    c.data += 1;
+                    return;
+                }
+            }
+            self.cpu_fault(i);
+        }
+    }
+
+    /// What range fault reports for page `i` as the device sees it (its own pages as they are,
+    /// a hole faulted in first): `None` asks for another try.
+    fn snapshot(&self, i: usize) -> Option<PteTarget> {
+        match self.states.get(i).location {
+            Location::Device { frame, .. } => Some(PteTarget::Local(frame)),
+            Location::System => {
+                let hole = self.cpu[i].lock().access == CpuAccess::None;
+                if hole && self.backend == Backend::Uffd {
+                    // REQ_FAULT: range fault faults the hole in.
+                    self.cpu_fault(i);
+                    None
+                } else {
+                    Some(PteTarget::System)
+                }
+            }
+            Location::Exclusive { .. } => unreachable!("no exclusive access here"),
+        }
+    }
+
+    /// A device fault on page `i`, serviced as the accelerator's service thread does: migrate the
+    /// page in (a page left in system memory is mapped remotely), then map it under the notifier
+    /// sequence check.
+    fn device_fault(&self, i: usize) {
+        self.migrate_to_device(i, 1);
+        self.dev
+            .fault(&self.sub, i, || self.snapshot(i), Variant::Real);
+    }
+
+    /// A compute unit adds 1 to page `i` through its translation, faulting until it can.
+    fn device_add(&self, i: usize) {
+        loop {
+            {
+                let mut unit = self.dev.mmu.unit(0).expect("unit");
+                if let Ok(tr) = unit.translate(va(i), Access::Write) {
+                    match tr.target(va(i)) {
+                        Some(PteTarget::Local(f)) => {
+                            let mut arena = self.arena.lock();
+                            let slot = arena
+                                .get_mut(&f.0)
+                                .unwrap_or_else(|| panic!("device stored to freed frame {f:?}"));
+                            assert_eq!(slot.0, i, "device stored to another page's frame");
+                            slot.1 += 1;
+                        }
+                        Some(PteTarget::System) => {
+                            let mut c = self.cpu[i].lock();
+                            assert!(
+                                c.access != CpuAccess::None,
+                                "device stored to page {i} through a remote mapping after the \
+                                 page left system memory (a lost store)"
+                            );
+                            c.data += 1;
+                        }
+                        other => unreachable!("target {other:?}"),
+                    }
+                    return;
+                }
+            }
+            self.device_fault(i);
+        }
+    }
+
+    /// Every check at the end: the bytes, the page states and their frames, the pool, the
+    /// arena, the device's mappings (the accelerator's `check_coherence`), the notifier.
+    fn check(&self, expected: [u64; NPAGES]) {
+        let pool = self.pool.lock();
+        let arena = self.arena.lock();
+        let mut on_device = 0;
+        for (i, &want) in expected.iter().enumerate() {
+            let st = self.states.get(i);
+            assert!(!st.locked, "page {i} left locked");
+            let (bytes, mapped_ok) = match st.location {
+                Location::Device { frame, .. } => {
+                    on_device += 1;
+                    let (page, b) = arena[&frame.0];
+                    assert_eq!(page, i);
+                    let m = self.dev.mapping(i);
+                    (b, m.is_none() || m == Some(PteTarget::Local(frame)))
+                }
+                Location::System => {
+                    let c = self.cpu[i].lock();
+                    assert_eq!(
+                        c.access,
+                        CpuAccess::Write,
+                        "page {i}: protection left behind"
+                    );
+                    let m = self.dev.mapping(i);
+                    (c.data, m.is_none() || m == Some(PteTarget::System))
+                }
+                Location::Exclusive { .. } => unreachable!(),
+            };
+            assert_eq!(bytes, want, "page {i}: lost or duplicated stores");
+            assert!(
+                mapped_ok,
+                "page {i} is at {:?}, the device maps {:?}",
+                st.location,
+                self.dev.mapping(i)
+            );
+        }
+        self.states
+            .check_invariants(|dev, f| dev == DEV && pool.is_allocated(f))
+            .unwrap();
+        assert_eq!(pool.stats().pages_in_use, on_device, "frames leaked");
+        assert_eq!(arena.len() as u64, on_device, "bytes left in freed frames");
+        pool.check_invariants().unwrap();
+        self.mm.check_invariants().unwrap();
+        self.dev.mmu.check_invariants().unwrap();
+    }
+}
+
+/// **Model C: migration against CPU faults** (hmm.rst "Migration to and from device memory";
+/// DESIGN.md invariants 1-4: every change of location under the page lock, commit page by page,
+/// no frame freed while reachable, no deadlock between CPU faults, device faults and migration).
+///
+/// Real: [`PageStates`] (the lock bit, the waiters bit, `prepare_wait`, locations and their
+/// frames), [`MmNotifiers`], the device's [`SharedMmu`] and its callback ([`Mirror`]), the
+/// [`DevicePool`]. Modelled, transcribing `hetmem`'s code step by step (the real steps run
+/// `userfaultfd` ioctls, `mprotect` and futexes, which shuttle cannot run): the futex
+/// ([`Futex`]), the CPU page table and the page bytes ([`CpuPage`]; `UFFDIO_MOVE` is one step,
+/// as the kernel does it under the page-table lock), the device arena, `MigrateVma` in both
+/// directions ([`World::migrate_to_device`], [`World::migrate_to_system`]), the CPU fault handler
+/// ([`World::cpu_fault`], userfaultfd backend), range fault's view of a page
+/// ([`World::snapshot`]), the accelerator's device fault (migrate in, then map under the sequence
+/// check). Unlike the accelerator, the model's callback unmaps every page of its own migrations
+/// into the device too (the accelerator keeps local mappings of frames it already holds): fewer
+/// mappings survive, the protocol is the same.
+///
+/// Threads: the CPU adding to page 0, page 1 (a hole: zero-filled on first touch) and page 0
+/// again; a compute unit adding to the same pages in the same order (faulting them in); a
+/// prefetch of both pages to the device followed by their eviction. Checked: every store lands
+/// (each page ends holding the number of additions made to it, wherever it is), no store goes
+/// through a remote mapping to a page that left system memory or to a freed or foreign frame,
+/// and at the end no page is locked, every device page names an allocated frame, no frame or
+/// arena byte leaked, the device maps every page where it is, and no thread is stuck.
+fn migration_model(backend: Backend, variant: Variant) {
+    let w = World::new(backend, variant);
+    let cpu = {
+        let w = Arc::clone(&w);
+        thread::spawn(move || {
+            for i in [0, 1, 0] {
+                w.cpu_add(i);
+            }
+        })
+    };
+    let device = {
+        let w = Arc::clone(&w);
+        thread::spawn(move || {
+            for i in [0, 1, 0] {
+                w.device_add(i);
+            }
+        })
+    };
+    let mover = {
+        let w = Arc::clone(&w);
+        thread::spawn(move || {
+            w.migrate_to_device(0, NPAGES);
+            w.migrate_to_system(0, NPAGES);
+        })
+    };
+    cpu.join().unwrap();
+    device.join().unwrap();
+    mover.join().unwrap();
+    w.check([4, 2]);
+    w.mm.remove(&w.sub);
+}
+
+#[test]
+fn migration_against_cpu_faults_loses_nothing_with_userfaultfd() {
+    explore(
+        || migration_model(Backend::Uffd, Variant::Real),
+        iterations(DEFAULT_ITERS),
+    );
+}
+
+#[test]
+fn migration_against_cpu_faults_loses_nothing_with_mprotect() {
+    explore(
+        || migration_model(Backend::Mprotect, Variant::Real),
+        iterations(DEFAULT_ITERS),
+    );
+}
+
+#[test]
+fn migration_model_catches_a_migration_without_invalidation() {
+    assert_caught(
+        || migration_model(Backend::Uffd, Variant::NoMigrateInvalidation),
+        MUTANT_ITERS,
+        "lost store",
+    );
+}
+
+/// Model C's mprotect write stop, narrowed to one page: a migration that finds no frame (it
+/// write-stops the page, then gives its protection back) and one that moves it, against two CPU
+/// stores. The store that faulted on the first migration's write stop must neither be lost nor
+/// land in the second one's copy window.
+fn write_stop_model(variant: Variant) {
+    let w = World::new(Backend::Mprotect, variant);
+    w.pool.lock().set_limit(Some(0));
+    let cpu = {
+        let w = Arc::clone(&w);
+        thread::spawn(move || {
+            w.cpu_add(0);
+            w.cpu_add(0);
+        })
+    };
+    w.migrate_to_device(0, 1);
+    w.pool.lock().set_limit(Some(1));
+    w.migrate_to_device(0, 1);
+    cpu.join().unwrap();
+    w.check([2, 0]);
+    w.mm.remove(&w.sub);
+}
+
+#[test]
+fn mprotect_write_stop_loses_no_store() {
+    explore(
+        || write_stop_model(Variant::Real),
+        iterations(DEFAULT_ITERS),
+    );
+}
+
+#[test]
+fn migration_model_catches_a_protection_restored_without_the_page_lock() {
+    assert_caught(
+        || write_stop_model(Variant::UnlockedProtectionRestore),
+        MUTANT_ITERS,
+        "lost or duplicated stores",
+    );
 }
