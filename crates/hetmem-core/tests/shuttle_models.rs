@@ -393,7 +393,7 @@ fn insert_vs_invalidate_model() {
 }
 
 /// Regression: the insert / `invalidate_start` race, on fixed seeds (the same schedules every
-/// run; before the fix the first failure came within a few hundred).
+/// run; before the fix they failed).
 #[test]
 fn regression_insert_racing_invalidate_start() {
     assert_eq!(
