@@ -41,8 +41,8 @@
 
 use std::time::Duration;
 
+use crate::sync::{Condvar, Mutex};
 use bitflags::bitflags;
-use parking_lot::{Condvar, Mutex};
 
 use crate::addr::VirtAddr;
 

@@ -14,6 +14,7 @@
 //! | [`device_mmu`]| GPU page table, per-CU TLBs, batched TLB invalidation |
 //! | [`copy_engine`]| SDMA copy queues, GART windows, `dma_fence`      |
 //! | [`policy`]    | UVM's prefetcher, thrashing detection, access counters |
+//! | [`sync`]      | the locks and atomics of the concurrent cores (shuttle under `cfg(shuttle)`) |
 //!
 //! `hetmem` wires these to the process's real memory; the simulated devices use them directly.
 #![forbid(unsafe_code)]
@@ -31,6 +32,7 @@ pub mod policy;
 pub mod pool;
 pub mod range_fault;
 pub mod shared_mmu;
+pub mod sync;
 
 pub use addr::{
     AddrError, DevPfn, DeviceId, Owner, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,

@@ -24,16 +24,17 @@
 //! active one ends, which wakes `read_begin` waiters. Invariant defended (DESIGN.md 1): no device
 //! mapping is installed from a snapshot taken before an invalidation of that range.
 //!
+//! Lock order: `state` → `subs` (insert and invalidate_start take both, in that order, so that
+//! a subscription is either hit by an invalidation or inserted knowing it is active); no callback
+//! runs under either.
+//!
 //! The subscription list is a vector scanned linearly: a process has a handful of subscriptions
 //! (one per mirror, plus short-lived snapshot subscriptions); an interval tree would pay off only
 //! at hundreds.
 
-use std::sync::{
-    atomic::{AtomicU64, Ordering},
-    Arc, Weak,
-};
+use std::sync::{atomic::Ordering, Arc, Weak};
 
-use parking_lot::{Condvar, Mutex};
+use crate::sync::{AtomicU64, Condvar, Mutex};
 
 use crate::addr::{Owner, VirtAddr};
 
@@ -165,9 +166,13 @@ pub struct MmNotifiers {
 
 impl std::fmt::Debug for MmNotifiers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // One lock at a time (a guard in the builder chain would live to its end, holding
+        // `subs` while taking `state`: against the lock order).
+        let subs = self.subs.lock().len();
+        let state = format!("{:?}", *self.state.lock());
         f.debug_struct("MmNotifiers")
-            .field("subs", &self.subs.lock().len())
-            .field("state", &*self.state.lock())
+            .field("subs", &subs)
+            .field("state", &format_args!("{state}"))
             .finish()
     }
 }
@@ -203,12 +208,15 @@ impl MmNotifiers {
         end: VirtAddr,
         ops: Weak<dyn IntervalNotifierOps>,
     ) -> Arc<IntervalNotifier> {
-        let st = self.state.lock();
-        // As the kernel does: while an invalidation is active the new subscription may have
-        // missed it, so it starts at the current odd sequence and read_begin waits it out; when
-        // idle it starts at seq - 1, odd and different from the current even value.
+        let mut st = self.state.lock();
+        // As the kernel does (`__mmu_interval_notifier_insert`): while an invalidation is active
+        // the new subscription may have missed its callback, so the sequence is made odd (it may
+        // be even if that invalidation found no subscriber) and the subscription starts at it:
+        // read_begin waits the invalidation out. When idle it starts at seq - 1, odd and
+        // different from the current even value.
         let seq = if st.active > 0 {
-            st.seq | 1
+            st.seq |= 1;
+            st.seq
         } else {
             st.seq - 1
         };
@@ -229,8 +237,13 @@ impl MmNotifiers {
         self.subs
             .lock()
             .retain(|s| !std::ptr::eq(Arc::as_ptr(s), sub));
+        // A callback may still be running on `sub` only while an invalidation that called
+        // callbacks is in progress: the sequence is then odd, and moves on when the last active
+        // one ends. An even sequence with invalidations active means none of them found a
+        // subscriber, and it will not move when they end: waiting for it would hang
+        // (mmu_interval_notifier_remove waits only while `mn_itree_is_invalidating`).
         let mut st = self.state.lock();
-        if st.active > 0 {
+        if st.seq & 1 == 1 {
             let seq = st.seq;
             while st.seq == seq {
                 self.wq.wait(&mut st);
@@ -256,20 +269,25 @@ impl MmNotifiers {
     /// `invalidate_range_start`: runs every overlapping subscriber's callback; the invalidation
     /// stays active until the guard drops.
     pub fn invalidate_start(self: &Arc<Self>, range: NotifierRange) -> InvalidateGuard {
-        let hit: Vec<Arc<IntervalNotifier>> = self
-            .subs
-            .lock()
-            .iter()
-            .filter(|s| s.overlaps(range.start, range.end))
-            .cloned()
-            .collect();
-        let cur_seq = {
+        // The subscribers hit and the start of the invalidation are one step under the state
+        // lock (as `mn_itree_inv_start_range` does under the subscriptions' spinlock): a
+        // subscription inserted between the two would be neither called nor told to wait, and
+        // could map the range from a snapshot taken while it changes (found by the shuttle model
+        // of this protocol, `tests/shuttle_models.rs`).
+        let (hit, cur_seq) = {
             let mut st = self.state.lock();
+            let hit: Vec<Arc<IntervalNotifier>> = self
+                .subs
+                .lock()
+                .iter()
+                .filter(|s| s.overlaps(range.start, range.end))
+                .cloned()
+                .collect();
             st.active += 1;
             if !hit.is_empty() {
                 st.seq |= 1;
             }
-            st.seq
+            (hit, st.seq)
         };
         self.invalidations.fetch_add(1, Ordering::Relaxed);
         for sub in &hit {
@@ -453,6 +471,75 @@ mod tests {
         drop(guard);
         let seq = t.join().unwrap();
         assert!(!sub.read_retry(seq));
+        mm.check_invariants().unwrap();
+    }
+
+    /// Regression (found by the shuttle model): a subscription inserted while an invalidation
+    /// that found no subscriber is active may have missed that invalidation's callback, so its
+    /// `read_begin` must wait the invalidation out. It used to start at an odd sequence that the
+    /// (even) current one never matched, and mapped from a snapshot taken mid-change.
+    #[test]
+    fn insert_during_an_invalidation_that_hit_nobody_waits_it_out() {
+        let mm = MmNotifiers::new();
+        let guard = mm.invalidate_start(NotifierRange::new(
+            VirtAddr(0x1000),
+            VirtAddr(0x2000),
+            NotifyEvent::Migrate,
+            None,
+        ));
+        let r = recorder(1);
+        let sub = mm.insert(VirtAddr(0), VirtAddr(0x10000), Arc::downgrade(&r) as _);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = {
+            let sub = Arc::clone(&sub);
+            std::thread::spawn(move || {
+                let seq = sub.read_begin();
+                tx.send(seq).unwrap();
+            })
+        };
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(50))
+                .is_err(),
+            "read_begin returned while an invalidation the subscription missed was active"
+        );
+        drop(guard);
+        let seq = rx.recv().unwrap();
+        t.join().unwrap();
+        assert!(!sub.read_retry(seq));
+        mm.check_invariants().unwrap();
+    }
+
+    /// Regression (found by the shuttle model): `remove` waits for an invalidation in progress
+    /// only when it may be calling callbacks (odd sequence). With only invalidations that hit
+    /// nobody active, the sequence is even and stays so when they end: waiting for it to move
+    /// hung `remove` until some later invalidation hit a subscriber.
+    #[test]
+    fn remove_returns_while_only_invalidations_that_hit_nobody_are_active() {
+        let mm = MmNotifiers::new();
+        let r = recorder(1);
+        let sub = mm.insert(VirtAddr(0), VirtAddr(0x10000), Arc::downgrade(&r) as _);
+        let guard = mm.invalidate_start(NotifierRange::new(
+            VirtAddr(0x20000),
+            VirtAddr(0x30000),
+            NotifyEvent::Clear,
+            None,
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mm = Arc::clone(&mm);
+            // Not joined: with the bug it never returns.
+            std::thread::spawn(move || {
+                mm.remove(&sub);
+                tx.send(()).unwrap();
+            });
+        }
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_secs(5)).is_ok(),
+            "remove hung behind an invalidation that called no callback"
+        );
+        assert_eq!(r.calls.load(Ordering::Relaxed), 0);
+        drop(guard);
+        assert!(mm.is_empty());
         mm.check_invariants().unwrap();
     }
 }

@@ -23,7 +23,9 @@
 //! Invariant defended (DESIGN.md 3): every change of location happens under LOCKED; a page whose
 //! location is not *system* always names a frame that is allocated to that device.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
+
+use crate::sync::AtomicU32;
 
 use crate::addr::{DevPfn, DeviceId};
 

@@ -29,7 +29,7 @@
 //! never held while a TLB lock is taken, and only one shootdown runs at a time, so fences
 //! complete in the order they were dispatched (completing fence n completes every earlier one).
 
-use parking_lot::{Mutex, MutexGuard};
+use crate::sync::{Mutex, MutexGuard};
 
 use crate::addr::VirtAddr;
 use crate::device_mmu::{

@@ -36,6 +36,16 @@ use proptest::prelude::*;
 
 mod raw;
 
+/// Wall-clock budget of a stress test: `HETMEM_STRESS_SECS` seconds, else `default_secs` (the
+/// variable the `hetmem-sim` stress tests read, so one setting lengthens them all).
+pub fn stress_budget(default_secs: u64) -> Duration {
+    let secs = std::env::var("HETMEM_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default_secs);
+    Duration::from_secs(secs)
+}
+
 /// u32 words in a page.
 pub const WORDS_PER_PAGE: usize = (PAGE_SIZE / 4) as usize;
 /// Words a kernel lane reads or writes (a 256-byte slice; 16 lanes per page).
