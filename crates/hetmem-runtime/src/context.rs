@@ -419,7 +419,8 @@ impl Context {
     }
 
     /// Applies `advice` to `range` (managed memory). Accessed-by maps the range on that device
-    /// at once, wherever its pages are; the other advice steers later faults and prefetches.
+    /// at once, wherever its pages are; unsetting read-mostly collapses the range's read copies
+    /// at once; the other advice steers later faults and prefetches.
     pub fn advise(&self, range: PageRange, advice: Advice) -> Result<(), RuntimeError> {
         self.check_managed(range)?;
         match advice {
@@ -431,9 +432,15 @@ impl Context {
         }
         self.advice.write().advise(range, advice);
         self.counters.add_advice();
-        if let Advice::SetAccessedBy(Processor::Device(id)) = advice {
-            let _user = UserRequest::enter();
-            self.device(id)?.map_remote(range, false)?;
+        match advice {
+            Advice::SetAccessedBy(Processor::Device(id)) => {
+                let _user = UserRequest::enter();
+                self.device(id)?.map_remote(range, false)?;
+            }
+            // CUDA: "any read-duplicated copies of the data will be collapsed into a single
+            // copy". Faults from here on see the advice unset and make no new copies.
+            Advice::UnsetReadMostly => self.mm.collapse_duplicates(range),
+            _ => {}
         }
         Ok(())
     }

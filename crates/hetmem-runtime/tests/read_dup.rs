@@ -265,3 +265,34 @@ fn random_operations_never_read_a_stale_copy() {
         assert_eq!(&t.view::<u32>()[..], &model[..], "step {step}");
     }
 }
+
+/// `cudaMemAdviseUnsetReadMostly`: "any read-duplicated copies of the data will be collapsed
+/// into a single copy". The copies go at once, their frames with them, and the CPU then writes
+/// the pages without a collapse on the way.
+#[test]
+fn unsetting_read_mostly_collapses_the_copies() {
+    let c = Context::builder().device(device()).build().unwrap();
+    let d = c.devices()[0];
+    let mut t = table(&c, 16, |i| i as u32);
+    let out = c.alloc(t.len()).unwrap();
+    c.advise(t.range(), Advice::SetReadMostly).unwrap();
+    gather(&c, d, &t, &out);
+    assert_eq!(c.device(d).unwrap().stats().copies_held, 16);
+    let in_use = c.memory_in_use(d).unwrap();
+    c.advise(t.range(), Advice::UnsetReadMostly).unwrap();
+    let s = c.device(d).unwrap().stats();
+    assert_eq!(s.copies_held, 0, "{s:?}");
+    assert_eq!(c.memory_in_use(d).unwrap(), in_use - 16 * 4096);
+    c.check_invariants().unwrap();
+    let mm = AddressSpace::current().unwrap();
+    let collapses = mm.stats().dup_collapses;
+    for e in t.view_mut::<u32>().iter_mut() {
+        *e = e.wrapping_mul(3);
+    }
+    assert_eq!(mm.stats().dup_collapses, collapses, "a write found a copy");
+    // Without the advice the table migrates as any page does, and reads the new values.
+    gather(&c, d, &t, &out);
+    assert_eq!(c.device(d).unwrap().stats().copies_held, 0);
+    check_out(&t, &out);
+    c.check_invariants().unwrap();
+}

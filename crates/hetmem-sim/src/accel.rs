@@ -2106,6 +2106,7 @@ impl SimDevice {
                 }
                 Some((target, perms))
             }));
+            let regions = self.mm.regions_in(span);
             let mapped = self.mmu.update(|c| {
                 if sub.read_retry(r.notifier_seq) {
                     return None;
@@ -2116,20 +2117,28 @@ impl SimDevice {
                 // the copy's leaf would leave the copy booked but unreachable. A page the device
                 // is to write cannot have a copy any more (the write collapsed them); should one
                 // remain, it goes before the page is mapped writable.
+                //
+                // A page this device started duplicating since the snapshot (the fault service
+                // and a prefetch's read duplication race) is not mapped writable either: this
+                // device's own write protection does not move its sequence, so the snapshot's
+                // write permission may be stale. Its DUPLICATED bit, set before the write
+                // protection and read here under the table lock, says so; the warp faults again
+                // and its range fault collapses the page.
                 let mut dropped = Vec::new();
                 {
                     let dups = self.dups.lock();
                     for (k, t) in targets.iter_mut().enumerate() {
                         let a = span.page(k as u64);
-                        match t {
-                            Some((_, perms)) if dups.copy_of(a).is_some() => {
-                                if perms.contains(PtePerms::WRITE) {
-                                    dropped.push(a);
-                                } else {
-                                    *t = None;
-                                }
+                        let Some((_, perms)) = t else { continue };
+                        let write = perms.contains(PtePerms::WRITE);
+                        if write && duplicated(&regions, a) {
+                            *t = None;
+                        } else if dups.copy_of(a).is_some() {
+                            if write {
+                                dropped.push(a);
+                            } else {
+                                *t = None;
                             }
-                            _ => {}
                         }
                     }
                 }
@@ -2158,6 +2167,14 @@ impl SimDevice {
             return Ok(());
         }
     }
+}
+
+/// Is the page at `a` (in one of `regions`) duplicated now?
+fn duplicated(regions: &[Arc<hetmem::region::Region>], a: VirtAddr) -> bool {
+    regions
+        .iter()
+        .find(|r| r.range().contains(a))
+        .is_some_and(|r| r.states.get(r.index(a)).duplicated)
 }
 
 /// What [`map_span`] mapped.

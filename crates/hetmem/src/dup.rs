@@ -113,6 +113,20 @@ impl AddressSpace {
         Ok(done)
     }
 
+    /// Collapses every duplicated page of `range` (managed memory; other pages are skipped):
+    /// every device's read copy goes, and the CPU may write the pages again without a fault
+    /// (what `cudaMemAdviseUnsetReadMostly` does to the copies).
+    pub fn collapse_duplicates(&self, range: PageRange) {
+        for region in self.regions_in(range) {
+            let Some(sub) = region.range().intersect(&range) else {
+                continue;
+            };
+            for a in sub.pages() {
+                collapse_locking(self, &region, a);
+            }
+        }
+    }
+
     /// Write-protects (or opens again) the CPU's mapping of page `i` of `region`, locked by the
     /// caller. Under the mprotect backend, opening restores the program's own protection.
     fn cpu_write_protect(&self, region: &Region, i: usize, p: PageRange, protect: bool) -> bool {

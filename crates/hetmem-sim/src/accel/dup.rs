@@ -176,7 +176,16 @@ impl SimDevice {
                     return None;
                 }
                 let mut dups = self.dups.lock();
+                let mut redundant = Vec::new();
                 for &(a, f) in &copies {
+                    // Another duplication of the same page on this device (the fault service
+                    // and a prefetch's) mapped its copy meanwhile, which the sequence does not
+                    // tell (this device's own write protection does not move it): that one
+                    // stays, and this frame, never reachable, goes back.
+                    if dups.copies.contains_key(&a.0) {
+                        redundant.push(f);
+                        continue;
+                    }
                     let p = PageRange::new(a.0, PAGE_SIZE).expect("page");
                     if c.map_pages(p, &[PteTarget::Local(f)], PtePerms::READ)
                         .is_err()
@@ -185,10 +194,12 @@ impl SimDevice {
                     }
                     dups.copies.insert(a.0, f);
                 }
-                Some(Ok(()))
+                Some(Ok(redundant))
             });
             match mapped {
-                Some(Ok(())) => {
+                Some(Ok(redundant)) => {
+                    self.release_frames(redundant.iter().copied());
+                    copies.retain(|(_, f)| !redundant.contains(f));
                     // Mapping over remote leaves queued their invalidations: send them before
                     // the replay.
                     self.mmu.shootdown();
