@@ -23,6 +23,9 @@ use crate::report::{Latency, Migrations, RunReport, TriggerPages};
 use crate::workload::{check, Workload, WorkloadSpec};
 use crate::WorkloadError;
 
+/// Warps resident on a compute unit by default.
+pub const DEFAULT_WARPS_PER_CU: usize = 8;
+
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunConfig {
@@ -65,7 +68,7 @@ impl RunConfig {
             preset,
             advise: Advise::None,
             compute_units: 4,
-            warps_per_cu: 8,
+            warps_per_cu: DEFAULT_WARPS_PER_CU,
             model: DeviceModel::default(),
             sample_every: Duration::from_millis(1),
             tuning: None,
