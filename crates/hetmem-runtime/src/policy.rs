@@ -826,6 +826,24 @@ impl PlacementPolicy for RuntimePlacement {
                 for k in faulted.iter() {
                     small.set_range(window(block, block.page(k as u64), g));
                 }
+                // The density prefetcher still grows the small windows where the block is
+                // already dense (UVM's tree over its 4 KiB / 64 KiB faults): a block walked in
+                // order comes in 64 KiB, 128 KiB, 256 KiB... pieces, a few faults a block, while
+                // scattered faults stay small (a whole block for each of them evicted a chunk
+                // per random page). Without this, whether a fault got its whole block or 64 KiB
+                // hung on whether the last eviction left exactly a chunk free.
+                if let Some(tree) = &self.tree {
+                    let n = self
+                        .fault_migrations
+                        .lock()
+                        .get(&block.start().0)
+                        .copied()
+                        .unwrap_or(0);
+                    let extra = tree
+                        .prefetch(&resident, &small, &thrashing, n)
+                        .intersection(&managed);
+                    small = small.union(&extra);
+                }
                 want = small
                     .intersection(&managed)
                     .difference(&keep)

@@ -62,7 +62,7 @@ use hetmem_core::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
-    link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
+    link::{AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LinkModel},
     migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
@@ -1011,6 +1011,8 @@ impl Launch {
         // The batch in flight ends before the launch does; any later one finds no launch active
         // and services nothing (`SimDevice::service_batch`).
         drop(self.dev.servicing.lock());
+        // Nor does it end before the copies it queued.
+        self.dev.clock.fence();
         if let Some(e) = self.dev.fatal.lock().take() {
             result = Err(e);
         }
@@ -1345,6 +1347,9 @@ impl SimDevice {
 
     fn charge_migration(&self, dir: Direction, bytes: u64) {
         if bytes > 0 {
+            // An eviction's or a CPU fault window's copy: synchronous, even from the fault
+            // service (the frames it frees are reused at once).
+            let _sync = AsyncTransfers::suspend();
             self.clock
                 .charge(dir.migrate_cause(), self.config.link.transfer(dir, bytes));
         }
@@ -1637,7 +1642,12 @@ impl SimDevice {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.service_policy_migrations();
+            {
+                // Queued on the copy engines: they run while the next batch is fetched and
+                // sorted, and the next replay waits for them.
+                let _async = AsyncTransfers::enter();
+                self.service_policy_migrations();
+            }
             entries.clear();
             // Interrupt moderation: once a fault arrived, give the other warps a moment to add
             // theirs, so one batch carries many (a GPU's fault interrupt reaches the driver's
@@ -1667,7 +1677,10 @@ impl SimDevice {
             }
             let (t, cpu) = (Instant::now(), hetmem_sys::clock::thread_cpu_time());
             let servicing = self.servicing.lock();
-            self.service_batch(&entries, &mut scheduler);
+            {
+                let _async = AsyncTransfers::enter();
+                self.service_batch(&entries, &mut scheduler);
+            }
             drop(servicing);
             self.counters
                 .service_ns
@@ -1837,6 +1850,8 @@ impl SimDevice {
             }
         }
         self.counters.replays.fetch_add(1, Ordering::Relaxed);
+        // The warps replay onto what the copies bring: the timeline waits for them first.
+        self.clock.fence();
         self.clock.charge(Cause::Replay, self.config.link.replay());
         self.replay();
     }

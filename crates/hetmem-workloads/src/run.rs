@@ -130,7 +130,7 @@ fn sample(ctx: &Context, t0: Instant) -> Sample {
         pages_in: s.pages_from_system + s.pages_from_peers,
         pages_out: s.pages_out,
         faults: s.faults,
-        modelled_ns: d.clock().total.as_nanos(),
+        modelled_ns: d.clock().elapsed.as_nanos(),
     }
 }
 
@@ -244,11 +244,11 @@ pub fn run_workload(
     report.device_memory = memory;
     report.output_words = output.len() as u64;
     report.launches = launches;
-    report.modelled_ns = clock.total.saturating_add(compute).as_nanos();
+    report.modelled_ns = clock.elapsed.saturating_add(compute).as_nanos();
     report.compute_ns = compute.as_nanos();
     report.kernels_modelled_ns = at_last
-        .map_or(clock0.total, |t| t)
-        .saturating_sub(clock0.total)
+        .map_or(clock0.elapsed, |t| t)
+        .saturating_sub(clock0.elapsed)
         .saturating_add(compute)
         .as_nanos();
     report.by_cause = by_cause(&clock);
