@@ -44,9 +44,8 @@ pub struct RunConfig {
     /// Compute units of the device.
     pub compute_units: usize,
     /// Warps resident on a compute unit at a time: with the compute units, how many lanes (and
-    /// so how many pages) are in flight at once; device memory must hold several times that
-    /// or warps evict each other's pages before they replay (a livelock the real hardware
-    /// avoids by having far more memory than warps in flight).
+    /// so how many pages) are in flight at once, and so how full fault batches get. Lanes
+    /// resume where they missed, so any number makes progress however small device memory is.
     pub warps_per_cu: usize,
     /// The device's throughput, for the compute model.
     pub model: DeviceModel,
