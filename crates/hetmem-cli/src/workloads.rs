@@ -39,6 +39,10 @@ pub struct RunArgs {
     /// Compute units of the simulated device.
     #[arg(long, default_value_t = 4)]
     pub compute_units: usize,
+    /// Warps resident on each compute unit (how many are in flight, so how full fault batches
+    /// get); default: the workloads' default.
+    #[arg(long)]
+    pub warps_per_cu: Option<usize>,
     /// Tuning: override the preset's fault migration window (bytes, 4k to 2M).
     #[arg(long)]
     pub granularity: Option<String>,
@@ -128,6 +132,9 @@ impl RunArgs {
             mode: self.mode.parse::<Mode>()?,
             advise: self.advice.parse::<Advise>()?,
             compute_units: self.compute_units,
+            warps_per_cu: self
+                .warps_per_cu
+                .unwrap_or(hetmem_workloads::run::DEFAULT_WARPS_PER_CU),
             ..RunConfig::new(WorkloadSpec { kind, bytes }, device_memory, preset)
         })
     }
@@ -292,6 +299,9 @@ pub struct MatrixOpts {
     /// Compute units.
     #[arg(long, default_value_t = 4)]
     pub matrix_compute_units: usize,
+    /// Warps resident on each compute unit; default: the workloads' default.
+    #[arg(long)]
+    pub matrix_warps_per_cu: Option<usize>,
     /// Where to write the CSV.
     #[arg(long, default_value = "bench-matrix.csv")]
     pub csv: std::path::PathBuf,
@@ -328,6 +338,7 @@ pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
             .parse()
             .map_err(|e| anyhow::anyhow!("--matrix-link: {e}"))?,
         compute_units: o.matrix_compute_units,
+        warps_per_cu: o.matrix_warps_per_cu.unwrap_or(d.warps_per_cu),
     };
     let total = (m.workloads.len() * m.factors.len() * (m.presets.len() + 1)) as u64;
     let pb = progress(total);
@@ -360,10 +371,11 @@ pub fn matrix_cmd(o: &MatrixOpts) -> Result<()> {
         return Err(e).with_context(|| format!("writing {}", o.csv.display()));
     }
     println!(
-        "hetmem bench --matrix: {} MiB device, link {}, {} compute units; slowdown against explicit copies on the same link model, end to end (to the last launch's end); every result checked against the CPU; {:.0} s",
+        "hetmem bench --matrix: {} MiB device, link {}, {} compute units of {} warps; slowdown against explicit copies on the same link model, end to end (to the last launch's end); every result checked against the CPU; {:.0} s",
         device_memory >> 20,
         m.link,
         m.compute_units,
+        m.warps_per_cu,
         t.elapsed().as_secs_f64()
     );
     print!("{}", table(&m, &cells));

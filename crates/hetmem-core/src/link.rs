@@ -1029,13 +1029,73 @@ impl fmt::Display for Cause {
     }
 }
 
-/// A device's modelled clock: the modelled time charged to it, by cause. Lock-free: copy engines,
-/// the fault service and CPU-fault handlers charge it concurrently through `&self`. Charges are
-/// summed (no overlap is modelled) and saturate at [`ModelTime::MAX`].
+thread_local! {
+    /// Whether transfers this thread charges run asynchronously on the copy engines.
+    static ASYNC_TRANSFERS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// While alive, the transfers this thread charges to a [`DeviceClock`] are *asynchronous*: they
+/// queue on the copy engine of their direction and the clock's timeline does not wait for them
+/// until a [`DeviceClock::fence`]. The fault service holds one while it services a batch and
+/// while it migrates what the prefetchers queued: UVM pushes a batch's copies to the copy engines
+/// and its page-table updates to channels, and waits for their trackers only before the replay,
+/// so the host work on the next block overlaps the copy of the previous one, and copies queued
+/// between batches run while the driver fetches and sorts the next batch.
+/// [`AsyncTransfers::suspend`] makes them synchronous again inside such a scope (an eviction's
+/// copy must land before its frames are reused).
+#[derive(Debug)]
+pub struct AsyncTransfers {
+    prev: bool,
+}
+
+impl AsyncTransfers {
+    /// Transfers charged by this thread are asynchronous until the guard drops.
+    pub fn enter() -> Self {
+        AsyncTransfers {
+            prev: ASYNC_TRANSFERS.with(|c| c.replace(true)),
+        }
+    }
+
+    /// Transfers charged by this thread are synchronous until the guard drops.
+    pub fn suspend() -> Self {
+        AsyncTransfers {
+            prev: ASYNC_TRANSFERS.with(|c| c.replace(false)),
+        }
+    }
+}
+
+impl Drop for AsyncTransfers {
+    fn drop(&mut self) {
+        ASYNC_TRANSFERS.with(|c| c.set(self.prev));
+    }
+}
+
+/// A device's modelled clock: the modelled time charged to it, by cause, and a timeline.
+/// Lock-free: copy engines, the fault service and CPU-fault handlers charge it concurrently
+/// through `&self`; times saturate at [`ModelTime::MAX`].
+///
+/// Two readings ([`ClockReport`]): `total`, the sum of every charge (how long each part of the
+/// memory system was busy), and `elapsed`, the end of the timeline (how long it took). They
+/// differ only by what overlapped:
+///
+/// ```text
+///   host (fault service, replay, CPU faults, ...)  |batch 20us|blk|blk|  wait  |replay|
+///   copy engine, host to device                          |<- copy 0 ->|<- copy 1 ->|
+///                                                        ^ issued     fence before the replay ^
+/// ```
+///
+/// Host-side charges run one after another on the timeline. A transfer runs on its direction's
+/// copy engine, after whatever that engine already runs; a synchronous one (the default) makes
+/// the timeline wait for its end, an asynchronous one (inside [`AsyncTransfers`]) does not, until
+/// the next [`DeviceClock::fence`]. With no asynchronous transfer, `elapsed` equals `total`.
 #[derive(Debug, Default)]
 pub struct DeviceClock {
     nanos: [AtomicU64; Cause::COUNT],
     charges: [AtomicU64; Cause::COUNT],
+    /// The host timeline: where serial work has reached.
+    now: AtomicU64,
+    /// When each copy engine (host to device, device to host) finishes what it was given.
+    engines: [AtomicU64; 2],
 }
 
 impl DeviceClock {
@@ -1045,17 +1105,67 @@ impl DeviceClock {
     }
 
     /// Adds `t` under `cause` and counts one charge (even a zero one: with the model off the
-    /// counts still say how many transfers and faults there were).
+    /// counts still say how many transfers and faults there were). A migration cause is a
+    /// transfer on its copy engine, synchronous unless this thread is inside
+    /// [`AsyncTransfers`]; any other cause runs on the host timeline.
     pub fn charge(&self, cause: Cause, t: ModelTime) {
         let i = cause.index();
-        // The closure always returns Some, so fetch_update cannot fail.
-        let _ = self.nanos[i].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
-            Some(ns.saturating_add(t.as_nanos()))
-        });
+        let add = |a: &AtomicU64, t: u64| {
+            // The closure always returns Some, so fetch_update cannot fail.
+            a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
+                Some(ns.saturating_add(t))
+            })
+            .unwrap_or(0)
+        };
+        add(&self.nanos[i], t.as_nanos());
+        let engine = match cause {
+            Cause::MigrateToDevice => Some(0),
+            Cause::MigrateToHost => Some(1),
+            _ => None,
+        };
+        match engine {
+            None => {
+                add(&self.now, t.as_nanos());
+            }
+            Some(e) if ASYNC_TRANSFERS.with(std::cell::Cell::get) => {
+                // Queued behind the engine's work, from now on; the timeline goes on.
+                let now = self.now.load(Ordering::Relaxed);
+                let _ = self.engines[e].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+                    Some(x.max(now).saturating_add(t.as_nanos()))
+                });
+            }
+            Some(e) => {
+                // The timeline waits for the engine, then for the transfer (added, so that
+                // synchronous charges from several threads still sum).
+                self.now
+                    .fetch_max(self.engines[e].load(Ordering::Relaxed), Ordering::Relaxed);
+                let end = add(&self.now, t.as_nanos()).saturating_add(t.as_nanos());
+                self.engines[e].fetch_max(end, Ordering::Relaxed);
+            }
+        }
         // No event per charge: remote accesses charge once per access of a lane, and even a
         // disabled `trace!` costs a callsite check there; the clock itself is the record
         // (`snapshot`: time and count by cause).
         self.charges[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The timeline waits for every transfer queued so far (the fault service, before a replay
+    /// that lets warps use what the copies bring; a launch, before it ends).
+    pub fn fence(&self) {
+        let e = self.engines[0]
+            .load(Ordering::Relaxed)
+            .max(self.engines[1].load(Ordering::Relaxed));
+        self.now.fetch_max(e, Ordering::Relaxed);
+    }
+
+    /// The end of the timeline: the host's work and every queued transfer done.
+    pub fn elapsed(&self) -> ModelTime {
+        ModelTime(
+            self.now
+                .load(Ordering::Relaxed)
+                .max(self.engines[0].load(Ordering::Relaxed))
+                .max(self.engines[1].load(Ordering::Relaxed)),
+        )
     }
 
     /// Modelled time charged so far, all causes.
@@ -1075,6 +1185,7 @@ impl DeviceClock {
         let charges = std::array::from_fn(|i| self.charges[i].load(Ordering::Relaxed));
         ClockReport {
             total: by_cause.iter().copied().sum(),
+            elapsed: self.elapsed(),
             by_cause,
             charges,
         }
@@ -1084,8 +1195,10 @@ impl DeviceClock {
 /// A copy of a [`DeviceClock`] at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ClockReport {
-    /// Sum over causes.
+    /// Sum over causes: how long the parts of the memory system were busy.
     pub total: ModelTime,
+    /// The end of the device's timeline ([`DeviceClock`]): `total` less what overlapped.
+    pub elapsed: ModelTime,
     /// Modelled time by cause, indexed by [`Cause::index`].
     pub by_cause: [ModelTime; Cause::COUNT],
     /// Number of charges by cause, indexed by [`Cause::index`].
@@ -1110,6 +1223,7 @@ impl ClockReport {
         let charges = std::array::from_fn(|i| self.charges[i].saturating_sub(earlier.charges[i]));
         ClockReport {
             total: by_cause.iter().copied().sum(),
+            elapsed: self.elapsed.saturating_sub(earlier.elapsed),
             by_cause,
             charges,
         }
@@ -1200,6 +1314,44 @@ mod tests {
         }
         fn enter(&self, _: &tracing::span::Id) {}
         fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    #[test]
+    fn the_timeline_overlaps_only_asynchronous_transfers_until_a_fence() {
+        let us = ModelTime::from_micros;
+        // Synchronous: everything in a row, elapsed = total.
+        let c = DeviceClock::new();
+        c.charge(Cause::FaultService, us(20));
+        c.charge(Cause::MigrateToDevice, us(170));
+        c.charge(Cause::Replay, us(5));
+        let r = c.snapshot();
+        assert_eq!((r.total, r.elapsed), (us(195), us(195)));
+        // Asynchronous: the copy runs while the host services the next block; the fence waits
+        // for it; the replay comes after.
+        let c = DeviceClock::new();
+        c.charge(Cause::FaultService, us(20));
+        {
+            let _async = AsyncTransfers::enter();
+            c.charge(Cause::MigrateToDevice, us(170));
+            c.charge(Cause::FaultService, us(10));
+            c.charge(Cause::MigrateToDevice, us(170));
+            // An eviction inside the scope is synchronous again: it waits for the engine too.
+            {
+                let _sync = AsyncTransfers::suspend();
+                c.charge(Cause::MigrateToHost, us(100));
+            }
+            assert_eq!(c.snapshot().elapsed, us(20 + 10 + 100).max(us(20 + 340)));
+        }
+        c.fence();
+        c.charge(Cause::Replay, us(5));
+        let r = c.snapshot();
+        assert_eq!(r.total, us(20 + 170 + 10 + 170 + 100 + 5));
+        // Host: 20, then 10 (30); H2D engine busy 20..360; the synchronous D2H copy starts on
+        // the host timeline at 30 and ends at 130; the fence waits for 360; the replay ends 365.
+        assert_eq!(r.elapsed, us(365));
+        assert!(r.elapsed < r.total);
+        let later = c.snapshot();
+        assert_eq!(later.since(&r).elapsed, ModelTime::ZERO);
     }
 
     #[test]

@@ -53,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use hetmem::{migrate::TriggerScope, AddressSpace};
 use hetmem_core::{
+    addr::PAGES_PER_HUGE,
     fault_ring::FaultAccess,
     link::Direction,
     migrate::Trigger,
@@ -771,10 +772,21 @@ impl PlacementPolicy for RuntimePlacement {
             self.counters.add_tree_prefetch(extra.count() as u64);
             want = want.union(&extra);
         }
+        let mut later = Vec::new();
         if let Some(stream) = &self.stream {
-            let addrs: Vec<VirtAddr> = f.pages.iter().map(|&(a, _)| a).collect();
+            // The detector sees what this fault brings in, not only the faulted pages: with
+            // windows of a whole block, a sequential walk faults once per block, each fault a
+            // block past the last, farther than any stream window. Each migrated run that holds
+            // a faulted page counts as faulted whole: the walk's next fault follows on from its
+            // end.
+            let mut addrs: Vec<VirtAddr> = f.pages.iter().map(|&(a, _)| a).collect();
+            let covered = want.intersection(&managed);
+            for r in covered.runs() {
+                if faulted.count_range(r.clone()) > 0 {
+                    addrs.extend(r.map(|k| block.page(k as u64)));
+                }
+            }
             let ahead = stream.lock().observe(&addrs);
-            let mut later = Vec::new();
             for r in ahead {
                 if let Some(inside) = r.intersect(&block) {
                     let from = block.index_of(inside.start()) as usize;
@@ -793,14 +805,10 @@ impl PlacementPolicy for RuntimePlacement {
                             continue;
                         }
                         if let Ok(past) = PageRange::from_bounds(piece.start, piece.end) {
-                            self.counters.add_stream_prefetch(past.npages());
                             later.push(past);
                         }
                     }
                 }
-            }
-            if !later.is_empty() {
-                self.ahead.lock().extend(later);
             }
         }
         // Never migrate what the advice keeps remote or read-mostly, nor a thrashing page that
@@ -821,6 +829,24 @@ impl PlacementPolicy for RuntimePlacement {
                 for k in faulted.iter() {
                     small.set_range(window(block, block.page(k as u64), g));
                 }
+                // The density prefetcher still grows the small windows where the block is
+                // already dense (UVM's tree over its 4 KiB / 64 KiB faults): a block walked in
+                // order comes in 64 KiB, 128 KiB, 256 KiB... pieces, a few faults a block, while
+                // scattered faults stay small (a whole block for each of them evicted a chunk
+                // per random page). Without this, whether a fault got its whole block or 64 KiB
+                // hung on whether the last eviction left exactly a chunk free.
+                if let Some(tree) = &self.tree {
+                    let n = self
+                        .fault_migrations
+                        .lock()
+                        .get(&block.start().0)
+                        .copied()
+                        .unwrap_or(0);
+                    let extra = tree
+                        .prefetch(&resident, &small, &thrashing, n)
+                        .intersection(&managed);
+                    small = small.union(&extra);
+                }
                 want = small
                     .intersection(&managed)
                     .difference(&keep)
@@ -838,6 +864,29 @@ impl PlacementPolicy for RuntimePlacement {
         let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
             self.make_room(needed, f.free_frames, block);
+        }
+        // Stream prefetch past the block goes only into free frames above a watermark of one
+        // chunk: a guess never evicts pages in use, nor takes the chunk an eviction just freed
+        // for the faults to come (prefetching ahead under pressure made a tiled GEMM at 2x
+        // device memory 4-6x slower), as the kernel's readahead backs off under pressure.
+        let mut room = f
+            .free_frames
+            .saturating_sub(needed)
+            .saturating_sub(PAGES_PER_HUGE);
+        let mut queued = Vec::new();
+        for r in later {
+            if room == 0 {
+                break;
+            }
+            let take = r.npages().min(room);
+            if let Ok(part) = PageRange::from_pages(r.start().0, take) {
+                room -= take;
+                self.counters.add_stream_prefetch(take);
+                queued.push(part);
+            }
+        }
+        if !queued.is_empty() {
+            self.ahead.lock().extend(queued);
         }
         self.touch(block);
         let duplicate = ranges(block, &dup);

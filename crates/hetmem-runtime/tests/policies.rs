@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hetmem_core::{
     link::LinkModel,
     policy::{access_counters::AccessCounterConfig, prefetch::StreamConfig},
-    PAGE_SIZE,
+    HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 use hetmem_runtime::{Advice, Context, ContextBuilder, Managed, Processor, Trigger};
 use hetmem_sim::accel::{AccelConfig, AccelStats, Miss, Thread};
@@ -105,6 +105,37 @@ fn the_stream_detector_migrates_ahead_of_a_streaming_kernel() {
         eprintln!(
             "stream detector {on}: {} batches, {} faults, {} pages ahead",
             s.batches, s.faults_read, rs.pages_stream_prefetch
+        );
+        faults.push(s.faults_read);
+        c.check_invariants().unwrap();
+    }
+    assert!(faults[1] < faults[0], "faults off/on: {faults:?}");
+}
+
+#[test]
+fn with_whole_block_windows_the_stream_detector_still_prefetches_ahead() {
+    // Each fault migrates its whole 2 MiB block, so a sequential walk faults once per block,
+    // each fault 512 pages past the last: the detector must see what the faults brought in,
+    // not only the faulted pages, or it never recognises the walk (issue 5).
+    let mut faults = Vec::new();
+    for on in [false, true] {
+        let b = builder().prefetcher(None).granularity(HUGE_PAGE_SIZE);
+        let b = if on {
+            b.stream_prefetcher(Some(StreamConfig::default()))
+        } else {
+            b
+        };
+        let c = b.build().unwrap();
+        let (x, out, sum) = data(&c, 16 << 20);
+        let s = stream_sum(&c, &x, &out);
+        assert_eq!(result(&out), sum, "stream detector on: {on}");
+        let rs = c.stats();
+        assert_eq!(rs.pages_stream_prefetch > 0, on, "{rs:?}");
+        let d = c.device_stats(c.devices()[0]).unwrap();
+        assert_eq!(
+            d.migrations.get(Trigger::Prefetch).from_system > 0,
+            on,
+            "blocks ahead came in as prefetches: {d:?}"
         );
         faults.push(s.faults_read);
         c.check_invariants().unwrap();

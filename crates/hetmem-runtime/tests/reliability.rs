@@ -159,7 +159,7 @@ fn a_full_fault_ring_drops_faults_that_are_raised_again() {
 
 /// The device goes away in the middle of a launch whose warps fault and migrate pages in: the
 /// launch ends (a typed error or done), every page is back in system memory, and each lane's
-/// words hold all of its stores or none (a lane's stores land together when it completes).
+/// words hold a prefix of its stores (a lane's stores land one by one, in program order).
 #[test]
 fn a_device_lost_in_the_middle_of_migrations_loses_nothing() {
     let mut lost = 0;

@@ -537,3 +537,53 @@ fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
         c.check_invariants().unwrap();
     }
 }
+
+#[test]
+fn a_lane_that_needs_more_blocks_than_device_memory_holds_still_completes() {
+    // Two chunks of device memory, whole-block windows, no thrashing detection (whose pins would
+    // map the pages remotely): each lane reads a word from three 2 MiB blocks and writes one in
+    // a fourth. Every fault evicts a block another access of the same lane needs; a lane that
+    // started over after each miss never completed (issue 5). A GPU replays the faulting access,
+    // not the thread: the lane goes on from there.
+    let c = Context::builder()
+        .device(device(4))
+        .granularity(HUGE_PAGE_SIZE)
+        .prefetcher(None)
+        .stream_prefetcher(None)
+        .thrashing(None)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(4 * HUGE_PAGE_SIZE).unwrap();
+    fill(&mut x, |i| i as u32);
+    let base = x.addr();
+    let words = HUGE_PAGE_SIZE / 4;
+    let n = 4096;
+    let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let a = t.load_u32(base + 4 * i)?;
+        let b = t.load_u32(base + 4 * (i + words))?;
+        let d = t.load_u32(base + 4 * (i + 2 * words))?;
+        t.store_u32(
+            base + 4 * (i + 3 * words),
+            a.wrapping_add(b).wrapping_add(d),
+        )
+    };
+    let launch = c.launch(dev0(&c), Arc::new(k), n).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(launch.wait().map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("the launch made no progress in 60 s: {:?}", c.stats()),
+    }
+    let v = x.view::<u32>();
+    for i in 0..n as usize {
+        let w = words as usize;
+        let want = (i as u32)
+            .wrapping_add((i + w) as u32)
+            .wrapping_add((i + 2 * w) as u32);
+        assert_eq!(v[i + 3 * w], want, "x[{}]", i + 3 * w);
+    }
+    drop(v);
+    c.check_invariants().unwrap();
+}

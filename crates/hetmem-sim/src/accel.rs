@@ -6,9 +6,9 @@
 //! ```text
 //!  launch(kernel, threads)          compute units (one thread each), warps of 32 lanes
 //!        │                          a warp runs holding its CU's TLB lock: every access
-//!        ▼                          translates through that TLB; stores are buffered and land
-//!   warp runs lanes ──miss──►       only when the lane completes, so a lane that misses has no
-//!        │                          effect and simply runs again after the replay
+//!        ▼                          translates through that TLB; a lane that misses keeps what
+//!   warp runs lanes ──miss──►       it completed and goes on from the missing access after the
+//!        │                          replay
 //!        │  FaultEntry per page ──► SharedFaultRing ──► service thread: batch (256), merge
 //!        │                                              duplicates, group by 2 MiB block, ask
 //!        │                                              the placement policy, migrate to device
@@ -17,11 +17,15 @@
 //!                                                       check, charge the link model
 //! ```
 //!
-//! A lane is the unit of re-execution: kernels are written per thread index (`Kernel::thread`),
-//! read what they need, and write results; since a lane's stores are held back until it finished
-//! without a miss, running it again after a replay is exact, atomics included. An atomic takes the
-//! device's atomics lock and keeps it until its lane completes or misses, so atomics of different
-//! compute units never interleave, and a lane that misses after one discards it.
+//! Kernels are written per thread index (`Kernel::thread`): they read what they need and write
+//! results. A lane resumes where it missed, as a GPU replays the faulting instruction of a warp
+//! rather than restarting the thread: every access a lane completes is logged (`LaneLog`: loads
+//! and atomics with what they returned), and when the lane runs again after the replay its
+//! completed accesses are answered from the log without touching memory, stores landing once, in
+//! program order. A lane therefore needs only the page of its next access to be resident, never
+//! all of its pages at once (a lane that started over needed every page it touches at the same
+//! time, and livelocked once they outnumbered device memory: issue 5). An atomic reads and writes
+//! under the device's atomics lock, so atomics of different compute units never interleave.
 //!
 //! Coherence (DESIGN.md invariant 1): the device subscribes an interval notifier over the whole
 //! address space; every invalidation (the CPU faulting a page back, munmap, mprotect, another
@@ -58,7 +62,7 @@ use hetmem_core::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
-    link::{Cause, ClockReport, DeviceClock, Direction, LinkModel},
+    link::{AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LinkModel},
     migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
@@ -68,7 +72,7 @@ use hetmem_core::{
     shared_mmu::{CuGuard, SharedMmu},
     DeviceId, Owner, PageRange, VirtAddr, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 
 use crate::copy::{migrate_between, SimCopyBackend};
 
@@ -1027,6 +1031,8 @@ impl Launch {
         // The batch in flight ends before the launch does; any later one finds no launch active
         // and services nothing (`SimDevice::service_batch`).
         drop(self.dev.servicing.lock());
+        // Nor does it end before the copies it queued.
+        self.dev.clock.fence();
         if let Some(e) = self.dev.fatal.lock().take() {
             result = Err(e);
         }
@@ -1043,10 +1049,13 @@ pub struct Thread<'a> {
     dev: &'a SimDevice,
     /// The compute unit's TLB, held for the whole warp.
     unit: CuGuard<'a>,
-    /// The atomics lock, taken at the lane's first atomic and held until it ends.
-    atomics: Option<MutexGuard<'a, ()>>,
-    /// Stores held back until the lane completes: (address, target page, bytes).
-    pending: Vec<(VirtAddr, PteTarget, Vec<u8>)>,
+    /// What the lane completed in its earlier executions, and what this one adds.
+    log: LaneLog,
+    /// The next access's index in `log` (below its length: an access completed before, answered
+    /// from the log).
+    cursor: usize,
+    /// Where the next logged access's bytes start in `log.data`.
+    data_at: usize,
     miss: Option<(VirtAddr, FaultAccess)>,
     fatal: Option<LaunchError>,
 }
@@ -1054,8 +1063,45 @@ pub struct Thread<'a> {
 impl std::fmt::Debug for Thread<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Thread")
-            .field("pending", &self.pending.len())
+            .field("completed", &self.log.ops.len())
+            .field("cursor", &self.cursor)
             .finish_non_exhaustive()
+    }
+}
+
+/// What kind of access a lane completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OpKind {
+    Read,
+    Write,
+    Atomic,
+}
+
+/// One completed access of a lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LoggedOp {
+    va: u64,
+    len: u32,
+    kind: OpKind,
+}
+
+/// The accesses a lane completed, in program order, with the bytes each load and atomic
+/// returned. A lane that misses keeps its log; when it runs again after the replay its completed
+/// accesses are answered from the log (loads and atomics return what they returned, stores are
+/// not repeated) and it goes on from the access that missed, as a GPU replays the faulting
+/// instruction of a warp rather than the thread (uvm-svm.md: replayable faults). Kernels are
+/// deterministic functions of their thread index and what they read, so the second execution
+/// reaches the same accesses in the same order; one that does not is a kernel bug, fatal.
+#[derive(Debug, Default)]
+struct LaneLog {
+    ops: Vec<LoggedOp>,
+    data: Vec<u8>,
+}
+
+impl LaneLog {
+    fn clear(&mut self) {
+        self.ops.clear();
+        self.data.clear();
     }
 }
 
@@ -1096,36 +1142,81 @@ impl Thread<'_> {
         }
     }
 
+    /// If this access completed in an earlier execution of the lane: checks that it is the same
+    /// access and returns the bytes it returned then (`Some`); `None` for a new access. A
+    /// different access is a nondeterministic kernel: fatal.
+    #[inline]
+    fn replayed(
+        &mut self,
+        va: VirtAddr,
+        len: usize,
+        kind: OpKind,
+        access: FaultAccess,
+    ) -> Option<Result<&[u8], Miss>> {
+        let op = *self.log.ops.get(self.cursor)?;
+        if op
+            != (LoggedOp {
+                va: va.0,
+                len: len as u32,
+                kind,
+            })
+        {
+            let why = format!(
+                "the lane's access {} differs from its earlier execution's ({op:?}): the kernel is \
+                 not a deterministic function of its thread index and what it read",
+                self.cursor
+            );
+            return Some(self.bad_access(va, access, &why));
+        }
+        self.cursor += 1;
+        let at = self.data_at;
+        let n = if kind == OpKind::Write { 0 } else { len };
+        self.data_at += n;
+        Some(Ok(&self.log.data[at..at + n]))
+    }
+
+    /// Records a completed access (`bytes`: what a load or atomic returned).
+    #[inline]
+    fn completed(&mut self, va: VirtAddr, len: usize, kind: OpKind, bytes: &[u8]) {
+        self.log.ops.push(LoggedOp {
+            va: va.0,
+            len: len as u32,
+            kind,
+        });
+        self.log.data.extend_from_slice(bytes);
+        self.cursor += 1;
+        self.data_at += bytes.len();
+    }
+
     /// Reads `buf.len()` bytes at `va` (within one page).
     pub fn read(&mut self, va: u64, buf: &mut [u8]) -> Result<(), Miss> {
         let va = VirtAddr(va);
         if va.0 % PAGE_SIZE + buf.len() as u64 > PAGE_SIZE {
             return self.bad_access(va, FaultAccess::Read, "access crosses a page");
         }
+        if let Some(r) = self.replayed(va, buf.len(), OpKind::Read, FaultAccess::Read) {
+            buf.copy_from_slice(r?);
+            return Ok(());
+        }
         let target = self.translate(va, Access::Read)?;
         self.read_target(va, target, buf)?;
-        // Store-to-load forwarding from this lane's own held-back stores.
-        for (a, _, data) in &self.pending {
-            let (s, e) = (a.0, a.0 + data.len() as u64);
-            let (rs, re) = (va.0, va.0 + buf.len() as u64);
-            if s < re && rs < e {
-                let from = s.max(rs);
-                let to = e.min(re);
-                buf[(from - rs) as usize..(to - rs) as usize]
-                    .copy_from_slice(&data[(from - s) as usize..(to - s) as usize]);
-            }
-        }
+        self.completed(va, buf.len(), OpKind::Read, buf);
         Ok(())
     }
 
-    /// Writes `data` at `va` (within one page); it lands when the lane completes.
+    /// Writes `data` at `va` (within one page). The store lands now, in program order: a lane
+    /// that misses later keeps it and does not repeat it.
     pub fn write(&mut self, va: u64, data: &[u8]) -> Result<(), Miss> {
         let va = VirtAddr(va);
         if va.0 % PAGE_SIZE + data.len() as u64 > PAGE_SIZE {
             return self.bad_access(va, FaultAccess::Write, "access crosses a page");
         }
+        if let Some(r) = self.replayed(va, data.len(), OpKind::Write, FaultAccess::Write) {
+            return r.map(drop);
+        }
         let target = self.translate(va, Access::Write)?;
-        self.pending.push((va, target, data.to_vec()));
+        self.write_target(va, target, data)?;
+        self.completed(va, data.len(), OpKind::Write, &[]);
         Ok(())
     }
 
@@ -1151,23 +1242,29 @@ impl Thread<'_> {
         self.store_u32(va, v.to_bits())
     }
 
-    /// Atomically adds `v` to the `u32` at `va`; returns the old value. The lane holds the
-    /// device's atomics lock from here to its end, so no atomic of another lane interleaves; the
-    /// new value lands with the lane.
+    /// Atomically adds `v` to the `u32` at `va`; returns the old value. The read and the write
+    /// happen under the device's atomics lock, so no atomic of another lane interleaves; a lane
+    /// that misses later keeps its atomic done (and the old value it got).
     pub fn atomic_add_u32(&mut self, va: u64, v: u32) -> Result<u32, Miss> {
         let a = VirtAddr(va);
         if !va.is_multiple_of(4) {
             return self.bad_access(a, FaultAccess::Atomic, "unaligned atomic");
         }
-        self.translate(a, Access::Atomic)?;
-        if self.atomics.is_none() {
-            self.atomics = Some(self.dev.atomics.lock());
+        if let Some(r) = self.replayed(a, 4, OpKind::Atomic, FaultAccess::Atomic) {
+            let b: [u8; 4] = r?.try_into().map_err(|_| Miss)?;
+            return Ok(u32::from_ne_bytes(b));
         }
-        let old = self.load_u32(va)?;
         let target = self.translate(a, Access::Atomic)?;
-        self.pending
-            .push((a, target, old.wrapping_add(v).to_ne_bytes().to_vec()));
-        Ok(old)
+        let dev = self.dev;
+        let mut b = [0u8; 4];
+        {
+            let _atomics = dev.atomics.lock();
+            self.read_target(a, target, &mut b)?;
+            let new = u32::from_ne_bytes(b).wrapping_add(v).to_ne_bytes();
+            self.write_target(a, target, &new)?;
+        }
+        self.completed(a, 4, OpKind::Atomic, &b);
+        Ok(u32::from_ne_bytes(b))
     }
 
     fn bad_access<T>(&mut self, va: VirtAddr, access: FaultAccess, why: &str) -> Result<T, Miss> {
@@ -1231,27 +1328,23 @@ impl Thread<'_> {
         }
     }
 
-    /// Applies the held-back stores (the lane completed).
-    fn commit(&mut self) -> Result<(), LaunchError> {
-        for (va, target, data) in std::mem::take(&mut self.pending) {
-            let off = (va.0 % PAGE_SIZE) as usize;
-            let ok =
-                match self.with_frames(target, |mem, base| mem.arena().write(base + off, &data)) {
-                    Some(r) => r.is_some_and(|r| r.is_ok()),
-                    None => {
-                        self.charge_remote(va, Direction::HostToDevice, data.len());
-                        hetmem::write_user(va.as_usize(), &data).is_ok()
-                    }
-                };
-            if !ok {
-                return Err(LaunchError::Fatal {
-                    addr: va,
-                    access: FaultAccess::Write,
-                    reason: format!("device write failed (to {target:?})"),
-                });
+    /// Stores `data` at `va` through `target` (translated under the warp's TLB lock, which an
+    /// invalidation waits for, so the frame is still the page's).
+    fn write_target(&mut self, va: VirtAddr, target: PteTarget, data: &[u8]) -> Result<(), Miss> {
+        let off = (va.0 % PAGE_SIZE) as usize;
+        let ok = match self.with_frames(target, |mem, base| mem.arena().write(base + off, data)) {
+            Some(r) => r.is_some_and(|r| r.is_ok()),
+            None => {
+                self.charge_remote(va, Direction::HostToDevice, data.len());
+                hetmem::write_user(va.as_usize(), data).is_ok()
             }
+        };
+        if ok {
+            Ok(())
+        } else {
+            let why = format!("device write failed (to {target:?})");
+            self.bad_access(va, FaultAccess::Write, &why)
         }
-        Ok(())
     }
 }
 
@@ -1260,6 +1353,9 @@ struct Warp {
     id: u64,
     /// Lanes (thread ids) still to complete.
     pending: Vec<u64>,
+    /// What each of them completed so far (by position in `pending`; empty until a lane
+    /// first misses).
+    logs: Vec<LaneLog>,
     /// Stalled since this replay epoch (a replay after it makes the warp ready).
     stalled_at: Option<u64>,
 }
@@ -1271,6 +1367,9 @@ impl SimDevice {
 
     fn charge_migration(&self, dir: Direction, bytes: u64) {
         if bytes > 0 {
+            // An eviction's or a CPU fault window's copy: synchronous, even from the fault
+            // service (the frames it frees are reused at once).
+            let _sync = AsyncTransfers::suspend();
             self.clock
                 .charge(dir.migrate_cause(), self.config.link.transfer(dir, bytes));
         }
@@ -1375,6 +1474,7 @@ impl SimDevice {
             .map(|w| Warp {
                 id: w,
                 pending: (w * WARP_SIZE..((w + 1) * WARP_SIZE).min(threads)).collect(),
+                logs: Vec::new(),
                 stalled_at: None,
             });
         let mut warps: Vec<Warp> = Vec::with_capacity(self.config.warps_per_cu);
@@ -1442,13 +1542,25 @@ impl SimDevice {
             reason: e.to_string(),
         })?;
         let mut still = Vec::new();
+        let mut still_logs = Vec::new();
         let lanes = warp.pending.len() as u64;
+        let mut logs = std::mem::take(&mut warp.logs).into_iter();
+        // Lanes that never missed share one log, cleared after each.
+        let mut scratch = LaneLog::default();
         for &tid in &warp.pending {
+            let log = match logs.next() {
+                Some(l) => l,
+                None => {
+                    scratch.clear();
+                    std::mem::take(&mut scratch)
+                }
+            };
             let mut t = Thread {
                 dev: self,
                 unit,
-                atomics: None,
-                pending: Vec::new(),
+                log,
+                cursor: 0,
+                data_at: 0,
                 miss: None,
                 fatal: None,
             };
@@ -1460,14 +1572,11 @@ impl SimDevice {
             }
             match (r, t.miss) {
                 (Ok(()), _) => {
-                    if let Err(e) = t.commit() {
-                        drop(t);
-                        self.set_fatal(e);
-                        return Ok(());
-                    }
+                    scratch = std::mem::take(&mut t.log);
                 }
                 (Err(Miss), Some(m)) => {
                     still.push(tid);
+                    still_logs.push(std::mem::take(&mut t.log));
                     if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
                         misses.push(m);
                     }
@@ -1483,7 +1592,7 @@ impl SimDevice {
                     return Ok(());
                 }
             }
-            // The lane is over: its atomics (if any) are released, the unit goes to the next.
+            // The lane is over: the unit goes to the next.
             unit = t.unit;
         }
         drop(unit);
@@ -1494,6 +1603,7 @@ impl SimDevice {
                 .fetch_add(still.len() as u64, Ordering::Relaxed);
         }
         warp.pending = still;
+        warp.logs = still_logs;
         if misses.is_empty() {
             return Ok(());
         }
@@ -1552,7 +1662,12 @@ impl SimDevice {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            self.service_policy_migrations();
+            {
+                // Queued on the copy engines: they run while the next batch is fetched and
+                // sorted, and the next replay waits for them.
+                let _async = AsyncTransfers::enter();
+                self.service_policy_migrations();
+            }
             entries.clear();
             // Interrupt moderation: once a fault arrived, give the other warps a moment to add
             // theirs, so one batch carries many (a GPU's fault interrupt reaches the driver's
@@ -1582,7 +1697,10 @@ impl SimDevice {
             }
             let (t, cpu) = (Instant::now(), hetmem_sys::clock::thread_cpu_time());
             let servicing = self.servicing.lock();
-            self.service_batch(&entries, &mut scheduler);
+            {
+                let _async = AsyncTransfers::enter();
+                self.service_batch(&entries, &mut scheduler);
+            }
             drop(servicing);
             self.counters
                 .service_ns
@@ -1752,6 +1870,8 @@ impl SimDevice {
             }
         }
         self.counters.replays.fetch_add(1, Ordering::Relaxed);
+        // The warps replay onto what the copies bring: the timeline waits for them first.
+        self.clock.fence();
         self.clock.charge(Cause::Replay, self.config.link.replay());
         self.replay();
     }

@@ -196,6 +196,71 @@ fn a_finished_launch_leaves_nothing_serviced_behind_its_wait() {
 }
 
 #[test]
+fn a_lane_resumes_after_a_miss_and_does_not_repeat_what_it_completed() {
+    // Each lane bumps a counter, stores, then reads a page that is not resident: it misses
+    // after its atomic and its store, and after the replay goes on from the read.
+    let n = 1024;
+    let counter = alloc_u32(1, |_| 0);
+    let marks = alloc_u32(n, |_| 0);
+    let far = alloc_u32(n, |i| 5 * i as u32);
+    let acc = Accelerator::new(small()).unwrap();
+    let (pc, pm, pf) = (counter.start().0, marks.start().0, far.start().0);
+    // The counter's and the marks' pages first, so that only `far` misses below.
+    let warm = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.load_u32(pc)?;
+        t.store_u32(pm + 4 * i, 0)
+    });
+    acc.launch(warm, n).unwrap().wait().unwrap();
+    let before = acc.stats();
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let ticket = t.atomic_add_u32(pc, 1)?;
+        t.store_u32(pm + 4 * i, ticket + 1)?;
+        let x = t.load_u32(pf + 4 * i)?;
+        t.store_u32(pm + 4 * i, (ticket + 1) ^ x)
+    });
+    acc.launch(k, n).unwrap().wait().unwrap();
+    let s = acc.stats();
+    assert!(s.lane_retries > before.lane_retries, "lanes missed: {s:?}");
+    assert_eq!(read_u32(counter, 1)[0], n as u32, "one atomic per lane");
+    // Every lane kept its ticket across its miss: the tickets are 0..n, each once.
+    let far_v = read_u32(far, n);
+    let mut tickets: Vec<u32> = read_u32(marks, n)
+        .iter()
+        .zip(&far_v)
+        .map(|(m, x)| (m ^ x) - 1)
+        .collect();
+    tickets.sort_unstable();
+    assert_eq!(tickets, (0..n as u32).collect::<Vec<_>>());
+    acc.check_invariants().unwrap();
+}
+
+#[test]
+fn a_kernel_whose_replay_takes_other_accesses_fails_the_launch() {
+    // Not a deterministic function of its thread index and what it read: its second execution
+    // reads another word than its first did before the miss.
+    let here = alloc_u32(1024, |i| i as u32);
+    let far = alloc_u32(1024, |i| i as u32);
+    let acc = Accelerator::new(small()).unwrap();
+    let (ph, pf) = (here.start().0, far.start().0);
+    let warm = Arc::new(move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        t.load_u32(ph).map(drop)
+    });
+    acc.launch(warm, 1).unwrap().wait().unwrap();
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let k = Arc::new(move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let run = runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        t.load_u32(ph + 4 * (run % 1024))?;
+        t.load_u32(pf).map(drop)
+    });
+    let err = acc.launch(k, 1).unwrap().wait().unwrap_err();
+    let LaunchError::Fatal { addr, reason, .. } = &err else {
+        panic!("{err:?}");
+    };
+    assert_eq!(*addr, VirtAddr(ph + 4), "{err:?}");
+    assert!(reason.contains("deterministic"), "{reason}");
+}
+
+#[test]
 fn cpu_writes_between_launches_are_seen_by_the_next_launch() {
     let n = 8 * 1024;
     let a = alloc_u32(n, |i| i as u32);

@@ -28,6 +28,8 @@ pub struct MatrixConfig {
     pub link: LinkPreset,
     /// Compute units.
     pub compute_units: usize,
+    /// Warps resident on each compute unit.
+    pub warps_per_cu: usize,
 }
 
 impl Default for MatrixConfig {
@@ -39,6 +41,7 @@ impl Default for MatrixConfig {
             device_memory: 32 << 20,
             link: LinkPreset::Pcie3X16,
             compute_units: 4,
+            warps_per_cu: crate::run::DEFAULT_WARPS_PER_CU,
         }
     }
 }
@@ -87,6 +90,7 @@ pub fn run_matrix(
             let base_cfg = RunConfig {
                 link: m.link,
                 compute_units: m.compute_units,
+                warps_per_cu: m.warps_per_cu,
                 sample_every: Duration::ZERO,
                 mode: Mode::Explicit,
                 ..RunConfig::new(

@@ -48,7 +48,7 @@ pub struct Exec<'a, 'o> {
     launches: u64,
     work: Work,
     compute: ModelTime,
-    /// The device clock's total when the last launch finished.
+    /// The device clock's elapsed time when the last launch finished.
     clock_at_last_launch: Option<ModelTime>,
     observer: Option<Observer<'o>>,
 }
@@ -120,7 +120,7 @@ impl<'a, 'o> Exec<'a, 'o> {
         self.compute
     }
 
-    /// The device clock's total (compute not included) when the last launch finished.
+    /// The device clock's elapsed time (compute not included) when the last launch finished.
     pub fn clock_at_last_launch(&self) -> Option<ModelTime> {
         self.clock_at_last_launch
     }
@@ -202,7 +202,7 @@ impl<'a, 'o> Exec<'a, 'o> {
             self.ctx.launch(self.dev, kernel, threads)?.wait()?;
         }
         self.launches += 1;
-        self.clock_at_last_launch = Some(self.ctx.device(self.dev)?.clock().total);
+        self.clock_at_last_launch = Some(self.ctx.device(self.dev)?.clock().elapsed);
         self.work += work;
         self.compute = self.compute.saturating_add(self.model.time(work));
         if let Some(obs) = self.observer.as_mut() {

@@ -23,6 +23,9 @@ use crate::report::{Latency, Migrations, RunReport, TriggerPages};
 use crate::workload::{check, Workload, WorkloadSpec};
 use crate::WorkloadError;
 
+/// Warps resident on a compute unit by default.
+pub const DEFAULT_WARPS_PER_CU: usize = 8;
+
 /// What to run.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RunConfig {
@@ -41,9 +44,8 @@ pub struct RunConfig {
     /// Compute units of the device.
     pub compute_units: usize,
     /// Warps resident on a compute unit at a time: with the compute units, how many lanes (and
-    /// so how many pages) are in flight at once; device memory must hold several times that
-    /// or warps evict each other's pages before they replay (a livelock the real hardware
-    /// avoids by having far more memory than warps in flight).
+    /// so how many pages) are in flight at once, and so how full fault batches get. Lanes
+    /// resume where they missed, so any number makes progress however small device memory is.
     pub warps_per_cu: usize,
     /// The device's throughput, for the compute model.
     pub model: DeviceModel,
@@ -65,7 +67,7 @@ impl RunConfig {
             preset,
             advise: Advise::None,
             compute_units: 4,
-            warps_per_cu: 8,
+            warps_per_cu: DEFAULT_WARPS_PER_CU,
             model: DeviceModel::default(),
             sample_every: Duration::from_millis(1),
             tuning: None,
@@ -127,7 +129,7 @@ fn sample(ctx: &Context, t0: Instant) -> Sample {
         pages_in: s.pages_from_system + s.pages_from_peers,
         pages_out: s.pages_out,
         faults: s.faults,
-        modelled_ns: d.clock().total.as_nanos(),
+        modelled_ns: d.clock().elapsed.as_nanos(),
     }
 }
 
@@ -241,11 +243,11 @@ pub fn run_workload(
     report.device_memory = memory;
     report.output_words = output.len() as u64;
     report.launches = launches;
-    report.modelled_ns = clock.total.saturating_add(compute).as_nanos();
+    report.modelled_ns = clock.elapsed.saturating_add(compute).as_nanos();
     report.compute_ns = compute.as_nanos();
     report.kernels_modelled_ns = at_last
-        .map_or(clock0.total, |t| t)
-        .saturating_sub(clock0.total)
+        .map_or(clock0.elapsed, |t| t)
+        .saturating_sub(clock0.elapsed)
         .saturating_add(compute)
         .as_nanos();
     report.by_cause = by_cause(&clock);
