@@ -159,6 +159,8 @@ pub struct RunReport {
     pub thrashing_detected: u64,
     /// Faulted thrashing pages throttled (mapped where they were).
     pub pages_throttled: u64,
+    /// CPU faults on thrashing pages that slept out a throttling period.
+    pub cpu_throttles: u64,
     /// Thrashing pins.
     pub thrashing_pins: u64,
     /// Fault-service latency.
@@ -202,6 +204,7 @@ impl RunReport {
             evictions: 0,
             thrashing_detected: 0,
             pages_throttled: 0,
+            cpu_throttles: 0,
             thrashing_pins: 0,
             latency: Latency::default(),
         }
@@ -337,8 +340,11 @@ impl RunReport {
         row(
             "thrashing",
             format!(
-                "{} pages detected, {} throttled, {} pins",
-                self.thrashing_detected, self.pages_throttled, self.thrashing_pins
+                "{} pages detected, {} throttled ({} CPU faults), {} pins",
+                self.thrashing_detected,
+                self.pages_throttled,
+                self.cpu_throttles,
+                self.thrashing_pins
             ),
         );
         let l = &self.latency;

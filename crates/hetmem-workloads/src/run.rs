@@ -265,6 +265,7 @@ pub fn run_workload(
     report.evictions = d(rt.evictions, rt0.evictions);
     report.thrashing_detected = d(rt.thrashing_detected, rt0.thrashing_detected);
     report.pages_throttled = d(rt.pages_throttled, rt0.pages_throttled);
+    report.cpu_throttles = d(rt.cpu_throttles, rt0.cpu_throttles);
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.latency = Latency::from(&lat);
     report.cpu_faults = d(s.cpu_faults, stats0.cpu_faults);
