@@ -99,15 +99,22 @@ fn readers_get_copies_and_nothing_migrates() {
     }
 }
 
-#[test]
-fn a_cpu_write_collapses_the_copies_before_it_lands() {
+/// A context whose device holds read copies of a 16-page read-mostly table (`t[i] = i`), after
+/// one gather into `out`: `(context, device, t, out)`.
+fn copied_table() -> (Context, DeviceId, Managed, Managed) {
     let c = Context::builder().device(device()).build().unwrap();
     let d = c.devices()[0];
-    let mut t = table(&c, 16, |i| i as u32);
+    let t = table(&c, 16, |i| i as u32);
     let out = c.alloc(t.len()).unwrap();
     c.advise(t.range(), Advice::SetReadMostly).unwrap();
     gather(&c, d, &t, &out);
     assert_eq!(c.device(d).unwrap().stats().copies_held, 16);
+    (c, d, t, out)
+}
+
+#[test]
+fn a_cpu_write_collapses_the_copies_before_it_lands() {
+    let (c, d, mut t, out) = copied_table();
     let collapses = AddressSpace::current().unwrap().stats().dup_collapses;
     // One word of page 5 changes on the CPU: that page's copy goes, the others stay.
     t.view_mut::<u32>()[5 * 1024 + 7] = 0xdead_beef;
@@ -271,13 +278,7 @@ fn random_operations_never_read_a_stale_copy() {
 /// the pages without a collapse on the way.
 #[test]
 fn unsetting_read_mostly_collapses_the_copies() {
-    let c = Context::builder().device(device()).build().unwrap();
-    let d = c.devices()[0];
-    let mut t = table(&c, 16, |i| i as u32);
-    let out = c.alloc(t.len()).unwrap();
-    c.advise(t.range(), Advice::SetReadMostly).unwrap();
-    gather(&c, d, &t, &out);
-    assert_eq!(c.device(d).unwrap().stats().copies_held, 16);
+    let (c, d, mut t, out) = copied_table();
     let in_use = c.memory_in_use(d).unwrap();
     c.advise(t.range(), Advice::UnsetReadMostly).unwrap();
     let s = c.device(d).unwrap().stats();
