@@ -59,6 +59,8 @@ pub struct PresetConfig {
     pub cpu_window: u64,
     /// Window of a fault once device memory is full (bytes), if smaller.
     pub pressure_window: Option<u64>,
+    /// At a launch, migrate back first what CPU faults took from the device since the last one.
+    pub restore_on_launch: bool,
     /// Faults per batch.
     pub batch_size: usize,
     /// Replay policy.
@@ -90,6 +92,7 @@ impl Preset {
             allocation_order_eviction: true,
             cpu_window: 64 << 10,
             pressure_window: None,
+            restore_on_launch: false,
             batch_size: 256,
             replay: ReplayPolicy::BatchFlush,
         };
@@ -117,6 +120,7 @@ impl Preset {
                 allocation_order_eviction: false,
                 cpu_window: HUGE_PAGE_SIZE,
                 pressure_window: Some(64 << 10),
+                restore_on_launch: true,
                 batch_size: 256,
                 replay: ReplayPolicy::BatchFlush,
             },
@@ -139,6 +143,7 @@ impl PresetConfig {
             .granularity(self.granularity)
             .cpu_fault_window(self.cpu_window)
             .pressure_window(self.pressure_window)
+            .restore_on_launch(self.restore_on_launch)
             .prefetcher(self.tree_threshold.map(|t| PrefetchConfig {
                 threshold_percent: t,
                 ..PrefetchConfig::default()
