@@ -640,8 +640,9 @@ impl RuntimePlacement {
         if let Some(restore) = &self.restore {
             // What this device holds of the window is its working set: remembered before the
             // window leaves, to come back at the next launch.
-            let block = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE)
-                .expect("an aligned block");
+            let Ok(block) = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE) else {
+                return;
+            };
             let (resident, _) = self.block_masks(block, handle.id());
             let from = block.index_of(window.start()) as usize;
             let mut held = BlockMask::new();
