@@ -300,9 +300,9 @@ impl RuntimePlacement {
     }
 
     /// The pages CPU faults took from this device since the last call, to migrate back before
-    /// its next launch: sorted, merged, clipped to managed memory, without what the advice keeps
-    /// remote or read-mostly and without thrashing pages (those stay where the detector put
-    /// them). Empty when the policy is off.
+    /// its next launch: sorted, merged, clipped to managed memory and to the pages still in
+    /// system memory, without what the advice keeps remote or read-mostly and without thrashing
+    /// pages (those stay where the detector put them). Empty when the policy is off.
     pub(crate) fn take_launch_restores(&self) -> Vec<PageRange> {
         let Some(restore) = &self.restore else {
             return Vec::new();
@@ -337,7 +337,31 @@ impl RuntimePlacement {
                         if attrs.read_mostly || advised_remote(&attrs, me) {
                             continue;
                         }
-                        out.extend(PageRange::from_bounds(piece.start, piece.end).ok());
+                        let Ok(piece) = PageRange::from_bounds(piece.start, piece.end) else {
+                            continue;
+                        };
+                        // Only what is still in system memory: a page another device faulted
+                        // in since is that device's now, not taken back from it.
+                        let mut run: Option<(u64, u64)> = None;
+                        for a in piece.pages() {
+                            let system = matches!(
+                                region.states.get(region.index(a)).location,
+                                Location::System
+                            );
+                            match (&mut run, system) {
+                                (Some((_, end)), true) => *end = a.0 + PAGE_SIZE,
+                                (None, true) => run = Some((a.0, a.0 + PAGE_SIZE)),
+                                (Some(_), false) => {
+                                    if let Some((s, e)) = run.take() {
+                                        out.extend(PageRange::from_bounds(s, e).ok());
+                                    }
+                                }
+                                (None, false) => {}
+                            }
+                        }
+                        if let Some((s, e)) = run {
+                            out.extend(PageRange::from_bounds(s, e).ok());
+                        }
                     }
                 }
             }
