@@ -15,6 +15,7 @@ use hetmem::{
     migrate::TriggerScope, AddressSpace, ComputeDevice, Config, CpuFaultBackend, MmError, Prot,
 };
 use hetmem_core::{
+    addr::PAGES_PER_HUGE,
     link::Direction,
     migrate::Trigger,
     page_state::Location,
@@ -51,6 +52,7 @@ pub struct ContextBuilder {
     eviction: EvictionOrder,
     cpu_window: u64,
     pressure_window: Option<u64>,
+    restore_on_launch: bool,
 }
 
 impl Default for ContextBuilder {
@@ -67,6 +69,7 @@ impl Default for ContextBuilder {
             eviction: EvictionOrder::default(),
             cpu_window: PAGE_SIZE,
             pressure_window: None,
+            restore_on_launch: false,
         }
     }
 }
@@ -164,6 +167,18 @@ impl ContextBuilder {
         self
     }
 
+    /// At each launch on a device, migrate back first the pages CPU faults took from that
+    /// device since its previous launch (off by default: UVM waits for the kernel to fault on
+    /// them). A program whose CPU updates a small table between launches (a block table, a
+    /// frontier flag) otherwise pays a fault batch per launch to get back pages the device held
+    /// a moment ago; AMD's SVM restores the ranges a CPU invalidation took from the GPU before
+    /// its queues run again (`svm_range_restore_work`). Only free memory above one chunk is
+    /// used, so a restore never evicts; advice and thrashing pins are respected.
+    pub fn restore_on_launch(mut self, on: bool) -> Self {
+        self.restore_on_launch = on;
+        self
+    }
+
     /// Starts the devices.
     pub fn build(self) -> Result<Context, RuntimeError> {
         if self.devices.is_empty() {
@@ -183,6 +198,7 @@ impl ContextBuilder {
         let advice = Arc::new(RwLock::new(AdviceMap::new()));
         let counters = Arc::new(Counters::default());
         let mut devices = Vec::with_capacity(self.devices.len());
+        let mut placements = Vec::with_capacity(self.devices.len());
         let tree = self.prefetch.map(TreePrefetcher::new).transpose()?;
         if let Some(s) = &self.stream {
             s.validate()?;
@@ -200,6 +216,7 @@ impl ContextBuilder {
                 eviction: self.eviction,
                 cpu_window: self.cpu_window,
                 pressure_window: self.pressure_window,
+                restore_on_launch: self.restore_on_launch,
             };
             let policy = Arc::new(RuntimePlacement::new(
                 mm,
@@ -218,10 +235,12 @@ impl ContextBuilder {
                     .set_limit(Some(bytes / PAGE_SIZE));
             }
             devices.push(Arc::new(acc));
+            placements.push(policy);
         }
         Ok(Context {
             mm,
             devices,
+            placements,
             advice,
             counters,
             thrashing,
@@ -288,6 +307,8 @@ fn check_granularity(bytes: u64) -> Result<(), RuntimeError> {
 pub struct Context {
     mm: &'static Arc<AddressSpace>,
     devices: Vec<Arc<Accelerator>>,
+    /// Each device's placement policy, in the order of `devices`.
+    placements: Vec<Arc<RuntimePlacement>>,
     advice: Arc<RwLock<AdviceMap>>,
     counters: Arc<Counters>,
     thrashing: Option<Arc<Thrashing>>,
@@ -406,6 +427,10 @@ impl Context {
     ) -> Result<LaunchHandle, RuntimeError> {
         let d = self.device(dev)?;
         self.gate.enter_launch()?;
+        if let Err(e) = self.restore_for_launch(d) {
+            self.gate.leave_launch();
+            return Err(e);
+        }
         match ComputeDevice::launch(d, kernel, threads) {
             Ok(launch) => Ok(LaunchHandle {
                 launch: Some(launch),
@@ -416,6 +441,45 @@ impl Context {
                 Err(e.into())
             }
         }
+    }
+
+    /// Migrates back into `d` what CPU faults took from it since its last launch
+    /// ([`ContextBuilder::restore_on_launch`]), as far as free memory above one chunk goes.
+    fn restore_for_launch(&self, d: &Accelerator) -> Result<(), RuntimeError> {
+        let Some(p) = self
+            .devices
+            .iter()
+            .position(|x| x.id() == d.id())
+            .and_then(|i| self.placements.get(i))
+        else {
+            return Ok(());
+        };
+        let ranges = p.take_launch_restores();
+        if ranges.is_empty() {
+            return Ok(());
+        }
+        let free = d.memory().pool().lock().available_frames();
+        let mut room = free.saturating_sub(PAGES_PER_HUGE);
+        let _user = UserRequest::enter();
+        let _trigger = TriggerScope::enter(Trigger::Prefetch);
+        let _exact = ExactPlacement::enter();
+        let mut moved = 0;
+        for r in ranges {
+            if room == 0 {
+                break;
+            }
+            let take = r.npages().min(room);
+            let Ok(part) = PageRange::from_pages(r.start().0, take) else {
+                continue;
+            };
+            room -= take;
+            for block in part.chunks(HUGE_PAGE_SIZE) {
+                d.make_resident(block, false)?;
+            }
+            moved += take;
+        }
+        self.counters.add_launch_restore(moved);
+        Ok(())
     }
 
     /// Applies `advice` to `range` (managed memory). Accessed-by maps the range on that device

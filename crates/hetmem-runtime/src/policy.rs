@@ -249,6 +249,9 @@ pub(crate) struct RuntimePlacement {
     thrashing: Option<Arc<Thrashing>>,
     /// Pages this device maps where they are because of a thrashing hint, by page address.
     kept: Mutex<BTreeMap<u64, Kept>>,
+    /// Pages CPU faults took back from this device since its last launch, to bring back at the
+    /// next one (see [`crate::ContextBuilder::restore_on_launch`]); `None` when off.
+    restore: Option<Mutex<Vec<PageRange>>>,
 }
 
 /// The policies a device's placement runs.
@@ -263,6 +266,8 @@ pub(crate) struct Policies {
     pub(crate) cpu_window: u64,
     /// Window of a fault when device memory is full, if smaller than the usual one.
     pub(crate) pressure_window: Option<u64>,
+    /// Bring back at a launch what CPU faults took from the device since the last one.
+    pub(crate) restore_on_launch: bool,
 }
 
 impl RuntimePlacement {
@@ -290,6 +295,80 @@ impl RuntimePlacement {
             access: policies.access.map(Mutex::new),
             thrashing: policies.thrashing,
             kept: Mutex::new(BTreeMap::new()),
+            restore: policies.restore_on_launch.then(|| Mutex::new(Vec::new())),
+        }
+    }
+
+    /// The pages CPU faults took from this device since the last call, to migrate back before
+    /// its next launch: sorted, merged, clipped to managed memory and to the pages still in
+    /// system memory, without what the advice keeps remote or read-mostly and without thrashing
+    /// pages (those stay where the detector put them). Empty when the policy is off.
+    pub(crate) fn take_launch_restores(&self) -> Vec<PageRange> {
+        let Some(restore) = &self.restore else {
+            return Vec::new();
+        };
+        let mut taken = std::mem::take(&mut *restore.lock());
+        let Some(me) = self.me() else {
+            return Vec::new();
+        };
+        taken.sort_by_key(|r| r.start().0);
+        let mut merged: Vec<PageRange> = Vec::new();
+        for r in taken {
+            match merged.last_mut() {
+                Some(last) if r.start().0 <= last.end().0 => {
+                    if r.end().0 > last.end().0 {
+                        if let Ok(m) = PageRange::from_bounds(last.start().0, r.end().0) {
+                            *last = m;
+                        }
+                    }
+                }
+                _ => merged.push(r),
+            }
+        }
+        let mut out = Vec::new();
+        {
+            let advice = self.advice.read();
+            for r in merged {
+                for region in self.mm.regions_in(r) {
+                    let Some(sub) = region.range().intersect(&r) else {
+                        continue;
+                    };
+                    for (piece, attrs) in advice.pieces(sub.start().0..sub.end().0) {
+                        if attrs.read_mostly || advised_remote(&attrs, me) {
+                            continue;
+                        }
+                        let Ok(piece) = PageRange::from_bounds(piece.start, piece.end) else {
+                            continue;
+                        };
+                        // Only what is still in system memory: a page another device faulted
+                        // in since is that device's now, not taken back from it.
+                        let mut run: Option<(u64, u64)> = None;
+                        for a in piece.pages() {
+                            let system = matches!(
+                                region.states.get(region.index(a)).location,
+                                Location::System
+                            );
+                            match (&mut run, system) {
+                                (Some((_, end)), true) => *end = a.0 + PAGE_SIZE,
+                                (None, true) => run = Some((a.0, a.0 + PAGE_SIZE)),
+                                (Some(_), false) => {
+                                    if let Some((s, e)) = run.take() {
+                                        out.extend(PageRange::from_bounds(s, e).ok());
+                                    }
+                                }
+                                (None, false) => {}
+                            }
+                        }
+                        if let Some((s, e)) = run {
+                            out.extend(PageRange::from_bounds(s, e).ok());
+                        }
+                    }
+                }
+            }
+        }
+        match &self.thrashing {
+            Some(t) if !out.is_empty() => without_thrashing(&t.state.lock().detector, t.now(), out),
+            _ => out,
         }
     }
 
@@ -582,6 +661,19 @@ impl RuntimePlacement {
         let Ok(window) = PageRange::new(base, self.cpu_window) else {
             return;
         };
+        if let Some(restore) = &self.restore {
+            // What this device holds of the window is its working set: remembered before the
+            // window leaves, to come back at the next launch.
+            let Ok(block) = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE) else {
+                return;
+            };
+            let (resident, _) = self.block_masks(block, handle.id());
+            let from = block.index_of(window.start()) as usize;
+            let mut held = BlockMask::new();
+            held.set_range(from..from + window.npages() as usize);
+            let held = held.intersection(&resident);
+            restore.lock().extend(ranges(block, &held));
+        }
         match self.mm.evict_range(window, Some(handle.id())) {
             Ok(pages) if pages > 0 => {
                 handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
@@ -963,6 +1055,11 @@ impl PlacementPolicy for RuntimePlacement {
     fn migrated_to_host(&self, page: VirtAddr) {
         if in_user_request() {
             return;
+        }
+        if let Some(restore) = &self.restore {
+            restore
+                .lock()
+                .extend(PageRange::new(page.0, PAGE_SIZE).ok());
         }
         self.cpu_fault_window(page);
         let (Some(t), Some(me)) = (&self.thrashing, self.me()) else {

@@ -23,6 +23,7 @@ pub(crate) struct Counters {
     advice_calls: AtomicU64,
     pages_tree_prefetch: AtomicU64,
     pages_stream_prefetch: AtomicU64,
+    pages_launch_restore: AtomicU64,
     counter_notifications: AtomicU64,
     per_device: PerDevice,
     pages_throttled: AtomicU64,
@@ -56,6 +57,10 @@ impl Counters {
     }
     pub(crate) fn add_tree_prefetch(&self, pages: u64) {
         self.pages_tree_prefetch.fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn add_launch_restore(&self, pages: u64) {
+        self.pages_launch_restore
+            .fetch_add(pages, Ordering::Relaxed);
     }
     pub(crate) fn add_stream_prefetch(&self, pages: u64) {
         self.pages_stream_prefetch
@@ -93,6 +98,7 @@ impl Counters {
             advice_calls: g(&self.advice_calls),
             pages_tree_prefetch: g(&self.pages_tree_prefetch),
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
+            pages_launch_restore: g(&self.pages_launch_restore),
             counter_notifications: g(&self.counter_notifications),
             pages_throttled: g(&self.pages_throttled),
             cpu_throttles: g(&self.cpu_throttles),
@@ -126,6 +132,9 @@ pub struct RuntimeStats {
     pub pages_tree_prefetch: u64,
     /// Pages the stream detector asked to migrate ahead of the faults (trigger: prefetch).
     pub pages_stream_prefetch: u64,
+    /// Pages a launch migrated back into its device after CPU faults took them since the
+    /// device's previous launch (trigger: prefetch; see `ContextBuilder::restore_on_launch`).
+    pub pages_launch_restore: u64,
     /// Regions whose remote accesses crossed the access-counter threshold (each migrates in;
     /// trigger: access counters).
     pub counter_notifications: u64,

@@ -535,3 +535,34 @@ fn a_prefetch_moves_only_the_pages_it_names_even_inside_a_block_another_device_h
     assert_eq!(on(&c, part, Processor::Device(d1)), 100);
     c.check_invariants().unwrap();
 }
+
+#[test]
+fn a_launch_restores_only_what_is_still_in_system_memory_not_a_peers_pages() {
+    let c = Context::builder()
+        .device(device(16))
+        .device(device(16))
+        .granularity(hetmem_core::HUGE_PAGE_SIZE)
+        .cpu_fault_window(64 << 10)
+        .restore_on_launch(true)
+        .build()
+        .unwrap();
+    let (d0, d1) = (c.devices()[0], c.devices()[1]);
+    let mut x = c.alloc(1 << 20).unwrap();
+    map_on(&c, d0, &x, |i, _| i as u32);
+    // The CPU takes a page (and its window) back from device 0, then device 1 takes them.
+    x.view_mut::<u32>()[0] = 9;
+    assert!(on(&c, x.range(), Processor::Cpu) >= 1);
+    map_on(&c, d1, &x, |_, v| v.wrapping_add(1));
+    let on_d1 = on(&c, x.range(), Processor::Device(d1));
+    assert_eq!(on(&c, x.range(), Processor::Cpu), 0, "device 1 took them");
+    let restored = c.stats().pages_launch_restore;
+    // Device 0's next launch leaves device 1's pages where they are.
+    let idle: Arc<dyn Kernel> =
+        Arc::new(|_: u64, _: &mut Thread<'_>| -> Result<(), Miss> { Ok(()) });
+    c.launch(d0, idle, 1).unwrap().wait().unwrap();
+    assert_eq!(c.stats().pages_launch_restore, restored);
+    assert_eq!(on(&c, x.range(), Processor::Device(d1)), on_d1);
+    assert_eq!(x.view::<u32>()[0], 10);
+    assert_eq!(x.view::<u32>()[5], 6);
+    c.check_invariants().unwrap();
+}

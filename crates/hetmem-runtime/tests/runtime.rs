@@ -509,6 +509,44 @@ fn a_cpu_fault_window_brings_back_the_aligned_window_in_one_fault() {
 }
 
 #[test]
+fn a_launch_restores_what_cpu_faults_took_from_its_device_since_the_last() {
+    for restore in [false, true] {
+        let c = Context::builder()
+            .device(device(16))
+            .granularity(HUGE_PAGE_SIZE)
+            .cpu_fault_window(64 << 10)
+            .restore_on_launch(restore)
+            .build()
+            .unwrap();
+        let mut x = c.alloc(1 << 20).unwrap();
+        fill(&mut x, |i| i as u32);
+        run(&c, scale(&x));
+        let gpu = Processor::Device(dev0(&c));
+        assert_eq!(on(&c, x.range(), gpu), 256);
+        // The CPU rewrites one word: its 64 KiB window comes back to system memory.
+        let win = (x.addr() + (256 << 10)).next_multiple_of(64 << 10);
+        let word = ((win + (20 << 10) - x.addr()) / 4) as usize;
+        x.view_mut::<u32>()[word] = 7;
+        assert_eq!(on(&c, x.range(), Processor::Cpu), 16);
+        let before = c.device_stats(dev0(&c)).unwrap();
+        let restored = c.stats().pages_launch_restore;
+        // A kernel that touches nothing: only the launch can have brought the window back.
+        let idle = |_: u64, _: &mut Thread<'_>| -> Result<(), Miss> { Ok(()) };
+        run(&c, (Arc::new(idle), 1));
+        let after = c.device_stats(dev0(&c)).unwrap();
+        assert_eq!(after.faults, before.faults, "restore {restore}");
+        let (back, moved) = if restore { (256, 16) } else { (240, 0) };
+        assert_eq!(on(&c, x.range(), gpu), back, "restore {restore}");
+        assert_eq!(c.stats().pages_launch_restore - restored, moved);
+        // The CPU's write went along.
+        run(&c, scale(&x));
+        assert_eq!(x.view::<u32>()[word], 15);
+        assert_eq!(x.view::<u32>()[1], 7);
+        c.check_invariants().unwrap();
+    }
+}
+
+#[test]
 fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
     for (pressure, expect) in [(None, 512), (Some(64 << 10), 16)] {
         let c = Context::builder()
