@@ -1988,7 +1988,7 @@ impl SimDevice {
             };
             let at = pending.partition_point(|p| p.0 < sub.start());
             let to = pending.partition_point(|p| p.0 < sub.end());
-            self.fault_and_map(sub, &pending[at..to], &spans, &busy)
+            self.fault_and_map(&region, sub, &pending[at..to], &spans, &busy)
                 .map_err(|(a, e)| {
                     let access = pending
                         .iter()
@@ -2132,9 +2132,10 @@ impl SimDevice {
     /// sequence moves (seed 002's driver_populate_range). `faulted` (sorted, within `span`) must
     /// come out valid, writable for writes and atomics; the other pages inside `spans` are mapped
     /// as the range fault finds them, and not at all when they are not present; pages outside
-    /// `spans` and those in `busy` (sorted) are left alone.
+    /// `spans` and those in `busy` (sorted) are left alone. `span` lies inside `region`.
     fn fault_and_map(
         &self,
+        region: &hetmem::region::Region,
         span: PageRange,
         faulted: &[(VirtAddr, FaultAccess)],
         spans: &[PageRange],
@@ -2189,10 +2190,7 @@ impl SimDevice {
             };
             let mut upgraded = false;
             for &(a, _) in faulted.iter().filter(read_only_own) {
-                let writable = self
-                    .mm
-                    .region_of(a)
-                    .is_some_and(|region| region.states.prot(region.index(a)) & 0b10 != 0);
+                let writable = region.states.prot(region.index(a)) & 0b10 != 0;
                 if !writable {
                     return Err((a, RangeFaultError::Permission { addr: a }));
                 }
@@ -2226,7 +2224,6 @@ impl SimDevice {
                 }
                 Some((target, perms))
             }));
-            let regions = self.mm.regions_in(span);
             let mapped = self.mmu.update(|c| {
                 if sub.read_retry(r.notifier_seq) {
                     return None;
@@ -2251,7 +2248,7 @@ impl SimDevice {
                         let a = span.page(k as u64);
                         let Some((_, perms)) = t else { continue };
                         let write = perms.contains(PtePerms::WRITE);
-                        if write && duplicated(&regions, a) {
+                        if write && region.states.get(region.index(a)).duplicated {
                             *t = None;
                         } else if dups.copy_of(a).is_some() {
                             if write {
@@ -2287,14 +2284,6 @@ impl SimDevice {
             return Ok(());
         }
     }
-}
-
-/// Is the page at `a` (in one of `regions`) duplicated now?
-fn duplicated(regions: &[Arc<hetmem::region::Region>], a: VirtAddr) -> bool {
-    regions
-        .iter()
-        .find(|r| r.range().contains(a))
-        .is_some_and(|r| r.states.get(r.index(a)).duplicated)
 }
 
 /// What [`map_span`] mapped.
