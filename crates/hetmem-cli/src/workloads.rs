@@ -55,6 +55,9 @@ pub struct RunArgs {
     /// Tuning: override how far ahead the stream detector reaches (pages).
     #[arg(long)]
     pub stream_depth: Option<u64>,
+    /// Tuning: override how many advancing faults confirm a stream before it reads ahead.
+    #[arg(long)]
+    pub stream_confirm: Option<u32>,
     /// Tuning: override the preset's eviction order (true: allocation order).
     #[arg(long)]
     pub allocation_order: Option<bool>,
@@ -101,6 +104,9 @@ impl RunArgs {
         }
         if let Some(d) = self.stream_depth {
             t.stream_max_depth_pages = d;
+        }
+        if let Some(c) = self.stream_confirm {
+            t.stream_confirm = c;
         }
         if let Some(a) = self.allocation_order {
             t.allocation_order_eviction = a;

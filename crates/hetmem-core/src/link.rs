@@ -1029,9 +1029,21 @@ impl fmt::Display for Cause {
     }
 }
 
+/// How the transfers a thread charges relate to the clock's timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TransferMode {
+    /// The timeline waits for the transfer's end.
+    Sync,
+    /// Queued on the copy engine; the next replay's fence waits for it.
+    Async,
+    /// Queued on the copy engine; only a full fence (a launch's end) waits for it.
+    Ahead,
+}
+
 thread_local! {
-    /// Whether transfers this thread charges run asynchronously on the copy engines.
-    static ASYNC_TRANSFERS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// How transfers this thread charges run on the copy engines.
+    static TRANSFER_MODE: std::cell::Cell<TransferMode> =
+        const { std::cell::Cell::new(TransferMode::Sync) };
 }
 
 /// While alive, the transfers this thread charges to a [`DeviceClock`] are *asynchronous*: they
@@ -1043,30 +1055,47 @@ thread_local! {
 /// between batches run while the driver fetches and sorts the next batch.
 /// [`AsyncTransfers::suspend`] makes them synchronous again inside such a scope (an eviction's
 /// copy must land before its frames are reused).
+///
+/// [`AsyncTransfers::ahead`] is for migrations no stalled warp waits for: what the prefetchers
+/// queued past the blocks a batch faulted on, and access-counter migrations of pages warps
+/// already reach remotely. They queue on the copy engines like the batch's copies, but only the
+/// replays' fences ignore them ([`DeviceClock::fence_replay`]): the next replay waits for the
+/// copies its own batch needs (behind these on the engine, if queued after them), not for a
+/// readahead, as a page-cache read waits for its page and not for the asynchronous readahead
+/// window behind it. A launch's end ([`DeviceClock::fence`]) waits for everything.
 #[derive(Debug)]
 pub struct AsyncTransfers {
-    prev: bool,
+    prev: TransferMode,
 }
 
 impl AsyncTransfers {
-    /// Transfers charged by this thread are asynchronous until the guard drops.
-    pub fn enter() -> Self {
+    fn set(mode: TransferMode) -> Self {
         AsyncTransfers {
-            prev: ASYNC_TRANSFERS.with(|c| c.replace(true)),
+            prev: TRANSFER_MODE.with(|c| c.replace(mode)),
         }
+    }
+
+    /// Transfers charged by this thread are asynchronous until the guard drops; the next
+    /// replay waits for them.
+    pub fn enter() -> Self {
+        Self::set(TransferMode::Async)
+    }
+
+    /// Transfers charged by this thread are asynchronous until the guard drops, and no replay
+    /// waits for them: only a full fence does.
+    pub fn ahead() -> Self {
+        Self::set(TransferMode::Ahead)
     }
 
     /// Transfers charged by this thread are synchronous until the guard drops.
     pub fn suspend() -> Self {
-        AsyncTransfers {
-            prev: ASYNC_TRANSFERS.with(|c| c.replace(false)),
-        }
+        Self::set(TransferMode::Sync)
     }
 }
 
 impl Drop for AsyncTransfers {
     fn drop(&mut self) {
-        ASYNC_TRANSFERS.with(|c| c.set(self.prev));
+        TRANSFER_MODE.with(|c| c.set(self.prev));
     }
 }
 
@@ -1096,6 +1125,9 @@ pub struct DeviceClock {
     now: AtomicU64,
     /// When each copy engine (host to device, device to host) finishes what it was given.
     engines: [AtomicU64; 2],
+    /// When the last transfer the next replay waits for ends (every asynchronous transfer but
+    /// those queued [`AsyncTransfers::ahead`]).
+    due: AtomicU64,
 }
 
 impl DeviceClock {
@@ -1127,12 +1159,17 @@ impl DeviceClock {
             None => {
                 add(&self.now, t.as_nanos());
             }
-            Some(e) if ASYNC_TRANSFERS.with(std::cell::Cell::get) => {
+            Some(e) if TRANSFER_MODE.with(std::cell::Cell::get) != TransferMode::Sync => {
                 // Queued behind the engine's work, from now on; the timeline goes on.
                 let now = self.now.load(Ordering::Relaxed);
-                let _ = self.engines[e].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
-                    Some(x.max(now).saturating_add(t.as_nanos()))
-                });
+                let end = |x: u64| x.max(now).saturating_add(t.as_nanos());
+                // The closure always returns Some, so fetch_update cannot fail.
+                let prev = self.engines[e]
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(end(x)))
+                    .unwrap_or(0);
+                if TRANSFER_MODE.with(std::cell::Cell::get) == TransferMode::Async {
+                    self.due.fetch_max(end(prev), Ordering::Relaxed);
+                }
             }
             Some(e) => {
                 // The timeline waits for the engine, then for the transfer (added, so that
@@ -1149,13 +1186,19 @@ impl DeviceClock {
         self.charges[i].fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The timeline waits for every transfer queued so far (the fault service, before a replay
-    /// that lets warps use what the copies bring; a launch, before it ends).
+    /// The timeline waits for every transfer queued so far (a launch, before it ends).
     pub fn fence(&self) {
         let e = self.engines[0]
             .load(Ordering::Relaxed)
             .max(self.engines[1].load(Ordering::Relaxed));
         self.now.fetch_max(e, Ordering::Relaxed);
+    }
+
+    /// The timeline waits for the transfers a replay needs: every one queued so far except
+    /// those queued [`AsyncTransfers::ahead`] (unless a needed one queued behind them).
+    pub fn fence_replay(&self) {
+        self.now
+            .fetch_max(self.due.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     /// The end of the timeline: the host's work and every queued transfer done.
@@ -1352,6 +1395,55 @@ mod tests {
         assert!(r.elapsed < r.total);
         let later = c.snapshot();
         assert_eq!(later.since(&r).elapsed, ModelTime::ZERO);
+    }
+
+    #[test]
+    fn a_replay_waits_for_its_own_copies_and_not_for_a_readahead_queued_after_them() {
+        let us = ModelTime::from_micros;
+        let c = DeviceClock::new();
+        // Batch 1: service, its copy, then a readahead queued behind it, then the replay.
+        c.charge(Cause::FaultService, us(20));
+        {
+            let _async = AsyncTransfers::enter();
+            c.charge(Cause::MigrateToDevice, us(170));
+        }
+        {
+            let _ahead = AsyncTransfers::ahead();
+            c.charge(Cause::MigrateToDevice, us(170));
+        }
+        c.fence_replay();
+        c.charge(Cause::Replay, us(5));
+        // The replay waited for its copy (20..190), not for the readahead (190..360).
+        assert_eq!(c.snapshot().elapsed, us(360));
+        c.charge(Cause::FaultService, us(20));
+        // Batch 2 is serviced while the readahead runs (195..215); its copy queues behind the
+        // readahead on the engine (360..400), and its replay waits for that.
+        {
+            let _async = AsyncTransfers::enter();
+            c.charge(Cause::MigrateToDevice, us(40));
+        }
+        c.fence_replay();
+        c.charge(Cause::Replay, us(5));
+        assert_eq!(c.snapshot().elapsed, us(405));
+        // A readahead with nothing behind it: the replay does not wait; the full fence does.
+        {
+            let _ahead = AsyncTransfers::ahead();
+            c.charge(Cause::MigrateToDevice, us(100));
+        }
+        c.fence_replay();
+        c.charge(Cause::Replay, us(5));
+        c.charge(Cause::FaultService, us(1));
+        let before_fence = c.snapshot();
+        assert_eq!(before_fence.elapsed, us(505));
+        c.fence();
+        c.charge(Cause::Replay, us(5));
+        // Host: 405 + 5 + 1 = 411 before the fence, which waits for the engine (505).
+        assert_eq!(c.snapshot().elapsed, us(510));
+        // Nothing overlapped without readahead and asynchronous copies: total is the sum.
+        assert_eq!(
+            c.snapshot().total,
+            us(20 + 170 + 170 + 5 + 20 + 40 + 5 + 100 + 5 + 1 + 5)
+        );
     }
 
     #[test]

@@ -657,8 +657,18 @@ impl RuntimePlacement {
         let Some(handle) = self.me.get() else {
             return;
         };
+        // The aligned window, within the faulting page's allocation: UVM's blocks never span
+        // two allocations (a VA block lies inside its VA range), and a neighbour's pages are
+        // not what this access walks (a vector's output read back pulled the tail of an
+        // input along, a sixth more traffic than the copy back).
+        let Some(region) = self.mm.region_of(page) else {
+            return;
+        };
         let base = page.0 & !(self.cpu_window - 1);
-        let Ok(window) = PageRange::new(base, self.cpu_window) else {
+        let Ok(aligned) = PageRange::new(base, self.cpu_window) else {
+            return;
+        };
+        let Some(window) = aligned.intersect(&region.range()) else {
             return;
         };
         if let Some(restore) = &self.restore {

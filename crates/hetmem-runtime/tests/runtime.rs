@@ -509,6 +509,42 @@ fn a_cpu_fault_window_brings_back_the_aligned_window_in_one_fault() {
 }
 
 #[test]
+fn a_cpu_fault_window_stops_at_the_faulting_allocation() {
+    let c = Context::builder()
+        .device(device(16))
+        .cpu_fault_window(HUGE_PAGE_SIZE)
+        .build()
+        .unwrap();
+    // Small allocations: some of them share a 2 MiB window with a neighbour.
+    let mut xs: Vec<Managed> = (0..16).map(|_| c.alloc(64 << 10).unwrap()).collect();
+    for (k, x) in xs.iter_mut().enumerate() {
+        fill(x, |i| (k << 20 | i) as u32);
+    }
+    let window = |x: &Managed| x.addr() & !(HUGE_PAGE_SIZE - 1);
+    let (k, x) = xs
+        .iter()
+        .enumerate()
+        .find(|(k, x)| {
+            xs.iter()
+                .enumerate()
+                .any(|(j, y)| j != *k && window(y) == window(x))
+        })
+        .expect("16 allocations of 64 KiB, none sharing a 2 MiB window with another");
+    let gpu = Processor::Device(dev0(&c));
+    for y in &xs {
+        c.prefetch(y.range(), gpu).unwrap().wait().unwrap();
+    }
+    assert_eq!(x.view::<u32>()[3], (k << 20 | 3) as u32);
+    // The faulting allocation came back whole; every other stayed on the device, the
+    // neighbours in its window included.
+    assert_eq!(on(&c, x.range(), Processor::Cpu), 16);
+    for (j, y) in xs.iter().enumerate().filter(|(j, _)| *j != k) {
+        assert_eq!(on(&c, y.range(), gpu), 16, "allocation {j}");
+    }
+    c.check_invariants().unwrap();
+}
+
+#[test]
 fn a_launch_restores_what_cpu_faults_took_from_its_device_since_the_last() {
     for restore in [false, true] {
         let c = Context::builder()

@@ -1664,8 +1664,10 @@ impl SimDevice {
             }
             {
                 // Queued on the copy engines: they run while the next batch is fetched and
-                // sorted, and the next replay waits for them.
-                let _async = AsyncTransfers::enter();
+                // sorted. No stalled warp waits for them (readahead past the faulted blocks,
+                // pages warps reach remotely meanwhile), so no replay does either; a copy the
+                // next batch needs queues behind them and is waited for.
+                let _ahead = AsyncTransfers::ahead();
                 self.service_policy_migrations();
             }
             entries.clear();
@@ -1870,8 +1872,15 @@ impl SimDevice {
             }
         }
         self.counters.replays.fetch_add(1, Ordering::Relaxed);
+        {
+            // What the prefetchers queued past this batch's blocks goes to the copy engines
+            // behind the batch's copies, before the replay: it runs while the warps go on and
+            // the next batch is serviced, and the replay does not wait for it.
+            let _ahead = AsyncTransfers::ahead();
+            self.service_policy_migrations();
+        }
         // The warps replay onto what the copies bring: the timeline waits for them first.
-        self.clock.fence();
+        self.clock.fence_replay();
         self.clock.charge(Cause::Replay, self.config.link.replay());
         self.replay();
     }
