@@ -267,6 +267,24 @@ mod tests {
     }
 
     #[test]
+    fn a_workload_fits_the_bytes_it_is_given_and_uses_most_of_them() {
+        // `1x` must not oversubscribe: a footprint past the size asked turned a run at device
+        // memory into one over it (atax and kvcache were 3 % and 0.2 % over).
+        for bytes in [4 << 20, 16 << 20, 33_000_001, 32 << 20] {
+            for k in WorkloadKind::ALL {
+                let w = k.build(bytes).unwrap();
+                let f = w.footprint();
+                assert!(f <= bytes, "{k} at {bytes}: footprint {f}");
+                // Sizes come in steps (kvcache's: 256 blocks, about 1 MiB).
+                assert!(
+                    f * 100 >= bytes * 90 || bytes - f < 1_100_000,
+                    "{k} at {bytes}: footprint {f}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn check_names_the_first_difference() {
         let k = WorkloadKind::Stream;
         assert!(check(k, &[1, 2, 3], &[1, 2, 3]).is_ok());

@@ -35,11 +35,17 @@ fn x(j: u64) -> u32 {
 }
 
 impl Atax {
-    /// `A`, `x`, `tmp` and `y` in about `bytes`.
+    /// `A`, `x`, `tmp`, the partials and `y` in at most `bytes`: per row, a row of `A`, a word
+    /// of `tmp` and its share of the partials; `x` and `y` on top.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
-        let m = bytes / (4 * COLS) / 32 * 32;
+        let per_row = 4 * (COLS + 1 + COLS / ROWS);
+        let m = bytes.saturating_sub(4 * 2 * COLS) / per_row / ROWS * ROWS;
         if m == 0 {
-            return Err(too_small(WorkloadKind::Atax, bytes, 32 * 4 * COLS));
+            return Err(too_small(
+                WorkloadKind::Atax,
+                bytes,
+                ROWS * per_row + 4 * 2 * COLS,
+            ));
         }
         Ok(Atax { m })
     }

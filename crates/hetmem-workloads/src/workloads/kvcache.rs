@@ -32,14 +32,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
-    /// A pool of about `bytes`.
+    /// A pool, its block table, the queries and the scores in at most `bytes`: per pool block,
+    /// the block, its table entry and its score; the queries on top.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
-        let blocks = bytes / PAGE_SIZE / (SEQS * STEPS) * (SEQS * STEPS);
+        let per_block = PAGE_SIZE + 4 * 2;
+        let queries = 4 * SEQS * DIM;
+        let blocks = bytes.saturating_sub(queries) / per_block / (SEQS * STEPS) * (SEQS * STEPS);
         if blocks == 0 {
             return Err(too_small(
                 WorkloadKind::Kvcache,
                 bytes,
-                SEQS * STEPS * PAGE_SIZE,
+                SEQS * STEPS * per_block + queries,
             ));
         }
         Ok(KvCache { blocks })
