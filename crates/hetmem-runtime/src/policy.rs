@@ -804,7 +804,25 @@ impl PlacementPolicy for RuntimePlacement {
             };
         }
         let block = f.block;
-        let (resident, managed) = self.block_masks(block, me);
+        let (resident, _) = self.block_masks(block, me);
+        // Windows and prefetchers stay inside the allocations that faulted, as UVM's VA blocks
+        // lie inside their VA range: a neighbour's pages are not what these warps walk, and
+        // may belong to another context sharing the address space (whose explicit copies
+        // then faulted: its pages had moved into this context's device).
+        let allocations: Vec<PageRange> = self
+            .mm
+            .regions_in(block)
+            .iter()
+            .map(|r| r.range())
+            .filter(|r| f.pages.iter().any(|&(a, _)| r.contains(a)))
+            .collect();
+        let mut managed = BlockMask::new();
+        for r in &allocations {
+            if let Some(sub) = r.intersect(&block) {
+                let from = block.index_of(sub.start()) as usize;
+                managed.set_range(from..from + sub.npages() as usize);
+            }
+        }
         let thrashing_on = self.thrashing.as_deref().filter(|_| !in_user_request());
         let thrashing = match thrashing_on {
             Some(t) => self.thrashing_hints(t, f, &advice, me, &resident, &mut remote),
@@ -898,7 +916,11 @@ impl PlacementPolicy for RuntimePlacement {
                     self.counters.add_stream_prefetch(added);
                 }
                 // The part past this block goes through the service's migration queue, without
-                // what the advice keeps remote there.
+                // what the advice keeps remote there, and no farther than the allocation the
+                // stream walks (readahead stops at the end of the file).
+                let Some(r) = allocations.iter().find_map(|a| r.intersect(a)) else {
+                    continue;
+                };
                 if r.end().0 > block.end().0 {
                     let s = r.start().0.max(block.end().0);
                     let advice = self.advice.read();

@@ -545,6 +545,59 @@ fn a_cpu_fault_window_stops_at_the_faulting_allocation() {
 }
 
 #[test]
+fn a_device_fault_window_never_takes_another_contexts_pages() {
+    // Two contexts share the process's address space; their allocations interleave, so some
+    // 2 MiB blocks hold pages of both. A fault of one context's device with whole-block windows
+    // took the other context's pages into its device: that context's explicit copies then
+    // faulted to get them back (found by running the workloads' tests in one process).
+    let ctx = || {
+        Context::builder()
+            .device(device(16))
+            .granularity(HUGE_PAGE_SIZE)
+            .prefetcher(Some(Default::default()))
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (ctx(), ctx());
+    let mut xs: Vec<(bool, Managed)> = Vec::new();
+    for k in 0..32 {
+        let owner = k % 2 == 0;
+        let mut m = if owner { &a } else { &b }.alloc(64 << 10).unwrap();
+        fill(&mut m, |i| (k << 20 | i) as u32);
+        xs.push((owner, m));
+    }
+    let block = |m: &Managed| m.addr() & !(HUGE_PAGE_SIZE - 1);
+    assert!(
+        xs.iter()
+            .any(|(o, x)| xs.iter().any(|(p, y)| o != p && block(x) == block(y))),
+        "no 2 MiB block holds allocations of both contexts"
+    );
+    // Context a's pages go to its device; b's device then faults on each of b's allocations.
+    for (_, x) in xs.iter().filter(|(o, _)| *o) {
+        a.prefetch(x.range(), Processor::Device(dev0(&a)))
+            .unwrap()
+            .wait()
+            .unwrap();
+    }
+    for (_, y) in xs.iter().filter(|(o, _)| !*o) {
+        run(&b, scale(y));
+    }
+    for (k, (owner, x)) in xs.iter().enumerate() {
+        let c = if *owner { &a } else { &b };
+        assert_eq!(
+            on(c, x.range(), Processor::Device(dev0(c))),
+            16,
+            "allocation {k} (context {})",
+            if *owner { "a" } else { "b" }
+        );
+    }
+    // Context a's device never faulted, b's faulted on its own allocations only.
+    assert_eq!(a.device_stats(dev0(&a)).unwrap().faults, 0);
+    a.check_invariants().unwrap();
+    b.check_invariants().unwrap();
+}
+
+#[test]
 fn a_launch_restores_what_cpu_faults_took_from_its_device_since_the_last() {
     for restore in [false, true] {
         let c = Context::builder()
