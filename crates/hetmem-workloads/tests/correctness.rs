@@ -84,3 +84,31 @@ fn bfs_equals_the_cpu_result_everywhere() {
 fn kvcache_equals_the_cpu_result_everywhere() {
     every_mode(WorkloadKind::Kvcache);
 }
+
+#[test]
+fn contexts_side_by_side_keep_to_their_own_pages() {
+    // Contexts share the process's address space, and their allocations interleave: explicit
+    // copies must not fault however managed runs beside them place their pages (whole-block
+    // windows once took a neighbour context's pages; see the runtime's
+    // `a_device_fault_window_never_takes_another_contexts_pages`).
+    std::thread::scope(|s| {
+        let runs: Vec<_> = [WorkloadKind::Stream, WorkloadKind::Gemm, WorkloadKind::Atax]
+            .into_iter()
+            .flat_map(|kind| {
+                [
+                    cfg(kind, 0.5, Mode::Explicit, Preset::UvmDefault),
+                    cfg(kind, 2.0, Mode::Managed, Preset::Hetmem),
+                ]
+            })
+            .map(|c| s.spawn(move || (c.mode, run(&c, None))))
+            .collect();
+        for h in runs {
+            let (mode, r) = h.join().unwrap();
+            let r = r.unwrap().report;
+            if mode == Mode::Explicit {
+                assert_eq!(r.faults, 0, "{r:?}");
+                assert_eq!(r.migrations.get("device_fault"), (0, 0), "{r:?}");
+            }
+        }
+    });
+}
