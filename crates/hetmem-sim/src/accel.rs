@@ -43,7 +43,7 @@
 use std::{
     cell::Cell,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Weak,
     },
     thread::JoinHandle,
@@ -107,6 +107,13 @@ pub struct AccelConfig {
     /// How long the service waits after the first fault of an empty ring before it fetches a
     /// batch (interrupt moderation; zero fetches at once).
     pub fault_coalesce: Duration,
+    /// The wait ends as soon as every running compute unit has all its resident warps stalled
+    /// (or has finished), `fault_coalesce` being only its limit. A GPU's warps go on running
+    /// for the tens of microseconds the driver takes to be woken and fetch, so nearly every warp
+    /// that will fault has faulted by then; the simulator's warps run on a few host threads,
+    /// and a fixed wait caught however many the host scheduler had let run. With this, a batch
+    /// holds what the warps in flight fault on, the same from one run to the next.
+    pub coalesce_until_stalled: bool,
     /// When stalled warps are replayed.
     pub replay: ReplayPolicy,
     /// Faults are replayable (NVIDIA, AMD with XNACK on). Without retry (XNACK off) a miss is
@@ -129,6 +136,7 @@ impl Default for AccelConfig {
             ring_capacity: 4096,
             batch_size: DEFAULT_BATCH_SIZE,
             fault_coalesce: Duration::from_micros(50),
+            coalesce_until_stalled: false,
             replay: ReplayPolicy::default(),
             retry: true,
             link: LinkModel::pcie4_x16(),
@@ -337,6 +345,10 @@ pub struct SimDevice {
     /// Replay epoch: stalled warps wait for it to move.
     epoch: Mutex<u64>,
     replayed: Condvar,
+    /// Compute unit threads of the launches in flight that have not finished.
+    units_running: AtomicUsize,
+    /// Of those, the ones waiting for a replay with every resident warp stalled.
+    units_stalled: AtomicUsize,
     /// The fatal fault of the launch in flight, if any (one launch at a time per device).
     fatal: Mutex<Option<LaunchError>>,
     active_launches: AtomicU64,
@@ -616,6 +628,8 @@ impl Accelerator {
                 dups: Mutex::new(dup::Duplicates::default()),
                 epoch: Mutex::new(0),
                 replayed: Condvar::new(),
+                units_running: AtomicUsize::new(0),
+                units_stalled: AtomicUsize::new(0),
                 fatal: Mutex::new(None),
                 active_launches: AtomicU64::new(0),
                 servicing: Mutex::new(()),
@@ -838,12 +852,20 @@ impl Accelerator {
         for cu in 0..units.min(warps) {
             let dev = Arc::clone(&self.dev);
             let kernel = Arc::clone(&kernel);
+            // Counted before the thread starts, so that the service never takes the units that
+            // are already stalled for all of them.
+            self.dev.units_running.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("hetmem-accel-cu{cu}"))
-                .spawn(move || dev.run_unit(cu as usize, &*kernel, threads));
+                .spawn(move || {
+                    let r = dev.run_unit(cu as usize, &*kernel, threads);
+                    dev.units_running.fetch_sub(1, Ordering::AcqRel);
+                    r
+                });
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
+                    self.dev.units_running.fetch_sub(1, Ordering::AcqRel);
                     // The units already running see the fatal error and stop.
                     self.dev.set_fatal(LaunchError::Shutdown);
                     for h in handles {
@@ -1522,7 +1544,9 @@ impl SimDevice {
                 // Every remaining warp is stalled: wait for a replay.
                 let mut e = self.epoch.lock();
                 if *e == epoch {
+                    self.units_stalled.fetch_add(1, Ordering::AcqRel);
                     self.replayed.wait_for(&mut e, Duration::from_millis(20));
+                    self.units_stalled.fetch_sub(1, Ordering::AcqRel);
                 }
             }
         }
@@ -1676,10 +1700,7 @@ impl SimDevice {
             // bottom half tens of microseconds after the first fault, with the buffer filling
             // meanwhile).
             let n = if self.ring.wait_nonempty(Duration::from_millis(5)) {
-                if !self.config.fault_coalesce.is_zero() && self.ring.len() < self.config.batch_size
-                {
-                    std::thread::sleep(self.config.fault_coalesce);
-                }
+                self.coalesce();
                 self.ring.fetch_batch(self.config.batch_size, &mut entries)
             } else {
                 0
@@ -1711,6 +1732,28 @@ impl SimDevice {
                 (hetmem_sys::clock::thread_cpu_time() - cpu).as_nanos() as u64,
                 Ordering::Relaxed,
             );
+        }
+    }
+
+    /// Interrupt moderation, once a fault is in the ring: waits `fault_coalesce`, or with
+    /// `coalesce_until_stalled` until every running compute unit is stalled (at most that
+    /// long), unless a whole batch is already there.
+    fn coalesce(&self) {
+        let limit = self.config.fault_coalesce;
+        if limit.is_zero() || self.ring.len() >= self.config.batch_size {
+            return;
+        }
+        if !self.config.coalesce_until_stalled {
+            std::thread::sleep(limit);
+            return;
+        }
+        let t = Instant::now();
+        while self.units_stalled.load(Ordering::Acquire)
+            < self.units_running.load(Ordering::Acquire)
+            && self.ring.len() < self.config.batch_size
+            && t.elapsed() < limit
+        {
+            std::thread::sleep(Duration::from_micros(10));
         }
     }
 

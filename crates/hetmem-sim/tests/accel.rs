@@ -156,6 +156,56 @@ fn every_serviced_fault_has_a_latency_and_the_modelled_one_is_its_batch_service(
 }
 
 #[test]
+fn with_coalesce_until_stalled_a_batch_holds_every_warp_in_flight_and_no_more_waiting() {
+    // 96 warps, all resident (2 units of 48), each reading its own page: the first batch holds
+    // the 96 faults, every run. The limit is 10 s: only the units' stalls can end the wait
+    // sooner. The second launch has the warps of one unit fault and the other unit's finish
+    // without a fault: a finished unit no longer counts.
+    let warps = 96u64;
+    let n = warps * 32;
+    for round in 0..3 {
+        let a = alloc_u32(n * 1024, |i| i as u32);
+        let acc = Accelerator::new(AccelConfig {
+            fault_coalesce: std::time::Duration::from_secs(10),
+            coalesce_until_stalled: true,
+            ..small()
+        })
+        .unwrap();
+        let pa = a.start().0;
+        let started = std::time::Instant::now();
+        let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            t.load_u32(pa + PAGE_SIZE * (i / 32)).map(drop)
+        });
+        acc.launch(k, n).unwrap().wait().unwrap();
+        let s = acc.stats();
+        assert_eq!(
+            (s.batches, s.batched_faults),
+            (1, warps),
+            "round {round}: {s:?}"
+        );
+        // Odd warps run on unit 1 (warp w on unit w % 2) and touch pages already there.
+        let k = Arc::new(move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            let w = i / 32;
+            let page = if w % 2 == 1 { w } else { warps + w };
+            t.load_u32(pa + PAGE_SIZE * page).map(drop)
+        });
+        acc.launch(k, n).unwrap().wait().unwrap();
+        let t = acc.stats();
+        assert_eq!(
+            (t.batches - s.batches, t.batched_faults - s.batched_faults),
+            (1, warps / 2),
+            "round {round}: {t:?}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "a batch waited for its limit: {:?}",
+            started.elapsed()
+        );
+        acc.check_invariants().unwrap();
+    }
+}
+
+#[test]
 fn a_finished_launch_leaves_nothing_serviced_behind_its_wait() {
     // One page read by 32 warps: they all fault on it during the first batch's interrupt
     // moderation pause. Batches of 3 without a flush service one entry's page and replay; the

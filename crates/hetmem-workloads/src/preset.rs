@@ -147,7 +147,10 @@ impl PresetConfig {
         let accel = AccelConfig {
             batch_size: self.batch_size,
             replay: self.replay,
-            fault_coalesce: Duration::from_micros(50),
+            // Batches hold what the warps in flight fault on (see
+            // `AccelConfig::coalesce_until_stalled`), waiting at most 5 ms for them.
+            fault_coalesce: Duration::from_millis(5),
+            coalesce_until_stalled: true,
             ..accel
         };
         hetmem_runtime::Context::builder()
