@@ -112,3 +112,23 @@ fn contexts_side_by_side_keep_to_their_own_pages() {
         }
     });
 }
+
+#[test]
+fn a_footprint_is_the_managed_memory_a_run_allocates() {
+    // Sizing by footprint is what keeps a run at `1x` within device memory: it must count what
+    // the allocations take, partial pages included.
+    for kind in WorkloadKind::ALL {
+        let mut allocated = 0;
+        let mut see = |s: &hetmem_workloads::exec::Step<'_>| {
+            allocated = s.allocs.iter().map(|(_, r)| r.npages() * 4096).sum::<u64>();
+        };
+        let r = run(
+            &cfg(kind, 0.5, Mode::Explicit, Preset::UvmDefault),
+            Some(&mut see),
+        )
+        .unwrap()
+        .report;
+        assert_eq!(allocated, r.footprint, "{kind}");
+        assert!(r.footprint <= DEVICE / 2, "{kind}: {}", r.footprint);
+    }
+}

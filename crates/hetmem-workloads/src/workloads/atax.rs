@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small};
+use super::{fill, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -30,6 +30,20 @@ pub const COLS: u64 = 1024;
 pub const ROWS: u64 = 32;
 const SALT_X: u64 = 1 << 42;
 
+/// Managed memory of `A` with `m` rows, `x`, `tmp`, the partials and `y`.
+fn footprint(m: u64) -> u64 {
+    [
+        4 * m * COLS,
+        4 * COLS,
+        4 * m,
+        4 * COLS * (m / ROWS),
+        4 * COLS,
+    ]
+    .into_iter()
+    .map(whole_pages)
+    .sum()
+}
+
 fn x(j: u64) -> u32 {
     hash(j + SALT_X)
 }
@@ -39,7 +53,10 @@ impl Atax {
     /// of `tmp` and its share of the partials; `x` and `y` on top.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
         let per_row = 4 * (COLS + 1 + COLS / ROWS);
-        let m = bytes.saturating_sub(4 * 2 * COLS) / per_row / ROWS * ROWS;
+        let mut m = bytes.saturating_sub(4 * 2 * COLS) / per_row / ROWS * ROWS;
+        while m > 0 && footprint(m) > bytes {
+            m -= ROWS;
+        }
         if m == 0 {
             return Err(too_small(
                 WorkloadKind::Atax,
@@ -56,7 +73,7 @@ impl Workload for Atax {
         WorkloadKind::Atax
     }
     fn footprint(&self) -> u64 {
-        4 * (self.m * COLS + 2 * COLS + self.m + COLS * self.m / ROWS)
+        footprint(self.m)
     }
     fn launches(&self) -> u64 {
         3

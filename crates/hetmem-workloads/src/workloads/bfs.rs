@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hetmem_core::PAGE_SIZE;
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small};
+use super::{fill, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -25,6 +25,11 @@ pub struct Bfs {
 }
 
 const UNSEEN: u32 = u32::MAX;
+
+/// Managed memory of a graph of `v` vertices and `e` edges: offsets, edges, levels, the flag.
+fn pages_of(v: u64, e: u64) -> u64 {
+    whole_pages(4 * (v + 1)) + whole_pages(4 * e) + whole_pages(4 * v) + PAGE_SIZE
+}
 /// Bytes per vertex: an offset, eight edges on average, a level.
 const PER_VERTEX: u64 = 4 * (1 + 8 + 1);
 
@@ -42,7 +47,7 @@ impl Bfs {
         // Degrees average 8 but vary: drop the last vertices until the graph fits the bytes
         // (a vertex's degree does not depend on how many there are).
         let deg = |x: u64| 2 + hash(x << 8) % 13;
-        let footprint = |v: u64, e: u64| 4 * (v + 1 + e) + 4 * v + PAGE_SIZE;
+        let footprint = |v: u64, e: u64| pages_of(v, e);
         let mut e: u64 = (0..v).map(|x| u64::from(deg(x))).sum();
         let mut v = v;
         while v > 64 && footprint(v, e) > bytes {
@@ -68,7 +73,7 @@ impl Workload for Bfs {
         WorkloadKind::Bfs
     }
     fn footprint(&self) -> u64 {
-        4 * (self.offsets.len() + self.edges.len()) as u64 + 4 * self.v + PAGE_SIZE
+        pages_of(self.v, self.edges.len() as u64)
     }
     fn launches(&self) -> u64 {
         // About log8(v) levels, and one more that finds nothing.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small};
+use super::{fill, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -28,11 +28,19 @@ pub const N: u64 = 1024;
 const TILE: u64 = 32;
 const SALT_B: u64 = 1 << 41;
 
+/// Managed memory of `A` (`m × K`), `B` and `C`.
+fn footprint(m: u64) -> u64 {
+    whole_pages(4 * m * K) + whole_pages(4 * K * N) + whole_pages(4 * m * N)
+}
+
 impl Gemm {
     /// A, B and C in about `bytes`.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
         let b = 4 * K * N;
-        let m = bytes.saturating_sub(b) / (4 * (K + N));
+        let mut m = bytes.saturating_sub(b) / (4 * (K + N));
+        while m > 0 && footprint(m) > bytes {
+            m -= 1;
+        }
         if m == 0 {
             return Err(too_small(WorkloadKind::Gemm, bytes, b + 4 * (K + N)));
         }
@@ -45,7 +53,7 @@ impl Workload for Gemm {
         WorkloadKind::Gemm
     }
     fn footprint(&self) -> u64 {
-        4 * (self.m * K + K * N + self.m * N)
+        footprint(self.m)
     }
     fn launches(&self) -> u64 {
         1

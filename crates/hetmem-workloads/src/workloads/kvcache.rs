@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hetmem_core::PAGE_SIZE;
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small};
+use super::{fill, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -25,6 +25,13 @@ const TOKENS: u64 = 16;
 /// Words per token.
 const DIM: u64 = 64;
 
+/// Managed memory of a pool of `blocks` blocks: the pool, the block table, the queries and the
+/// scores.
+fn footprint(blocks: u64) -> u64 {
+    let table = 4 * SEQS * (blocks / SEQS);
+    blocks * PAGE_SIZE + 2 * whole_pages(table) + whole_pages(4 * SEQS * DIM)
+}
+
 /// A cache of `blocks` pool blocks.
 #[derive(Debug)]
 pub struct KvCache {
@@ -37,7 +44,11 @@ impl KvCache {
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
         let per_block = PAGE_SIZE + 4 * 2;
         let queries = 4 * SEQS * DIM;
-        let blocks = bytes.saturating_sub(queries) / per_block / (SEQS * STEPS) * (SEQS * STEPS);
+        let step = SEQS * STEPS;
+        let mut blocks = bytes.saturating_sub(queries) / per_block / step * step;
+        while blocks > 0 && footprint(blocks) > bytes {
+            blocks -= step;
+        }
         if blocks == 0 {
             return Err(too_small(
                 WorkloadKind::Kvcache,
@@ -79,7 +90,7 @@ impl Workload for KvCache {
         WorkloadKind::Kvcache
     }
     fn footprint(&self) -> u64 {
-        self.blocks * PAGE_SIZE + 4 * (2 * SEQS * self.max_blocks() + SEQS * DIM)
+        footprint(self.blocks)
     }
     fn launches(&self) -> u64 {
         2 * STEPS

@@ -23,6 +23,12 @@ use hetmem_runtime::Managed;
 use crate::workload::{Workload, WorkloadKind};
 use crate::WorkloadError;
 
+/// Managed memory an allocation of `bytes` takes: whole pages. Footprints count these, so that
+/// a workload sized at device memory fits it (three partial pages put `bfs` at 1x over).
+fn whole_pages(bytes: u64) -> u64 {
+    bytes.next_multiple_of(hetmem_core::PAGE_SIZE)
+}
+
 /// The largest footprint a workload takes (the simulator runs kernels on host threads).
 pub const MAX_BYTES: u64 = 4 << 30;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hetmem_core::PAGE_SIZE;
 use hetmem_sim::accel::{Miss, Thread, WARP_SIZE};
 
-use super::{fill, read, too_small};
+use super::{fill, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -23,6 +23,11 @@ pub struct RandomAccess {
 
 const WORDS: u64 = PAGE_SIZE / 4 / WARP_SIZE;
 
+/// Managed memory of `pages` pages of data and their sums.
+fn footprint(pages: u64) -> u64 {
+    pages * PAGE_SIZE + whole_pages(pages * WARP_SIZE * 4)
+}
+
 fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 {
         a
@@ -34,7 +39,10 @@ fn gcd(a: u64, b: u64) -> u64 {
 impl RandomAccess {
     /// Data and sums in about `bytes` (the sums are 1/32 of the data).
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
-        let pages = bytes * 32 / 33 / PAGE_SIZE;
+        let mut pages = bytes * 32 / 33 / PAGE_SIZE;
+        while pages > 0 && footprint(pages) > bytes {
+            pages -= 1;
+        }
         if pages < 2 {
             return Err(too_small(WorkloadKind::Random, bytes, 3 * PAGE_SIZE));
         }
@@ -62,7 +70,7 @@ impl Workload for RandomAccess {
         WorkloadKind::Random
     }
     fn footprint(&self) -> u64 {
-        self.pages * PAGE_SIZE + self.pages * WARP_SIZE * 4
+        footprint(self.pages)
     }
     fn launches(&self) -> u64 {
         1
