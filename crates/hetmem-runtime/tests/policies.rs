@@ -204,3 +204,49 @@ fn access_counters_pull_a_hot_remote_range_into_the_device() {
         c.check_invariants().unwrap();
     }
 }
+
+#[test]
+fn an_access_counter_migration_moves_only_what_the_device_reached() {
+    // A counter region is 64 KiB: small allocations share one. The notification for the one the
+    // device reads remotely must not bring in its neighbours (another allocation's pages, maybe
+    // another context's).
+    let c = builder()
+        .access_counters(Some(AccessCounterConfig {
+            threshold: 64,
+            ..AccessCounterConfig::default()
+        }))
+        .build()
+        .unwrap();
+    let d = c.devices()[0];
+    let mut xs: Vec<Managed> = (0..32).map(|_| c.alloc(16 << 10).unwrap()).collect();
+    for x in &mut xs {
+        x.view_mut::<u32>().fill(3);
+    }
+    let region = |x: &Managed| x.addr() & !((64 << 10) - 1);
+    let k = (0..xs.len())
+        .find(|&k| (0..xs.len()).any(|j| j != k && region(&xs[j]) == region(&xs[k])))
+        .expect("32 allocations of 16 KiB, none sharing a 64 KiB region with another");
+    let out = c.alloc(PAGE_SIZE).unwrap();
+    c.advise(xs[k].range(), Advice::SetPreferredLocation(Processor::Cpu))
+        .unwrap();
+    let on_device = |x: &Managed| {
+        c.residency(x.range())
+            .iter()
+            .filter(|(_, p)| *p == Processor::Device(d))
+            .map(|(r, _)| r.npages())
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut s = stream_sum(&c, &xs[k], &out);
+    assert!(s.remote_accesses > 0);
+    while on_device(&xs[k]) < 4 && Instant::now() < deadline {
+        s = stream_sum(&c, &xs[k], &out);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(s.policy_migrations > 0, "{s:?}");
+    assert_eq!(on_device(&xs[k]), 4, "the range the device reads moved in");
+    for (j, x) in xs.iter().enumerate().filter(|(j, _)| *j != k) {
+        assert_eq!(on_device(x), 0, "allocation {j} the device never touched");
+    }
+    c.check_invariants().unwrap();
+}

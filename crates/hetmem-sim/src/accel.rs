@@ -1766,11 +1766,31 @@ impl SimDevice {
             let _trigger = TriggerScope::enter(trigger);
             for block in range.chunks(HUGE_PAGE_SIZE) {
                 // A counter region may reach past managed memory: only its managed pages move.
-                let pages: Vec<(VirtAddr, FaultAccess)> = block
-                    .pages()
+                // And past what this device reached: of a counter region, only the pages it
+                // maps remotely move (the rest may be another allocation's, even another
+                // context's); readahead names exactly the pages it wants.
+                let reached: Vec<VirtAddr> = if trigger == Trigger::AccessCounter {
+                    self.mmu.inspect(|pt| {
+                        block
+                            .pages()
+                            .filter(|&a| {
+                                pt.lookup(a).is_some_and(|tr| {
+                                    !matches!(tr.target(a), Some(PteTarget::Local(_)))
+                                })
+                            })
+                            .collect()
+                    })
+                } else {
+                    block.pages().collect()
+                };
+                let pages: Vec<(VirtAddr, FaultAccess)> = reached
+                    .into_iter()
                     .filter(|&a| self.mm.region_of(a).is_some())
                     .map(|a| (a, FaultAccess::Prefetch))
                     .collect();
+                if pages.is_empty() {
+                    continue;
+                }
                 match self.service_faults(&pages, Some(PlacementAction::Migrate)) {
                     Ok(()) => {
                         self.counters
