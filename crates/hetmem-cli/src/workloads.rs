@@ -212,7 +212,12 @@ pub fn run_cmd(o: &RunOpts, collector: Option<&hetmem_workloads::trace::Collecto
     }
     if let (Some(path), Some(c)) = (&o.trace, collector) {
         hetmem_workloads::trace::write_chrome(path, c, &events, &out.samples, out.started)?;
-        eprintln!("trace: {} ({} events)", path.display(), events.len());
+        eprintln!(
+            "trace: {} ({} events, {} residency samples)",
+            path.display(),
+            events.len(),
+            out.samples.len()
+        );
     }
     if let Some(path) = &o.plot {
         let svg = hetmem_workloads::plot::svg(&out.report, &out.samples);
