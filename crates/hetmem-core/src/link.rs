@@ -1446,6 +1446,74 @@ mod tests {
         );
     }
 
+    /// One step of a random clock history.
+    #[derive(Clone, Copy, Debug)]
+    enum ClockOp {
+        /// A charge of `ns` under cause `cause` (an index into [`Cause::ALL`]), in `mode`
+        /// (0 synchronous, 1 asynchronous, 2 readahead).
+        Charge {
+            cause: usize,
+            ns: u64,
+            mode: u8,
+        },
+        FenceReplay,
+        Fence,
+    }
+
+    fn clock_op() -> impl Strategy<Value = ClockOp> {
+        prop_oneof![
+            6 => (0..Cause::COUNT, 0u64..1_000_000, 0u8..3)
+                .prop_map(|(cause, ns, mode)| ClockOp::Charge { cause, ns, mode }),
+            2 => Just(ClockOp::FenceReplay),
+            1 => Just(ClockOp::Fence),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_timeline_never_runs_backwards_nor_past_the_work_charged(
+            ops in proptest::collection::vec(clock_op(), 1..60)
+        ) {
+            let c = DeviceClock::new();
+            let mut last = ModelTime::ZERO;
+            let mut overlapped = false;
+            for op in ops {
+                match op {
+                    ClockOp::Charge { cause, ns, mode } => {
+                        let t = ModelTime::from_nanos(ns);
+                        let _scope = match mode {
+                            0 => AsyncTransfers::suspend(),
+                            1 => AsyncTransfers::enter(),
+                            _ => AsyncTransfers::ahead(),
+                        };
+                        overlapped |= mode != 0;
+                        c.charge(Cause::ALL[cause], t);
+                    }
+                    ClockOp::FenceReplay => {
+                        let before = c.snapshot().elapsed;
+                        c.fence_replay();
+                        // A replay's fence waits for no more than a full fence would.
+                        prop_assert_eq!(c.snapshot().elapsed, before);
+                    }
+                    ClockOp::Fence => {
+                        c.fence();
+                        // Nothing is outstanding after a full fence: host work adds in full.
+                        let before = c.snapshot().elapsed;
+                        c.charge(Cause::Replay, ModelTime::from_nanos(7));
+                        prop_assert_eq!(c.snapshot().elapsed, before.saturating_add(ModelTime::from_nanos(7)));
+                    }
+                }
+                let r = c.snapshot();
+                prop_assert!(r.elapsed >= last, "the timeline ran backwards: {:?}", r);
+                prop_assert!(r.elapsed <= r.total, "elapsed past the work charged: {:?}", r);
+                if !overlapped {
+                    prop_assert_eq!(r.elapsed, r.total);
+                }
+                last = r.elapsed;
+            }
+        }
+    }
+
     #[test]
     fn charging_the_clock_emits_no_event_per_charge() {
         // Remote accesses charge the clock once per lane access: an event each would cost a
