@@ -910,9 +910,10 @@ impl PlacementPolicy for RuntimePlacement {
             for r in ahead {
                 if let Some(inside) = r.intersect(&block) {
                     let from = block.index_of(inside.start()) as usize;
-                    let before = want.count();
+                    let before = want.intersection(&managed).count();
                     want.set_range(from..from + inside.npages() as usize);
-                    let added = (want.count() - before) as u64;
+                    // Counted as what the allocations clip leaves of it.
+                    let added = (want.intersection(&managed).count() - before) as u64;
                     self.counters.add_stream_prefetch(added);
                 }
                 // The part past this block goes through the service's migration queue, without
