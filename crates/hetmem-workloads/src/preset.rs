@@ -148,8 +148,11 @@ impl PresetConfig {
             batch_size: self.batch_size,
             replay: self.replay,
             // Batches hold what the warps in flight fault on (see
-            // `AccelConfig::coalesce_until_stalled`), waiting at most 5 ms for them.
-            fault_coalesce: Duration::from_millis(5),
+            // `AccelConfig::coalesce_until_stalled`), waiting at most 50 ms for them: a warp
+            // of `gemm` computes for milliseconds of host time between faults, and a compute
+            // unit thread may wait that long for one of the two cores (with 5 ms, `gemm`'s
+            // batches held 7-9 faults instead of 33, and its runs varied by 20 %).
+            fault_coalesce: Duration::from_millis(50),
             coalesce_until_stalled: true,
             ..accel
         };
