@@ -560,6 +560,15 @@ impl MigrateDriver for FaultDriver<'_> {
     fn finalize(&self, _: PageRange, _: &[MigrateEntry]) {}
 }
 
+/// Takes one off a count when dropped.
+struct Uncount<'a>(&'a AtomicUsize);
+
+impl Drop for Uncount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// The accelerator as its user holds it: drop it to shut the device down (its pages come back to
 /// system memory, its threads end).
 pub struct Accelerator {
@@ -858,9 +867,9 @@ impl Accelerator {
             let spawned = std::thread::Builder::new()
                 .name(format!("hetmem-accel-cu{cu}"))
                 .spawn(move || {
-                    let r = dev.run_unit(cu as usize, &*kernel, threads);
-                    dev.units_running.fetch_sub(1, Ordering::AcqRel);
-                    r
+                    // Uncounted however the unit ends (a kernel that panics included).
+                    let _running = Uncount(&dev.units_running);
+                    dev.run_unit(cu as usize, &*kernel, threads)
                 });
             match spawned {
                 Ok(h) => handles.push(h),
