@@ -1155,11 +1155,19 @@ impl DeviceClock {
             Cause::MigrateToHost => Some(1),
             _ => None,
         };
-        match engine {
+        match engine.map(|e| (e, TRANSFER_MODE.with(std::cell::Cell::get))) {
             None => {
                 add(&self.now, t.as_nanos());
             }
-            Some(e) if TRANSFER_MODE.with(std::cell::Cell::get) != TransferMode::Sync => {
+            Some((e, TransferMode::Sync)) => {
+                // The timeline waits for the engine, then for the transfer (added, so that
+                // synchronous charges from several threads still sum).
+                self.now
+                    .fetch_max(self.engines[e].load(Ordering::Relaxed), Ordering::Relaxed);
+                let end = add(&self.now, t.as_nanos()).saturating_add(t.as_nanos());
+                self.engines[e].fetch_max(end, Ordering::Relaxed);
+            }
+            Some((e, mode)) => {
                 // Queued behind the engine's work, from now on; the timeline goes on.
                 let now = self.now.load(Ordering::Relaxed);
                 let end = |x: u64| x.max(now).saturating_add(t.as_nanos());
@@ -1167,17 +1175,9 @@ impl DeviceClock {
                 let prev = self.engines[e]
                     .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(end(x)))
                     .unwrap_or(0);
-                if TRANSFER_MODE.with(std::cell::Cell::get) == TransferMode::Async {
+                if mode == TransferMode::Async {
                     self.due.fetch_max(end(prev), Ordering::Relaxed);
                 }
-            }
-            Some(e) => {
-                // The timeline waits for the engine, then for the transfer (added, so that
-                // synchronous charges from several threads still sum).
-                self.now
-                    .fetch_max(self.engines[e].load(Ordering::Relaxed), Ordering::Relaxed);
-                let end = add(&self.now, t.as_nanos()).saturating_add(t.as_nanos());
-                self.engines[e].fetch_max(end, Ordering::Relaxed);
             }
         }
         // No event per charge: remote accesses charge once per access of a lane, and even a

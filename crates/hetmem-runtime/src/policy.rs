@@ -380,25 +380,35 @@ impl RuntimePlacement {
         self.me.get().map(AccelHandle::id)
     }
 
-    /// Pages of `block` held by this device now, and those that are managed memory.
-    fn block_masks(&self, block: PageRange, me: DeviceId) -> (BlockMask, BlockMask) {
+    /// Pages of `block` held by this device now; the pages of the allocations that hold one
+    /// of `faulted`; and those allocations.
+    fn block_masks(
+        &self,
+        block: PageRange,
+        me: DeviceId,
+        faulted: &[(VirtAddr, FaultAccess)],
+    ) -> (BlockMask, BlockMask, Vec<PageRange>) {
         let mut resident = BlockMask::new();
         let mut managed = BlockMask::new();
+        let mut allocations = Vec::new();
         for region in self.mm.regions_in(block) {
             let Some(sub) = region.range().intersect(&block) else {
                 continue;
             };
+            let from = block.index_of(sub.start()) as usize;
+            if faulted.iter().any(|&(a, _)| region.range().contains(a)) {
+                managed.set_range(from..from + sub.npages() as usize);
+                allocations.push(region.range());
+            }
             for a in sub.pages() {
-                let k = block.index_of(a) as usize;
-                managed.set(k);
                 if matches!(region.states.get(region.index(a)).location,
                     Location::Device { dev, .. } if dev == me)
                 {
-                    resident.set(k);
+                    resident.set(block.index_of(a) as usize);
                 }
             }
         }
-        (resident, managed)
+        (resident, managed, allocations)
     }
 
     /// Where the pages of `pages` (a mask of `block`) are now, those that are managed memory.
@@ -677,7 +687,7 @@ impl RuntimePlacement {
             let Ok(block) = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE) else {
                 return;
             };
-            let (resident, _) = self.block_masks(block, handle.id());
+            let (resident, _, _) = self.block_masks(block, handle.id(), &[]);
             let from = block.index_of(window.start()) as usize;
             let mut held = BlockMask::new();
             held.set_range(from..from + window.npages() as usize);
@@ -738,7 +748,7 @@ impl RuntimePlacement {
         for &(a, _) in f.pages {
             want.set(block.index_of(a) as usize);
         }
-        let (resident, _) = self.block_masks(block, me);
+        let (resident, _, _) = self.block_masks(block, me, &[]);
         let needed = want.difference(&resident).count() as u64;
         if needed > f.free_frames {
             self.make_room(needed, f.free_frames, block);
@@ -804,25 +814,11 @@ impl PlacementPolicy for RuntimePlacement {
             };
         }
         let block = f.block;
-        let (resident, _) = self.block_masks(block, me);
         // Windows and prefetchers stay inside the allocations that faulted, as UVM's VA blocks
         // lie inside their VA range: a neighbour's pages are not what these warps walk, and
         // may belong to another context sharing the address space (whose explicit copies
         // then faulted: its pages had moved into this context's device).
-        let allocations: Vec<PageRange> = self
-            .mm
-            .regions_in(block)
-            .iter()
-            .map(|r| r.range())
-            .filter(|r| f.pages.iter().any(|&(a, _)| r.contains(a)))
-            .collect();
-        let mut managed = BlockMask::new();
-        for r in &allocations {
-            if let Some(sub) = r.intersect(&block) {
-                let from = block.index_of(sub.start()) as usize;
-                managed.set_range(from..from + sub.npages() as usize);
-            }
-        }
+        let (resident, managed, allocations) = self.block_masks(block, me, f.pages);
         let thrashing_on = self.thrashing.as_deref().filter(|_| !in_user_request());
         let thrashing = match thrashing_on {
             Some(t) => self.thrashing_hints(t, f, &advice, me, &resident, &mut remote),

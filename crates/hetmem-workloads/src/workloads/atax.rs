@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small, whole_pages};
+use super::{fill, fit, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -53,10 +53,8 @@ impl Atax {
     /// of `tmp` and its share of the partials; `x` and `y` on top.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
         let per_row = 4 * (COLS + 1 + COLS / ROWS);
-        let mut m = bytes.saturating_sub(4 * 2 * COLS) / per_row / ROWS * ROWS;
-        while m > 0 && footprint(m) > bytes {
-            m -= ROWS;
-        }
+        let m = bytes.saturating_sub(4 * 2 * COLS) / per_row / ROWS * ROWS;
+        let m = fit(m, ROWS, bytes, footprint);
         if m == 0 {
             return Err(too_small(
                 WorkloadKind::Atax,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small, whole_pages};
+use super::{fill, fit, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -37,10 +37,7 @@ impl Gemm {
     /// A, B and C in about `bytes`.
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
         let b = 4 * K * N;
-        let mut m = bytes.saturating_sub(b) / (4 * (K + N));
-        while m > 0 && footprint(m) > bytes {
-            m -= 1;
-        }
+        let m = fit(bytes.saturating_sub(b) / (4 * (K + N)), 1, bytes, footprint);
         if m == 0 {
             return Err(too_small(WorkloadKind::Gemm, bytes, b + 4 * (K + N)));
         }

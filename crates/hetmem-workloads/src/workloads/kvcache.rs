@@ -10,7 +10,7 @@ use std::sync::Arc;
 use hetmem_core::PAGE_SIZE;
 use hetmem_sim::accel::{Miss, Thread};
 
-use super::{fill, read, too_small, whole_pages};
+use super::{fill, fit, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -45,10 +45,8 @@ impl KvCache {
         let per_block = PAGE_SIZE + 4 * 2;
         let queries = 4 * SEQS * DIM;
         let step = SEQS * STEPS;
-        let mut blocks = bytes.saturating_sub(queries) / per_block / step * step;
-        while blocks > 0 && footprint(blocks) > bytes {
-            blocks -= step;
-        }
+        let blocks = bytes.saturating_sub(queries) / per_block / step * step;
+        let blocks = fit(blocks, step, bytes, footprint);
         if blocks == 0 {
             return Err(too_small(
                 WorkloadKind::Kvcache,

@@ -29,6 +29,16 @@ fn whole_pages(bytes: u64) -> u64 {
     bytes.next_multiple_of(hetmem_core::PAGE_SIZE)
 }
 
+/// The largest size from `n` down, in steps of `step` (which `n` is a multiple of), whose
+/// `footprint` fits `bytes`; zero if none does. The estimate a workload starts from ignores
+/// partial pages, so at most a few steps come off.
+fn fit(mut n: u64, step: u64, bytes: u64, footprint: impl Fn(u64) -> u64) -> u64 {
+    while n > 0 && footprint(n) > bytes {
+        n -= step;
+    }
+    n
+}
+
 /// The largest footprint a workload takes (the simulator runs kernels on host threads).
 pub const MAX_BYTES: u64 = 4 << 30;
 

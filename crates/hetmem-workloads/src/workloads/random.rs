@@ -8,7 +8,7 @@ use std::sync::Arc;
 use hetmem_core::PAGE_SIZE;
 use hetmem_sim::accel::{Miss, Thread, WARP_SIZE};
 
-use super::{fill, read, too_small, whole_pages};
+use super::{fill, fit, read, too_small, whole_pages};
 use crate::exec::Exec;
 use crate::model::Work;
 use crate::workload::{hash, load, store, Workload, WorkloadKind};
@@ -39,10 +39,7 @@ fn gcd(a: u64, b: u64) -> u64 {
 impl RandomAccess {
     /// Data and sums in about `bytes` (the sums are 1/32 of the data).
     pub fn new(bytes: u64) -> Result<Self, WorkloadError> {
-        let mut pages = bytes * 32 / 33 / PAGE_SIZE;
-        while pages > 0 && footprint(pages) > bytes {
-            pages -= 1;
-        }
+        let pages = fit(bytes * 32 / 33 / PAGE_SIZE, 1, bytes, footprint);
         if pages < 2 {
             return Err(too_small(WorkloadKind::Random, bytes, 3 * PAGE_SIZE));
         }
