@@ -119,7 +119,16 @@ fn with_whole_block_windows_the_stream_detector_still_prefetches_ahead() {
     // not only the faulted pages, or it never recognises the walk (issue 5).
     let mut faults = Vec::new();
     for on in [false, true] {
-        let b = builder().prefetcher(None).granularity(HUGE_PAGE_SIZE);
+        // Batches of the warps in flight, not of what a fixed wait caught: on a loaded host the
+        // counts of the two runs otherwise overlap.
+        let b = Context::builder()
+            .device(AccelConfig {
+                fault_coalesce: Duration::from_millis(50),
+                coalesce_until_stalled: true,
+                ..device()
+            })
+            .prefetcher(None)
+            .granularity(HUGE_PAGE_SIZE);
         let b = if on {
             b.stream_prefetcher(Some(StreamConfig::default()))
         } else {
