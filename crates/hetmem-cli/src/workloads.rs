@@ -70,6 +70,14 @@ pub struct RunArgs {
     /// Tuning: the window of a fault once device memory is full (bytes; `off`).
     #[arg(long)]
     pub pressure_window: Option<String>,
+    /// Tuning: once device memory is full, keep the working set and map the rest remotely
+    /// (on/off).
+    #[arg(long)]
+    pub spill_remote: Option<bool>,
+    /// Tuning: access counters, migrating a 64 KiB region after this many remote accesses
+    /// (0 turns them off).
+    #[arg(long)]
+    pub access_counters: Option<u32>,
     /// Tuning: override the preset's batch size.
     #[arg(long)]
     pub batch: Option<usize>,
@@ -113,6 +121,12 @@ impl RunArgs {
         }
         if let Some(a) = self.thrashing {
             t.thrashing = a;
+        }
+        if let Some(a) = self.spill_remote {
+            t.spill_remote = a;
+        }
+        if let Some(a) = self.access_counters {
+            t.access_counter_threshold = (a > 0).then_some(a);
         }
         if let Some(g) = &self.cpu_window {
             t.cpu_window = match g.parse::<Size>()? {

@@ -52,6 +52,7 @@ pub struct ContextBuilder {
     eviction: EvictionOrder,
     cpu_window: u64,
     pressure_window: Option<u64>,
+    spill_remote: bool,
     restore_on_launch: bool,
 }
 
@@ -69,6 +70,7 @@ impl Default for ContextBuilder {
             eviction: EvictionOrder::default(),
             cpu_window: PAGE_SIZE,
             pressure_window: None,
+            spill_remote: false,
             restore_on_launch: false,
         }
     }
@@ -167,6 +169,18 @@ impl ContextBuilder {
         self
     }
 
+    /// Once a device's memory is full, keep its working set there: a fault evicts only chunks the
+    /// device has used in neither its current launch nor the one before, and when every chunk
+    /// is in use, the faulted pages' windows are mapped where they are (over the link) instead
+    /// of evicting (off by default: UVM evicts). A kernel that rereads more data than fits then
+    /// reads the part that does not fit remotely once per pass, instead of moving it in and
+    /// its working set out each pass; data of an earlier phase, which no launch uses any more,
+    /// still makes room. Explicit prefetches and access-counter migrations evict as before.
+    pub fn spill_remote(mut self, on: bool) -> Self {
+        self.spill_remote = on;
+        self
+    }
+
     /// At each launch on a device, migrate back first the pages CPU faults took from that
     /// device since its previous launch (off by default: UVM waits for the kernel to fault on
     /// them). A program whose CPU updates a small table between launches (a block table, a
@@ -216,6 +230,7 @@ impl ContextBuilder {
                 eviction: self.eviction,
                 cpu_window: self.cpu_window,
                 pressure_window: self.pressure_window,
+                spill_remote: self.spill_remote,
                 restore_on_launch: self.restore_on_launch,
             };
             let policy = Arc::new(RuntimePlacement::new(
@@ -427,6 +442,9 @@ impl Context {
     ) -> Result<LaunchHandle, RuntimeError> {
         let d = self.device(dev)?;
         self.gate.enter_launch()?;
+        if let Some(p) = self.placement_of(d) {
+            p.launch_began();
+        }
         if let Err(e) = self.restore_for_launch(d) {
             self.gate.leave_launch();
             return Err(e);
@@ -443,15 +461,19 @@ impl Context {
         }
     }
 
-    /// Migrates back into `d` what CPU faults took from it since its last launch
-    /// ([`ContextBuilder::restore_on_launch`]), as far as free memory above one chunk goes.
-    fn restore_for_launch(&self, d: &Accelerator) -> Result<(), RuntimeError> {
-        let Some(p) = self
-            .devices
+    /// The placement policy of device `d`.
+    fn placement_of(&self, d: &Accelerator) -> Option<&RuntimePlacement> {
+        self.devices
             .iter()
             .position(|x| x.id() == d.id())
             .and_then(|i| self.placements.get(i))
-        else {
+            .map(|p| &**p)
+    }
+
+    /// Migrates back into `d` what CPU faults took from it since its last launch
+    /// ([`ContextBuilder::restore_on_launch`]), as far as free memory above one chunk goes.
+    fn restore_for_launch(&self, d: &Accelerator) -> Result<(), RuntimeError> {
+        let Some(p) = self.placement_of(d) else {
             return Ok(());
         };
         let ranges = p.take_launch_restores();

@@ -215,6 +215,22 @@ pub enum EvictionOrder {
 struct Lru {
     last_used: BTreeMap<u64, u64>,
     tick: u64,
+    /// Launches begun on the device so far (see [`RuntimePlacement::launch_began`]).
+    epoch: u64,
+    /// Per chunk, the last launch in which the device was seen using it (accessed bits, or a
+    /// migration into it).
+    used_in: BTreeMap<u64, u64>,
+}
+
+impl Lru {
+    /// Whether the chunk at `base` is part of the working set: used in the launch running now
+    /// or in the one before (a kernel that rereads its data each launch reaches a chunk in
+    /// every launch, though not necessarily yet in this one).
+    fn in_use(&self, base: u64) -> bool {
+        self.used_in
+            .get(&base)
+            .is_some_and(|&e| e.saturating_add(1) >= self.epoch)
+    }
 }
 
 /// The placement policy of one device of a context.
@@ -234,6 +250,9 @@ pub(crate) struct RuntimePlacement {
     cpu_window: u64,
     /// Window of a fault that needs room, bytes (see [`crate::ContextBuilder::pressure_window`]).
     pressure_window: Option<u64>,
+    /// Once memory is full, keep the working set and map the rest where it is (see
+    /// [`crate::ContextBuilder::spill_remote`]).
+    spill_remote: bool,
     /// UVM's density prefetcher, per block.
     tree: Option<TreePrefetcher>,
     /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
@@ -266,6 +285,8 @@ pub(crate) struct Policies {
     pub(crate) cpu_window: u64,
     /// Window of a fault when device memory is full, if smaller than the usual one.
     pub(crate) pressure_window: Option<u64>,
+    /// Once memory is full, evict only chunks out of the working set; map the rest remotely.
+    pub(crate) spill_remote: bool,
     /// Bring back at a launch what CPU faults took from the device since the last one.
     pub(crate) restore_on_launch: bool,
 }
@@ -288,6 +309,7 @@ impl RuntimePlacement {
             eviction: policies.eviction,
             cpu_window: policies.cpu_window.max(PAGE_SIZE),
             pressure_window: policies.pressure_window,
+            spill_remote: policies.spill_remote,
             tree: policies.tree,
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
@@ -597,34 +619,69 @@ impl RuntimePlacement {
         }
     }
 
+    /// Reads the device's accessed bits: a chunk used since the last sample is young again (at
+    /// this tick, and in the launch running now). In allocation order only migrations into a
+    /// chunk make it young for eviction (`touch`), but the bits still tell which launches used
+    /// it.
+    fn sample_accessed(&self, handle: &AccelHandle, lru: &mut Lru) {
+        lru.tick += 1;
+        if self.eviction == EvictionOrder::AllocationOrder && !self.spill_remote {
+            return;
+        }
+        let (tick, epoch) = (lru.tick, lru.epoch);
+        let chunks: Vec<u64> = lru.last_used.keys().copied().collect();
+        for base in chunks {
+            let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
+            if let Some(Ok(young)) = handle.take_accessed(chunk) {
+                if !young.is_empty() {
+                    if self.eviction == EvictionOrder::AccessedLru {
+                        lru.last_used.insert(base, tick);
+                    }
+                    lru.used_in.insert(base, epoch);
+                }
+            }
+        }
+    }
+
+    /// A launch begins on this device: the chunks used so far are credited to the launch that
+    /// just ended, and the next ones to the new one.
+    pub(crate) fn launch_began(&self) {
+        let Some(handle) = self.me.get() else {
+            return;
+        };
+        let mut lru = self.lru.lock();
+        if self.spill_remote {
+            self.sample_accessed(handle, &mut lru);
+        }
+        lru.epoch += 1;
+    }
+
+    /// Whether device memory holds a chunk other than `keep` that the working set does not use
+    /// (see [`Lru::in_use`]), after reading the accessed bits.
+    fn has_idle_chunk(&self, keep: PageRange) -> bool {
+        let Some(handle) = self.me.get() else {
+            return false;
+        };
+        let mut lru = self.lru.lock();
+        self.sample_accessed(handle, &mut lru);
+        lru.last_used
+            .keys()
+            .any(|&b| b != keep.start().0 && !lru.in_use(b))
+    }
+
     /// Makes room for `needed` frames by evicting least recently used chunks other than
-    /// `keep`. Returns the pages evicted.
-    fn make_room(&self, needed: u64, free: u64, keep: PageRange) -> u64 {
+    /// `keep`, and with `idle_only` none the working set uses. Returns the pages evicted.
+    fn make_room(&self, needed: u64, free: u64, keep: PageRange, idle_only: bool) -> u64 {
         let Some(handle) = self.me.get() else {
             return 0;
         };
         let me = handle.id();
         let mut lru = self.lru.lock();
-        lru.tick += 1;
-        let tick = lru.tick;
-        // Sample the accessed bits: a chunk used since the last sample is young again. (In
-        // allocation order, only migrations into a chunk make it young: `touch`.)
-        let chunks: Vec<u64> = match self.eviction {
-            EvictionOrder::AccessedLru => lru.last_used.keys().copied().collect(),
-            EvictionOrder::AllocationOrder => Vec::new(),
-        };
-        for base in chunks {
-            let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
-            if let Some(Ok(young)) = handle.take_accessed(chunk) {
-                if !young.is_empty() {
-                    lru.last_used.insert(base, tick);
-                }
-            }
-        }
+        self.sample_accessed(handle, &mut lru);
         let mut order: Vec<(u64, u64)> = lru
             .last_used
             .iter()
-            .filter(|(&b, _)| b != keep.start().0)
+            .filter(|(&b, _)| b != keep.start().0 && !(idle_only && lru.in_use(b)))
             .map(|(&b, &t)| (t, b))
             .collect();
         order.sort_unstable();
@@ -636,6 +693,7 @@ impl RuntimePlacement {
             }
             let chunk = PageRange::new(base, HUGE_PAGE_SIZE).expect("aligned chunk");
             lru.last_used.remove(&base);
+            lru.used_in.remove(&base);
             // Read copies in the chunk go too: their pages stay in system memory.
             freed += handle.drop_copies(chunk).unwrap_or(0);
             match self.mm.evict_range(chunk, Some(me)) {
@@ -707,8 +765,9 @@ impl RuntimePlacement {
     /// Notes that `block` holds pages of this device now.
     fn touch(&self, block: PageRange) {
         let mut lru = self.lru.lock();
-        let tick = lru.tick;
+        let (tick, epoch) = (lru.tick, lru.epoch);
         lru.last_used.insert(block.start().0, tick);
+        lru.used_in.insert(block.start().0, epoch);
     }
 }
 
@@ -751,7 +810,7 @@ impl RuntimePlacement {
         let (resident, _, _) = self.block_masks(block, me, &[]);
         let needed = want.difference(&resident).count() as u64;
         if needed > f.free_frames {
-            self.make_room(needed, f.free_frames, block);
+            self.make_room(needed, f.free_frames, block, false);
         }
         self.touch(block);
         let spans = ranges(block, &want);
@@ -941,6 +1000,31 @@ impl PlacementPolicy for RuntimePlacement {
             .difference(&keep)
             .difference(&thrashing)
             .union(&faulted);
+        // Device memory full and every chunk in it part of the working set: evicting one would
+        // fault it back in this launch or the next, so the faulted windows are mapped where
+        // they are instead (AMD's SVM and Xe map system memory when VRAM cannot be had). A
+        // kernel that rereads more than fits then reads the part that does not fit over the
+        // link, once per pass, instead of moving it in and its working set out every pass.
+        // Migrations a policy queued (all pages `Prefetch`) make room as before.
+        let policy_migration = f.pages.iter().all(|&(_, a)| a == FaultAccess::Prefetch);
+        if self.spill_remote
+            && !policy_migration
+            && (want.difference(&resident).count() + dup.count()) as u64 > f.free_frames
+            && !self.has_idle_chunk(block)
+        {
+            self.counters
+                .add_spilled_pages(want.difference(&resident).count() as u64);
+            let mut all = want;
+            for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| r) {
+                all.set(block.index_of(a) as usize);
+            }
+            return BlockPlan {
+                action: PlacementAction::MapRemote,
+                spans: ranges(block, &all),
+                remote: Vec::new(),
+                duplicate: Vec::new(),
+            };
+        }
         // Device memory full: what the windows and prefetchers add would each evict pages
         // someone uses for pages nobody asked for yet, so only the faulted pages' pressure
         // windows come in.
@@ -984,7 +1068,12 @@ impl PlacementPolicy for RuntimePlacement {
         let spans = ranges(block, &want);
         let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
-            self.make_room(needed, f.free_frames, block);
+            self.make_room(
+                needed,
+                f.free_frames,
+                block,
+                self.spill_remote && !policy_migration,
+            );
         }
         // Stream prefetch past the block goes only into free frames above a watermark of one
         // chunk: a guess never evicts pages in use, nor takes the chunk an eviction just freed

@@ -16,6 +16,7 @@ pub(crate) struct Counters {
     evictions: AtomicU64,
     pages_evicted: AtomicU64,
     pages_advised_remote: AtomicU64,
+    pages_spilled: AtomicU64,
     prefetches: AtomicU64,
     pages_prefetched_to_device: AtomicU64,
     pages_prefetched_to_cpu: AtomicU64,
@@ -44,6 +45,9 @@ impl Counters {
     }
     pub(crate) fn add_remote_pages(&self, n: u64) {
         self.pages_advised_remote.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_spilled_pages(&self, n: u64) {
+        self.pages_spilled.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn add_prefetch(&self, to_device: u64, to_cpu: u64) {
         self.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -91,6 +95,7 @@ impl Counters {
             evictions: g(&self.evictions),
             pages_evicted: g(&self.pages_evicted),
             pages_advised_remote: g(&self.pages_advised_remote),
+            pages_spilled: g(&self.pages_spilled),
             prefetches: g(&self.prefetches),
             pages_prefetched_to_device: g(&self.pages_prefetched_to_device),
             pages_prefetched_to_cpu: g(&self.pages_prefetched_to_cpu),
@@ -118,6 +123,9 @@ pub struct RuntimeStats {
     pub pages_evicted: u64,
     /// Faulted pages the advice mapped remotely instead of migrating them.
     pub pages_advised_remote: u64,
+    /// Pages a full device mapped remotely instead of evicting its working set for them
+    /// ([`crate::ContextBuilder::spill_remote`]).
+    pub pages_spilled: u64,
     /// Prefetch calls completed (trigger: prefetch).
     pub prefetches: u64,
     /// Pages prefetches moved into device memory.

@@ -1089,6 +1089,32 @@ pub struct Thread<'a> {
     data_at: usize,
     miss: Option<(VirtAddr, FaultAccess)>,
     fatal: Option<LaunchError>,
+    /// Remote lines the warp moved in this execution (see [`Thread::charge_remote`]), held
+    /// for the whole warp like `unit`.
+    lines: RemoteLines,
+}
+
+/// The remote lines one execution of a warp moved over the link, each with its direction: a
+/// warp's accesses to one line cost one line, as a GPU's coalescer merges the lanes' accesses
+/// of an instruction into line transactions (and its L1 keeps the line for the warp's next
+/// instruction). Lanes run one after another here, each to its end, so merging over the
+/// execution is what merges each instruction's lanes.
+#[derive(Debug, Default)]
+struct RemoteLines(std::collections::HashSet<u64>);
+
+impl RemoteLines {
+    /// Of the lines `[va, va + bytes)` covers, `line` bytes each, how many are new for `dir`
+    /// (and remembers them).
+    fn add(&mut self, va: VirtAddr, bytes: usize, line: u64, dir: Direction) -> u64 {
+        let line = line.max(1);
+        if bytes == 0 {
+            return 0;
+        }
+        let first = va.0 / line;
+        let last = (va.0 + bytes as u64 - 1) / line;
+        let tag = u64::from(dir == Direction::DeviceToHost) << 63;
+        (first..=last).filter(|&l| self.0.insert(l | tag)).count() as u64
+    }
 }
 
 impl std::fmt::Debug for Thread<'_> {
@@ -1329,9 +1355,15 @@ impl Thread<'_> {
         }
     }
 
-    /// Charges a remote access of `bytes` at `va` over the link, and counts it for the
-    /// placement policy's access counters.
-    fn charge_remote(&self, va: VirtAddr, dir: Direction, bytes: usize) {
+    /// Charges a remote access of `bytes` at `va` over the link, the lines the warp has not
+    /// moved yet in this execution, and counts it for the placement policy's access counters
+    /// (one access per new line: a coalesced transaction).
+    fn charge_remote(&mut self, va: VirtAddr, dir: Direction, bytes: usize) {
+        let line = self.dev.config.link.remote_line_bytes.max(1);
+        let new = self.lines.add(va, bytes, line, dir);
+        if new == 0 {
+            return;
+        }
         self.dev.config.placement.remote_access(va);
         self.dev
             .counters
@@ -1339,7 +1371,7 @@ impl Thread<'_> {
             .fetch_add(1, Ordering::Relaxed);
         self.dev.clock.charge(
             Cause::RemoteAccess,
-            self.dev.config.link.remote_access(dir, bytes as u64),
+            self.dev.config.link.remote_access(dir, new * line),
         );
     }
 
@@ -1348,7 +1380,8 @@ impl Thread<'_> {
         let ok = match self.with_frames(target, |mem, base| mem.arena().read(base + off, buf)) {
             Some(r) => r.is_some_and(|r| r.is_ok()),
             None => {
-                self.charge_remote(va, Direction::DeviceToHost, buf.len());
+                // Data from system memory into the device.
+                self.charge_remote(va, Direction::HostToDevice, buf.len());
                 hetmem_sys::dma::read_user(va.as_usize(), buf).is_ok()
             }
         };
@@ -1366,7 +1399,7 @@ impl Thread<'_> {
         let ok = match self.with_frames(target, |mem, base| mem.arena().write(base + off, data)) {
             Some(r) => r.is_some_and(|r| r.is_ok()),
             None => {
-                self.charge_remote(va, Direction::HostToDevice, data.len());
+                self.charge_remote(va, Direction::DeviceToHost, data.len());
                 hetmem::write_user(va.as_usize(), data).is_ok()
             }
         };
@@ -1580,6 +1613,7 @@ impl SimDevice {
         let mut logs = std::mem::take(&mut warp.logs).into_iter();
         // Lanes that never missed share one log, cleared after each.
         let mut scratch = LaneLog::default();
+        let mut lines = RemoteLines::default();
         for &tid in &warp.pending {
             let log = match logs.next() {
                 Some(l) => l,
@@ -1596,6 +1630,7 @@ impl SimDevice {
                 data_at: 0,
                 miss: None,
                 fatal: None,
+                lines: std::mem::take(&mut lines),
             };
             let r = kernel.thread(tid, &mut t);
             if let Some(e) = t.fatal.take() {
@@ -1625,7 +1660,8 @@ impl SimDevice {
                     return Ok(());
                 }
             }
-            // The lane is over: the unit goes to the next.
+            // The lane is over: the unit and the warp's lines go to the next.
+            lines = std::mem::take(&mut t.lines);
             unit = t.unit;
         }
         drop(unit);
@@ -2069,7 +2105,15 @@ impl SimDevice {
             };
             let at = pending.partition_point(|p| p.0 < sub.start());
             let to = pending.partition_point(|p| p.0 < sub.end());
-            self.fault_and_map(&region, sub, &pending[at..to], &spans, &busy)
+            // Remote windows are populated in system memory like the faulted pages (writable
+            // for a block that took a write fault), so that the warps reaching them next do not
+            // fault one page at a time.
+            let populate = (action == PlacementAction::MapRemote).then(|| {
+                pending[at..to]
+                    .iter()
+                    .any(|&(_, access)| access >= FaultAccess::Write)
+            });
+            self.fault_and_map(&region, sub, &pending[at..to], &spans, &busy, populate)
                 .map_err(|(a, e)| {
                     let access = pending
                         .iter()
@@ -2214,6 +2258,10 @@ impl SimDevice {
     /// come out valid, writable for writes and atomics; the other pages inside `spans` are mapped
     /// as the range fault finds them, and not at all when they are not present; pages outside
     /// `spans` and those in `busy` (sorted) are left alone. `span` lies inside `region`.
+    ///
+    /// With `populate` (`Some(write)`), the pages of `spans` in system memory are faulted in
+    /// too, for writing when `write` and the program lets them be written: a remote window then
+    /// maps pages never touched yet.
     fn fault_and_map(
         &self,
         region: &hetmem::region::Region,
@@ -2221,6 +2269,7 @@ impl SimDevice {
         faulted: &[(VirtAddr, FaultAccess)],
         spans: &[PageRange],
         busy: &[VirtAddr],
+        populate: Option<bool>,
     ) -> Result<(), (VirtAddr, RangeFaultError)> {
         let sub = self
             .sub
@@ -2236,6 +2285,23 @@ impl SimDevice {
             }
             let mut r = HmmRange::new(&sub, span, 0);
             r.pfn_flags_mask = HmmPfn::REQ_FAULT | HmmPfn::REQ_WRITE;
+            if let Some(write) = populate {
+                for s in spans.iter().filter_map(|s| s.intersect(&span)) {
+                    for a in s.pages() {
+                        let k = region.index(a);
+                        if busy.binary_search(&a).is_ok()
+                            || !matches!(region.states.get(k).location, Location::System)
+                        {
+                            continue;
+                        }
+                        let mut req = HmmPfn::REQ_FAULT;
+                        if write && region.states.prot(k) & 0b10 != 0 {
+                            req |= HmmPfn::REQ_WRITE;
+                        }
+                        r.hmm_pfns[span.index_of(a) as usize] = HmmPfn(req);
+                    }
+                }
+            }
             for &(a, access) in faulted {
                 let mut req = HmmPfn::REQ_FAULT;
                 if access >= FaultAccess::Write {

@@ -46,7 +46,9 @@ fn every_mode(kind: WorkloadKind) {
             assert_eq!(r.output_words, base.output_words);
             assert!(r.faults > 0, "{kind} {preset} {factor}x: no faults: {r:?}");
             if factor > 1.0 {
-                assert!(r.evictions > 0, "{kind} {preset} {factor}x: {r:?}");
+                // What does not fit leaves device memory, or (spilling) never enters it.
+                let spilled = r.preset_config.spill_remote && r.pages_mapped_remote > 0;
+                assert!(r.evictions > 0 || spilled, "{kind} {preset} {factor}x: {r:?}");
             }
         }
     }
