@@ -665,6 +665,113 @@ fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
     }
 }
 
+/// Four chunks fill an 8 MiB device in one launch; the next launch reads two more chunks, then
+/// a third launch a seventh chunk. Returns the evictions after the second and third launches,
+/// the pages spilled, and where chunks 4 and 6 are.
+fn spill_phases(spill: bool) -> (u64, u64, u64, bool, bool) {
+    let c = Context::builder()
+        .device(device(8))
+        .granularity(HUGE_PAGE_SIZE)
+        .prefetcher(None)
+        .stream_prefetcher(None)
+        .thrashing(None)
+        .spill_remote(spill)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(8 * HUGE_PAGE_SIZE).unwrap();
+    fill(&mut x, |i| i as u32);
+    let o = to_block(&x);
+    let chunk = |k: u64| o + k * HUGE_PAGE_SIZE;
+    touch_pages(&c, &x, chunk(0), chunk(4));
+    assert!((0..4).all(|k| chunk_on_device(&c, &x, k)));
+    // The four chunks were used by the launch before: with spilling they stay, and the two
+    // new chunks are read where they are.
+    touch_pages(&c, &x, chunk(4), chunk(6));
+    let after_second = c.stats().evictions;
+    // Neither this launch nor the one before used chunks 0-3: a fault may evict them now.
+    touch_pages(&c, &x, chunk(6), chunk(7));
+    let s = c.stats();
+    let (four, six) = (chunk_on_device(&c, &x, 4), chunk_on_device(&c, &x, 6));
+    // Every word is still what the CPU wrote.
+    let v = x.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &w)| w == i as u32));
+    drop(v);
+    c.check_invariants().unwrap();
+    (after_second, s.evictions, s.pages_spilled, four, six)
+}
+
+#[test]
+fn a_full_device_that_spills_keeps_its_working_set_and_maps_the_rest_remotely() {
+    let (second, third, spilled, four, six) = spill_phases(true);
+    assert_eq!(second, 0, "the working set was evicted");
+    assert_eq!(spilled, 2 * HUGE_PAGE_SIZE / PAGE_SIZE);
+    assert!(!four, "chunk 4 migrated in");
+    assert!(
+        third > 0,
+        "chunks no launch used since the one before were kept"
+    );
+    assert!(six, "chunk 6 did not migrate into the room made for it");
+}
+
+#[test]
+fn without_spilling_a_full_device_evicts_for_every_new_chunk() {
+    let (second, _, spilled, four, six) = spill_phases(false);
+    assert!(second >= 2, "{second} evictions");
+    assert_eq!(spilled, 0);
+    assert!(four && six);
+}
+
+#[test]
+fn a_spilled_region_read_again_and_again_migrates_in_by_its_access_counts() {
+    // Spilled pages are mapped where they are, so they never fault again: only their remote
+    // accesses can show that they are reread, and the counters' notifications make room for
+    // them even while every chunk is in use.
+    let c = Context::builder()
+        .device(device(8))
+        .granularity(HUGE_PAGE_SIZE)
+        .prefetcher(None)
+        .stream_prefetcher(None)
+        .thrashing(None)
+        .spill_remote(true)
+        .access_counters(Some(
+            hetmem_core::policy::access_counters::AccessCounterConfig {
+                threshold: 64,
+                ..Default::default()
+            },
+        ))
+        .build()
+        .unwrap();
+    let mut x = c.alloc(6 * HUGE_PAGE_SIZE).unwrap();
+    fill(&mut x, |i| i as u32);
+    let o = to_block(&x);
+    let chunk = |k: u64| o + k * HUGE_PAGE_SIZE;
+    let four = PageRange::new(x.addr() + chunk(4), HUGE_PAGE_SIZE).unwrap();
+    let here = |c: &Context| on(c, four, Processor::Device(dev0(c)));
+    // Each launch reads the working set and one word of every page of chunk 4 (16 accesses
+    // per 64 KiB counter region and launch).
+    touch_pages(&c, &x, chunk(0), chunk(4));
+    touch_pages(&c, &x, chunk(4), chunk(5));
+    assert_eq!(here(&c), 0, "chunk 4 was not spilled");
+    assert!(c.stats().pages_spilled > 0);
+    for _ in 0..6 {
+        touch_pages(&c, &x, chunk(0), chunk(5));
+    }
+    // The fault service drains notifications between batches and every few milliseconds
+    // while idle, as UVM's bottom half does: not before the launch returns.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while here(&c) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let s = c.stats();
+    assert!(s.counter_notifications > 0, "{s:?}");
+    assert!(here(&c) > 0, "no counter region of chunk 4 came in: {s:?}");
+    assert!(s.evictions > 0, "{s:?}");
+    let v = x.view::<u32>();
+    assert!(v.iter().enumerate().all(|(i, &w)| w == i as u32));
+    drop(v);
+    c.check_invariants().unwrap();
+}
+
 #[test]
 fn a_lane_that_needs_more_blocks_than_device_memory_holds_still_completes() {
     // Two chunks of device memory, whole-block windows, no thrashing detection (whose pins would

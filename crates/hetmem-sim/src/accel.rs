@@ -2259,8 +2259,8 @@ impl SimDevice {
     /// as the range fault finds them, and not at all when they are not present; pages outside
     /// `spans` and those in `busy` (sorted) are left alone. `span` lies inside `region`.
     ///
-    /// With `populate` (`Some(write)`), the pages of `spans` in system memory are faulted in
-    /// too, for writing when `write` and the program lets them be written: a remote window then
+    /// With `populate` (`Some(write)`), the pages of `spans` in system memory that the program
+    /// may read and write are faulted in too (for writing when `write`): a remote window then
     /// maps pages never touched yet.
     fn fault_and_map(
         &self,
@@ -2288,14 +2288,18 @@ impl SimDevice {
             if let Some(write) = populate {
                 for s in spans.iter().filter_map(|s| s.intersect(&span)) {
                     for a in s.pages() {
+                        // Only pages the program may read and write: a fault on any page
+                        // the range fault is asked for fails the whole service, and a page
+                        // it may not write would fail a write.
                         let k = region.index(a);
                         if busy.binary_search(&a).is_ok()
+                            || region.states.prot(k) & 0b11 != 0b11
                             || !matches!(region.states.get(k).location, Location::System)
                         {
                             continue;
                         }
                         let mut req = HmmPfn::REQ_FAULT;
-                        if write && region.states.prot(k) & 0b10 != 0 {
+                        if write {
                             req |= HmmPfn::REQ_WRITE;
                         }
                         r.hmm_pfns[span.index_of(a) as usize] = HmmPfn(req);

@@ -682,3 +682,95 @@ fn migrating_pages_never_populated_copies_nothing_over_the_link() {
     assert_eq!(d.get(Cause::MigrateToDevice), expect, "{d:?}");
     assert_eq!(acc.stats().pages_to_device, 128);
 }
+
+/// Maps each faulted page's whole 2 MiB block remotely (a full device's spill window).
+#[derive(Debug)]
+struct RemoteBlocks;
+
+impl hetmem_sim::placement::PlacementPolicy for RemoteBlocks {
+    fn place(
+        &self,
+        f: &hetmem_sim::placement::BlockFaults<'_>,
+    ) -> hetmem_sim::placement::BlockPlan {
+        let mut plan = Granularity::block().place(f);
+        plan.action = hetmem_sim::placement::PlacementAction::MapRemote;
+        plan
+    }
+}
+
+#[test]
+fn a_remote_window_populates_pages_never_touched_so_one_fault_maps_them_all() {
+    let acc = Accelerator::new(AccelConfig {
+        placement: Arc::new(RemoteBlocks),
+        ..small()
+    })
+    .unwrap();
+    // 64 pages inside one block, never touched by the CPU; one of them read-only.
+    let r = mm()
+        .map_anonymous(2 * HUGE_PAGE_SIZE, Prot::READ | Prot::WRITE, false)
+        .unwrap();
+    let base = r.start().0.next_multiple_of(HUGE_PAGE_SIZE);
+    let pages = 64u64;
+    assert!(base + pages * PAGE_SIZE <= r.end().0);
+    let ro = PageRange::new(base + 10 * PAGE_SIZE, PAGE_SIZE).unwrap();
+    // SAFETY: the mapping is this test's own and no Rust reference points into it.
+    #[allow(unsafe_code)]
+    unsafe {
+        mm().protect(ro, Prot::READ).unwrap()
+    };
+    // One lane writes every page but the read-only one, in order: only the first write faults
+    // when the window maps the rest (populated writable) at once.
+    let k = Arc::new(move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        for p in (0..pages).filter(|&p| p != 10) {
+            t.store_u32(base + p * PAGE_SIZE, p as u32 + 1)?;
+        }
+        Ok(())
+    });
+    acc.launch(k, 1).unwrap().wait().unwrap();
+    let s = acc.stats();
+    assert_eq!(s.faults_write, 1, "{s:?}");
+    assert_eq!(s.pages_to_device, 0, "{s:?}");
+    for p in (0..pages).filter(|&p| p != 10) {
+        let mut b = [0u8; 4];
+        mm().cpu_read(VirtAddr(base + p * PAGE_SIZE), &mut b)
+            .unwrap();
+        assert_eq!(u32::from_ne_bytes(b), p as u32 + 1, "page {p}");
+    }
+    acc.check_invariants().unwrap();
+    mm().check_invariants().unwrap();
+}
+
+#[test]
+fn a_warps_remote_accesses_to_one_line_cost_one_line_in_the_direction_data_moves() {
+    use hetmem_core::link::{Direction, LinkModel, ModelTime};
+    let link = LinkModel::pcie3_x16();
+    let line = link.remote_line_bytes;
+    let acc = Accelerator::new(AccelConfig {
+        link: link.clone(),
+        ..small()
+    })
+    .unwrap();
+    let data = alloc_u32(PAGE_SIZE / 4, |i| i as u32);
+    acc.map_remote(data, true).unwrap();
+    let p = data.start().0;
+    let remote = |k: Arc<dyn hetmem_sim::accel::Kernel>| {
+        let (before, n) = (acc.clock(), acc.stats().remote_accesses);
+        acc.launch(k, 32).unwrap().wait().unwrap();
+        let d = acc.clock().since(&before).get(Cause::RemoteAccess);
+        (d, acc.stats().remote_accesses - n)
+    };
+    let one = |dir| link.remote_access(dir, line);
+    let times = |t: ModelTime, n: u64| ModelTime::from_nanos(t.as_nanos() * n);
+    // A warp reading 32 consecutive words: one line into the device.
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| t.load_u32(p + 4 * i).map(|_| ()));
+    assert_eq!(remote(k), (one(Direction::HostToDevice), 1));
+    // A word from each of 32 lines: 32 lines.
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| t.load_u32(p + i * line).map(|_| ()));
+    assert_eq!(remote(k), (times(one(Direction::HostToDevice), 32), 32));
+    // Writes of 32 consecutive words: one line out of the device, at the other way's rate.
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| t.store_u32(p + 4 * i, 7));
+    assert_eq!(remote(k), (one(Direction::DeviceToHost), 1));
+    assert_ne!(one(Direction::DeviceToHost), one(Direction::HostToDevice));
+    assert_eq!(read_u32(data, 33)[..32], [7; 32]);
+    assert_eq!(read_u32(data, 33)[32], 32);
+}

@@ -180,12 +180,13 @@ impl PresetConfig {
             .pressure_window(self.pressure_window)
             .restore_on_launch(self.restore_on_launch)
             .spill_remote(self.spill_remote)
-            .access_counters(self.access_counter_threshold.map(|threshold| {
-                AccessCounterConfig {
-                    threshold,
-                    ..AccessCounterConfig::default()
-                }
-            }))
+            .access_counters(
+                self.access_counter_threshold
+                    .map(|threshold| AccessCounterConfig {
+                        threshold,
+                        ..AccessCounterConfig::default()
+                    }),
+            )
             .prefetcher(self.tree_threshold.map(|t| PrefetchConfig {
                 threshold_percent: t,
                 ..PrefetchConfig::default()

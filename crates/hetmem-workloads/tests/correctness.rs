@@ -48,7 +48,10 @@ fn every_mode(kind: WorkloadKind) {
             if factor > 1.0 {
                 // What does not fit leaves device memory, or (spilling) never enters it.
                 let spilled = r.preset_config.spill_remote && r.pages_mapped_remote > 0;
-                assert!(r.evictions > 0 || spilled, "{kind} {preset} {factor}x: {r:?}");
+                assert!(
+                    r.evictions > 0 || spilled,
+                    "{kind} {preset} {factor}x: {r:?}"
+                );
             }
         }
     }
