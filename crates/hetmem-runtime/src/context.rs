@@ -169,13 +169,17 @@ impl ContextBuilder {
         self
     }
 
-    /// Once a device's memory is full, keep its working set there: a fault evicts only chunks the
-    /// device has used in neither its current launch nor the one before, and when every chunk
-    /// is in use, the faulted pages' windows are mapped where they are (over the link) instead
-    /// of evicting (off by default: UVM evicts). A kernel that rereads more data than fits then
-    /// reads the part that does not fit remotely once per pass, instead of moving it in and
-    /// its working set out each pass; data of an earlier phase, which no launch uses any more,
-    /// still makes room. Explicit prefetches and access-counter migrations evict as before.
+    /// Once a device's memory is full, keep its working set there: a fault evicts only chunks
+    /// out of the working set, and when every chunk is in it, the faulted pages' windows are
+    /// mapped where they are (over the link, populated) instead of evicting (off by default:
+    /// UVM evicts). A chunk is in the working set while one of the device's two previous
+    /// launches used it (a kernel that rereads its data each launch), or while the launch
+    /// running now used it within the last 4 ms of the device's modelled time (random accesses
+    /// and reread tiles keep reaching it; a single walk leaves it behind). A kernel that
+    /// rereads more data than fits then reads the part that does not fit remotely once per
+    /// pass, instead of moving it in and its working set out each pass. Spilled pages never
+    /// fault again: access counters ([`ContextBuilder::access_counters`]) bring in those reread
+    /// often. Explicit prefetches and access-counter migrations evict as before.
     pub fn spill_remote(mut self, on: bool) -> Self {
         self.spill_remote = on;
         self

@@ -62,7 +62,7 @@ use hetmem_core::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
-    link::{AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LinkModel},
+    link::{AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LinkModel, ModelTime},
     migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
@@ -921,6 +921,12 @@ impl AccelHandle {
             .upgrade()
             .map(|d| d.charge_migration(dir, bytes))
             .is_some()
+    }
+
+    /// The end of the device's modelled timeline ([`ClockReport::elapsed`]); `None` once the
+    /// device is gone.
+    pub fn elapsed(&self) -> Option<ModelTime> {
+        Some(self.dev.upgrade()?.clock.snapshot().elapsed)
     }
 
     /// [`Accelerator::take_accessed`]; `None` once the device is gone.

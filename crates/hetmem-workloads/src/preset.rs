@@ -132,11 +132,11 @@ impl Preset {
             // the default confirmation (stream at 0.5x: 1.35x to 1.16x). Its reach stays at
             // 2 MiB: 8 MiB filled the free memory a growing `kvcache` at 1x needed (2.7x to
             // 7x, eleven evictions instead of two). Once device memory is full and every
-            // chunk in it is in use (this launch or the last), a fault's 2 MiB window is mapped
-            // remotely instead of evicting the working set (at 2x: random 27x to 1.6x, bfs 16x
-            // to 2.9x, kvcache 37x to 21x); access counters migrate a 64 KiB region after 2048
-            // remote accesses (its lines read about four times: a region reread that often
-            // costs less migrated; atax at 2x 5.1x to 3.3x, stream 1.8x to 1.5x).
+            // chunk in it is in the working set (`ContextBuilder::spill_remote`), a fault's
+            // 2 MiB window is mapped remotely instead of evicting it (at 2x: random 27x to
+            // 1.6x, bfs 16x to 2.9x, kvcache 37x to 21x); access counters migrate a 64 KiB
+            // region after 2048 remote accesses (its lines read about four times: a region
+            // reread that often costs less migrated; atax at 2x 5.1x to 3.3x).
             Preset::Hetmem => PresetConfig {
                 granularity: HUGE_PAGE_SIZE,
                 tree_threshold: Some(51),
