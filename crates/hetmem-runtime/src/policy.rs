@@ -1334,10 +1334,12 @@ mod tests {
     #[test]
     fn a_chunk_stays_in_the_working_set_while_reused_across_launches_or_used_lately() {
         let us = ModelTime::from_micros;
-        let mut lru = Lru::default();
         // Used in launch 1 only: in use during it while recent, and through the two launches
         // after it (a kernel may reread it every other launch).
-        lru.epoch = 1;
+        let mut lru = Lru {
+            epoch: 1,
+            ..Lru::default()
+        };
         lru.used(BLOCK, us(0));
         assert!(lru.in_use(BLOCK, RECENT));
         assert!(!lru.in_use(BLOCK, RECENT.saturating_add(us(1))));
