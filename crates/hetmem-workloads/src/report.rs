@@ -147,8 +147,14 @@ pub struct RunReport {
     pub duplicates: u64,
     /// Pages the device mapped remotely instead of migrating them.
     pub pages_mapped_remote: u64,
-    /// Accesses over the link to remote pages.
+    /// Accesses over the link to remote pages (a warp's accesses to one 128-byte line count
+    /// once).
     pub remote_accesses: u64,
+    /// Faulted pages (and their windows) a full device mapped remotely instead of evicting its
+    /// working set for them (the `spill_remote` policy).
+    pub pages_spilled: u64,
+    /// Access-counter notifications (regions whose remote accesses crossed the threshold).
+    pub counter_notifications: u64,
     /// Pages migrated, by direction and trigger.
     pub migrations: Migrations,
     /// CPU faults on device pages.
@@ -199,6 +205,8 @@ impl RunReport {
             duplicates: 0,
             pages_mapped_remote: 0,
             remote_accesses: 0,
+            pages_spilled: 0,
+            counter_notifications: 0,
             migrations: Migrations::default(),
             cpu_faults: 0,
             evictions: 0,
@@ -332,8 +340,11 @@ impl RunReport {
         row(
             "mapped remote",
             format!(
-                "{} pages, {} remote accesses",
-                self.pages_mapped_remote, self.remote_accesses
+                "{} pages, {} remote accesses; {} pages spilled, {} counter notifications",
+                self.pages_mapped_remote,
+                self.remote_accesses,
+                self.pages_spilled,
+                self.counter_notifications
             ),
         );
         row("evictions", format!("{} chunks", self.evictions));

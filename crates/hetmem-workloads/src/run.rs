@@ -262,6 +262,8 @@ pub fn run_workload(
     report.pages_mapped_remote = d(s.pages_mapped_remote, stats0.pages_mapped_remote);
     report.remote_accesses = d(s.remote_accesses, stats0.remote_accesses);
     report.migrations = migrations;
+    report.pages_spilled = d(rt.pages_spilled, rt0.pages_spilled);
+    report.counter_notifications = d(rt.counter_notifications, rt0.counter_notifications);
     report.evictions = d(rt.evictions, rt0.evictions);
     report.thrashing_detected = d(rt.thrashing_detected, rt0.thrashing_detected);
     report.pages_throttled = d(rt.pages_throttled, rt0.pages_throttled);

@@ -47,7 +47,7 @@ fn every_mode(kind: WorkloadKind) {
             assert!(r.faults > 0, "{kind} {preset} {factor}x: no faults: {r:?}");
             if factor > 1.0 {
                 // What does not fit leaves device memory, or (spilling) never enters it.
-                let spilled = r.preset_config.spill_remote && r.pages_mapped_remote > 0;
+                let spilled = r.preset_config.spill_remote && r.pages_spilled > 0;
                 assert!(
                     r.evictions > 0 || spilled,
                     "{kind} {preset} {factor}x: {r:?}"

@@ -111,6 +111,8 @@ fn the_json_report_has_the_report_fields() {
         "migrations",
         "evictions",
         "thrashing_detected",
+        "pages_spilled",
+        "counter_notifications",
         "latency",
     ] {
         assert!(!v[k].is_null(), "{k} missing: {v}");
