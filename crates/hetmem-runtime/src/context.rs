@@ -177,9 +177,12 @@ impl ContextBuilder {
     /// running now used it within the last 4 ms of the device's modelled time (random accesses
     /// and reread tiles keep reaching it; a single walk leaves it behind). A kernel that
     /// rereads more data than fits then reads the part that does not fit remotely once per
-    /// pass, instead of moving it in and its working set out each pass. Spilled pages never
+    /// pass, instead of moving it in and its working set out each pass. Spilled pages do not
     /// fault again: access counters ([`ContextBuilder::access_counters`]) bring in those reread
-    /// often. Explicit prefetches and access-counter migrations evict as before.
+    /// often, and a launch that finds its device with room (a free chunk, or one out of the
+    /// working set) revokes the spilled mappings, so that the next access decides afresh
+    /// ([`RuntimeStats::spill_revocations`]). Explicit prefetches and access-counter migrations
+    /// evict as before.
     pub fn spill_remote(mut self, on: bool) -> Self {
         self.spill_remote = on;
         self

@@ -290,6 +290,8 @@ pub(crate) struct RuntimePlacement {
     /// Once memory is full, keep the working set and map the rest where it is (see
     /// [`crate::ContextBuilder::spill_remote`]).
     spill_remote: bool,
+    /// Pages spilled (mapped remotely by a full device) since the last revocation.
+    spilled: Mutex<Vec<PageRange>>,
     /// UVM's density prefetcher, per block.
     tree: Option<TreePrefetcher>,
     /// Fault-driven page migrations per block so far (the tree prefetcher's `min_faults` gate).
@@ -347,6 +349,7 @@ impl RuntimePlacement {
             cpu_window: policies.cpu_window.max(PAGE_SIZE),
             pressure_window: policies.pressure_window,
             spill_remote: policies.spill_remote,
+            spilled: Mutex::new(Vec::new()),
             tree: policies.tree,
             fault_migrations: Mutex::new(HashMap::new()),
             stream: policies.stream.map(Mutex::new),
@@ -366,24 +369,11 @@ impl RuntimePlacement {
         let Some(restore) = &self.restore else {
             return Vec::new();
         };
-        let mut taken = std::mem::take(&mut *restore.lock());
+        let taken = std::mem::take(&mut *restore.lock());
         let Some(me) = self.me() else {
             return Vec::new();
         };
-        taken.sort_by_key(|r| r.start().0);
-        let mut merged: Vec<PageRange> = Vec::new();
-        for r in taken {
-            match merged.last_mut() {
-                Some(last) if r.start().0 <= last.end().0 => {
-                    if r.end().0 > last.end().0 {
-                        if let Ok(m) = PageRange::from_bounds(last.start().0, r.end().0) {
-                            *last = m;
-                        }
-                    }
-                }
-                _ => merged.push(r),
-            }
-        }
+        let merged = merged(taken);
         let mut out = Vec::new();
         {
             let advice = self.advice.read();
@@ -401,26 +391,7 @@ impl RuntimePlacement {
                         };
                         // Only what is still in system memory: a page another device faulted
                         // in since is that device's now, not taken back from it.
-                        let mut run: Option<(u64, u64)> = None;
-                        for a in piece.pages() {
-                            let system = matches!(
-                                region.states.get(region.index(a)).location,
-                                Location::System
-                            );
-                            match (&mut run, system) {
-                                (Some((_, end)), true) => *end = a.0 + PAGE_SIZE,
-                                (None, true) => run = Some((a.0, a.0 + PAGE_SIZE)),
-                                (Some(_), false) => {
-                                    if let Some((s, e)) = run.take() {
-                                        out.extend(PageRange::from_bounds(s, e).ok());
-                                    }
-                                }
-                                (None, false) => {}
-                            }
-                        }
-                        if let Some((s, e)) = run {
-                            out.extend(PageRange::from_bounds(s, e).ok());
-                        }
+                        out.extend(system_runs(&region, piece));
                     }
                 }
             }
@@ -689,10 +660,48 @@ impl RuntimePlacement {
             return;
         };
         let mut lru = self.lru.lock();
-        if self.spill_remote {
-            self.sample_accessed(handle, &mut lru);
+        if !self.spill_remote {
+            lru.epoch += 1;
+            return;
         }
+        let now = self.sample_accessed(handle, &mut lru);
         lru.epoch += 1;
+        // Spilled pages never fault again: once the device has room (a free chunk, or a chunk
+        // out of the working set), their remote mappings go, so that the next access decides
+        // afresh, as UVM revokes a pin's remote mappings when it expires.
+        let room = handle.free_frames().unwrap_or(0) >= PAGES_PER_HUGE
+            || lru.last_used.keys().any(|&b| !lru.in_use(b, now));
+        drop(lru);
+        if !room {
+            return;
+        }
+        let spilled = std::mem::take(&mut *self.spilled.lock());
+        let mut revoked = 0;
+        for r in spilled {
+            for region in self.mm.regions_in(r) {
+                let Some(sub) = region.range().intersect(&r) else {
+                    continue;
+                };
+                // Only pages still in system memory: one that migrated since is mapped locally.
+                for run in system_runs(&region, sub) {
+                    match handle.unmap(run) {
+                        Some(Ok(())) => revoked += run.npages(),
+                        Some(Err(e)) => {
+                            tracing::debug!(start = %run.start(), error = %e, "spill revocation failed")
+                        }
+                        None => {}
+                    }
+                }
+            }
+        }
+        if revoked > 0 {
+            self.counters.add_spill_revoked(revoked);
+            tracing::debug!(
+                dev = handle.id().0,
+                pages = revoked,
+                "spilled mappings revoked"
+            );
+        }
     }
 
     /// Whether device memory holds a chunk other than `keep` that the working set does not use
@@ -1056,8 +1065,16 @@ impl PlacementPolicy for RuntimePlacement {
             && (want.difference(&resident).count() + dup.count()) as u64 > f.free_frames
             && !self.has_idle_chunk(block)
         {
-            self.counters
-                .add_spilled_pages(want.difference(&resident).count() as u64);
+            let spilled = want.difference(&resident);
+            self.counters.add_spilled_pages(spilled.count() as u64);
+            let mut list = self.spilled.lock();
+            list.extend(ranges(block, &spilled));
+            if list.len() > 1024 {
+                // A page spilled, migrated by its counters, evicted and spilled again is
+                // listed twice: merge, so the list stays as long as the ranges it covers.
+                *list = merged(std::mem::take(&mut *list));
+            }
+            drop(list);
             let mut all = want;
             for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| r) {
                 all.set(block.index_of(a) as usize);
@@ -1236,6 +1253,51 @@ impl PlacementPolicy for RuntimePlacement {
             now,
         );
     }
+}
+
+/// `ranges` sorted, with overlapping and adjacent ones merged.
+fn merged(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
+    ranges.sort_by_key(|r| r.start().0);
+    let mut out: Vec<PageRange> = Vec::new();
+    for r in ranges {
+        match out.last_mut() {
+            Some(last) if r.start().0 <= last.end().0 => {
+                if r.end().0 > last.end().0 {
+                    if let Ok(m) = PageRange::from_bounds(last.start().0, r.end().0) {
+                        *last = m;
+                    }
+                }
+            }
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// The runs of pages of `piece` (inside `region`) that are in system memory.
+fn system_runs(region: &hetmem::region::Region, piece: PageRange) -> Vec<PageRange> {
+    let mut out = Vec::new();
+    let mut run: Option<(u64, u64)> = None;
+    for a in piece.pages() {
+        let system = matches!(
+            region.states.get(region.index(a)).location,
+            Location::System
+        );
+        match (&mut run, system) {
+            (Some((_, end)), true) => *end = a.0 + PAGE_SIZE,
+            (None, true) => run = Some((a.0, a.0 + PAGE_SIZE)),
+            (Some(_), false) => {
+                if let Some((s, e)) = run.take() {
+                    out.extend(PageRange::from_bounds(s, e).ok());
+                }
+            }
+            (None, false) => {}
+        }
+    }
+    if let Some((s, e)) = run {
+        out.extend(PageRange::from_bounds(s, e).ok());
+    }
+    out
 }
 
 /// UVM's rule: advice beats migration. A page preferred elsewhere, or one this device is advised

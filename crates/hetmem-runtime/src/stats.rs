@@ -17,6 +17,7 @@ pub(crate) struct Counters {
     pages_evicted: AtomicU64,
     pages_advised_remote: AtomicU64,
     pages_spilled: AtomicU64,
+    spill_revocations: AtomicU64,
     prefetches: AtomicU64,
     pages_prefetched_to_device: AtomicU64,
     pages_prefetched_to_cpu: AtomicU64,
@@ -48,6 +49,9 @@ impl Counters {
     }
     pub(crate) fn add_spilled_pages(&self, n: u64) {
         self.pages_spilled.fetch_add(n, Ordering::Relaxed);
+    }
+    pub(crate) fn add_spill_revoked(&self, n: u64) {
+        self.spill_revocations.fetch_add(n, Ordering::Relaxed);
     }
     pub(crate) fn add_prefetch(&self, to_device: u64, to_cpu: u64) {
         self.prefetches.fetch_add(1, Ordering::Relaxed);
@@ -96,6 +100,7 @@ impl Counters {
             pages_evicted: g(&self.pages_evicted),
             pages_advised_remote: g(&self.pages_advised_remote),
             pages_spilled: g(&self.pages_spilled),
+            spill_revocations: g(&self.spill_revocations),
             prefetches: g(&self.prefetches),
             pages_prefetched_to_device: g(&self.pages_prefetched_to_device),
             pages_prefetched_to_cpu: g(&self.pages_prefetched_to_cpu),
@@ -126,6 +131,9 @@ pub struct RuntimeStats {
     /// Pages a full device mapped remotely instead of evicting its working set for them
     /// ([`crate::ContextBuilder::spill_remote`]).
     pub pages_spilled: u64,
+    /// Spilled pages whose remote mappings a launch revoked because its device had room again,
+    /// so that their next access decides afresh.
+    pub spill_revocations: u64,
     /// Prefetch calls completed (trigger: prefetch).
     pub prefetches: u64,
     /// Pages prefetches moved into device memory.

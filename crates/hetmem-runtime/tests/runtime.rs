@@ -665,11 +665,24 @@ fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
     }
 }
 
+/// What [`spill_phases`] saw.
+#[derive(Debug)]
+struct Phases {
+    /// Evictions after the third launch, and after the fifth.
+    third: u64,
+    fifth: u64,
+    spilled: u64,
+    revoked: u64,
+    /// Chunk 4 on the device after the fourth launch, and after the fifth.
+    four: bool,
+    four_at_last: bool,
+    /// Chunk 7 on the device after the fourth launch.
+    seven: bool,
+}
+
 /// Four chunks fill an 8 MiB device in one launch; the next two launches read two more
-/// chunks, then one more; a fourth launch reads an eighth chunk. Returns the evictions after
-/// the third and fourth launches, the pages spilled, and whether chunks 4 and 7 are on the
-/// device.
-fn spill_phases(spill: bool) -> (u64, u64, u64, bool, bool) {
+/// chunks, then one more; a fourth launch reads an eighth chunk, a fifth chunk 4 again.
+fn spill_phases(spill: bool) -> Phases {
     let c = Context::builder()
         .device(device(8))
         .granularity(HUGE_PAGE_SIZE)
@@ -689,38 +702,57 @@ fn spill_phases(spill: bool) -> (u64, u64, u64, bool, bool) {
     // and the new chunks are read where they are.
     touch_pages(&c, &x, chunk(4), chunk(6));
     touch_pages(&c, &x, chunk(6), chunk(7));
-    let after_third = c.stats().evictions;
-    // No launch used chunks 0-3 since three launches ago: a fault may evict them now.
+    let third = c.stats().evictions;
+    // No launch used chunks 0-3 since three launches ago: the launch revokes the spilled
+    // mappings, and a fault may evict them now.
     touch_pages(&c, &x, chunk(7), chunk(8));
-    let s = c.stats();
     let (four, seven) = (chunk_on_device(&c, &x, 4), chunk_on_device(&c, &x, 7));
+    // Chunk 4 faults again, and comes in.
+    touch_pages(&c, &x, chunk(4), chunk(5));
+    let s = c.stats();
+    let four_at_last = chunk_on_device(&c, &x, 4);
     // Every word is still what the CPU wrote.
     let v = x.view::<u32>();
     assert!(v.iter().enumerate().all(|(i, &w)| w == i as u32));
     drop(v);
     c.check_invariants().unwrap();
-    (after_third, s.evictions, s.pages_spilled, four, seven)
+    Phases {
+        third,
+        fifth: s.evictions,
+        spilled: s.pages_spilled,
+        revoked: s.spill_revocations,
+        four,
+        four_at_last,
+        seven,
+    }
 }
 
 #[test]
 fn a_full_device_that_spills_keeps_its_working_set_and_maps_the_rest_remotely() {
-    let (third, fourth, spilled, four, seven) = spill_phases(true);
-    assert_eq!(third, 0, "the working set was evicted");
-    assert_eq!(spilled, 3 * HUGE_PAGE_SIZE / PAGE_SIZE);
-    assert!(!four, "chunk 4 migrated in");
+    let p = spill_phases(true);
+    let chunk = HUGE_PAGE_SIZE / PAGE_SIZE;
+    assert_eq!(p.third, 0, "the working set was evicted: {p:?}");
+    assert_eq!(p.spilled, 3 * chunk, "{p:?}");
+    assert!(!p.four, "chunk 4 migrated in: {p:?}");
     assert!(
-        fourth > 0,
-        "chunks no launch used for two launches were kept"
+        p.seven,
+        "chunk 7 did not migrate into the room made for it: {p:?}"
     );
-    assert!(seven, "chunk 7 did not migrate into the room made for it");
+    // Once the device had room, the spilled chunks' mappings went, and chunk 4 came in.
+    assert_eq!(p.revoked, 3 * chunk, "{p:?}");
+    assert!(p.four_at_last, "{p:?}");
+    assert!(
+        p.fifth >= 2,
+        "chunks out of the working set were kept: {p:?}"
+    );
 }
 
 #[test]
 fn without_spilling_a_full_device_evicts_for_every_new_chunk() {
-    let (third, _, spilled, four, seven) = spill_phases(false);
-    assert!(third >= 3, "{third} evictions");
-    assert_eq!(spilled, 0);
-    assert!(four && seven);
+    let p = spill_phases(false);
+    assert!(p.third >= 3, "{p:?}");
+    assert_eq!((p.spilled, p.revoked), (0, 0));
+    assert!(p.four && p.seven && p.four_at_last, "{p:?}");
 }
 
 #[test]

@@ -929,6 +929,11 @@ impl AccelHandle {
         Some(self.dev.upgrade()?.clock.snapshot().elapsed)
     }
 
+    /// Free frames of the device's memory; `None` once the device is gone.
+    pub fn free_frames(&self) -> Option<u64> {
+        Some(self.dev.upgrade()?.free_frames())
+    }
+
     /// [`Accelerator::take_accessed`]; `None` once the device is gone.
     pub fn take_accessed(&self, range: PageRange) -> Option<Result<Vec<PageRange>, AccelError>> {
         let dev = self.dev.upgrade()?;
