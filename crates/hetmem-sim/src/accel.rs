@@ -1748,6 +1748,7 @@ impl SimDevice {
                 // pages warps reach remotely meanwhile), so no replay does either; a copy the
                 // next batch needs queues behind them and is waited for.
                 let _ahead = AsyncTransfers::ahead();
+                let _servicing = self.servicing.lock();
                 self.service_policy_migrations();
             }
             entries.clear();
@@ -1817,8 +1818,27 @@ impl SimDevice {
     /// counter notifications like faults, with the prefetch access type): the pages come into
     /// this device's memory and are mapped there; warps that reached them remotely fault once
     /// more and then hit locally.
+    /// Called with `servicing` held.
     fn service_policy_migrations(&self) {
-        for (range, trigger) in self.config.placement.take_migrations() {
+        let migrations = self.config.placement.take_migrations();
+        if migrations.is_empty() {
+            return;
+        }
+        // Only while a launch is in flight (the caller holds `servicing`): once `Launch::wait`
+        // has passed through it, the program may open CPU views of managed memory, and nothing
+        // may move pages under them (views and launches exclude each other). What a policy
+        // queued for a launch that ended is dropped, as readahead past a closed file is.
+        // (Migrating after the launch raced the CPU: lost writes, pages back on a device after
+        // a prefetch home, found by the model test with access counters.)
+        if self.active_launches.load(Ordering::Acquire) == 0 {
+            tracing::debug!(
+                dev = self.mem.id().0,
+                ranges = migrations.len(),
+                "policy migrations dropped: no launch in flight"
+            );
+            return;
+        }
+        for (range, trigger) in migrations {
             let _trigger = TriggerScope::enter(trigger);
             for block in range.chunks(HUGE_PAGE_SIZE) {
                 // A counter region may reach past managed memory: only its managed pages move.

@@ -67,6 +67,11 @@ pub struct ModelConfig {
     /// Each device's fault ring capacity (a power of two; small rings overflow: fault
     /// injection of a full ring).
     pub ring_capacity: usize,
+    /// A full device keeps its working set and maps the rest remotely
+    /// (`ContextBuilder::spill_remote`).
+    pub spill_remote: bool,
+    /// Access counters with this threshold (remote accesses per 64 KiB region), when on.
+    pub access_counter_threshold: Option<u32>,
 }
 
 impl Default for ModelConfig {
@@ -78,6 +83,8 @@ impl Default for ModelConfig {
             memory_limit_pages: Some(48),
             thrashing: true,
             ring_capacity: 4096,
+            spill_remote: false,
+            access_counter_threshold: None,
         }
     }
 }
@@ -586,6 +593,12 @@ pub struct Tally {
     pub bytes_checked: u64,
     /// Kernel launches refused as they should be (writes to read-only memory).
     pub refused_writes: u64,
+    /// Pages a full device mapped remotely instead of evicting (spilling), and spilled pages
+    /// whose mappings a launch revoked.
+    pub pages_spilled: u64,
+    pub spill_revocations: u64,
+    /// Access-counter notifications (regions whose remote accesses crossed the threshold).
+    pub counter_notifications: u64,
 }
 
 impl Tally {
@@ -602,6 +615,9 @@ impl Tally {
         self.checks += other.checks;
         self.bytes_checked += other.bytes_checked;
         self.refused_writes += other.refused_writes;
+        self.pages_spilled += other.pages_spilled;
+        self.spill_revocations += other.spill_revocations;
+        self.counter_notifications += other.counter_notifications;
     }
 }
 
@@ -620,10 +636,14 @@ impl std::fmt::Display for Tally {
         }
         write!(
             f,
-            "), {} checks, {} MiB compared, {} writes to read-only memory refused",
+            "), {} checks, {} MiB compared, {} writes to read-only memory refused, {} pages \
+             spilled, {} spilled pages revoked, {} counter notifications",
             self.checks,
             self.bytes_checked >> 20,
-            self.refused_writes
+            self.refused_writes,
+            self.pages_spilled,
+            self.spill_revocations,
+            self.counter_notifications
         )
     }
 }
@@ -678,6 +698,14 @@ impl Machine {
         if !config.thrashing {
             b = b.thrashing(None);
         }
+        b = b.spill_remote(config.spill_remote).access_counters(
+            config.access_counter_threshold.map(|threshold| {
+                hetmem_core::policy::access_counters::AccessCounterConfig {
+                    threshold,
+                    ..Default::default()
+                }
+            }),
+        );
         let ctx = b.build().map_err(|e| e.to_string())?;
         let devs = ctx.devices();
         let slots = (0..config.slots).map(|_| None).collect();
@@ -1196,6 +1224,10 @@ impl Machine {
             self.release(s)?;
         }
         self.check()?;
+        let stats = self.ctx.stats();
+        self.tally.pages_spilled = stats.pages_spilled;
+        self.tally.spill_revocations = stats.spill_revocations;
+        self.tally.counter_notifications = stats.counter_notifications;
         for &d in &self.devs {
             let used = self.ctx.memory_in_use(d).map_err(|e| e.to_string())?;
             if used != 0 {

@@ -1044,11 +1044,15 @@ fn copy_out_one(
     } else {
         None
     };
+    if let Some(u) = uffd {
+        // Stop writers while copying (they wait on the page lock in the fault handler). A page
+        // taken as empty too: the zero page (a page only ever read) is mapped, so a write to it
+        // is the kernel's copy on write, not a missing fault hetmem sees, and would land in a
+        // new page the zap below throws away (a lost write, found by the model test with
+        // access-counter migrations running beside CPU writes).
+        let _ = u.write_protect(va, PAGE_SIZE as usize, true);
+    }
     if src == PageLoc::System {
-        if let Some(u) = uffd {
-            // Stop writers while copying (they wait on the page lock in the fault handler).
-            let _ = u.write_protect(va, PAGE_SIZE as usize, true);
-        }
         let mut buf = [0u8; PAGE_SIZE as usize];
         if hetmem_sys::dma::read_user(va, &mut buf).is_err() {
             if let Some(u) = uffd {

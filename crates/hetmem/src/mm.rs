@@ -27,7 +27,7 @@ use std::{
 };
 
 use hetmem_core::{
-    notifier::{MmNotifiers, NotifierRange, NotifyEvent},
+    notifier::{InvalidateGuard, MmNotifiers, NotifierRange, NotifyEvent},
     page_state::Location,
     PageRange, VirtAddr,
 };
@@ -460,16 +460,36 @@ impl AddressSpace {
     /// As for `munmap(2)`: no Rust reference may point into `range`.
     #[allow(unsafe_code)]
     pub unsafe fn unmap(&self, range: PageRange) -> Result<(), MmError> {
-        self.forget(range, NotifyEvent::Unmap);
+        // The kernel's munmap inside the invalidation too: until the mapping is gone, a range
+        // fault would still find the memory (as plain, unmanaged memory) and a device could
+        // map it.
+        let _inv = self.invalidate_start(range, NotifyEvent::Unmap);
+        self.forget_within(range, NotifyEvent::Unmap);
         crate::os::unmap(range)?;
         Ok(())
+    }
+
+    /// `invalidate_range_start` over `range` for `event`; the invalidation ends when the guard
+    /// drops.
+    fn invalidate_start(&self, range: PageRange, event: NotifyEvent) -> InvalidateGuard {
+        self.notifiers
+            .invalidate_start(NotifierRange::new(range.start(), range.end(), event, None))
     }
 
     /// Invalidates `range` for `event`, frees device frames of pages in it and drops its regions
     /// (the memory is gone, or its contents are discarded).
     pub(crate) fn forget(&self, range: PageRange, event: NotifyEvent) {
-        self.notifiers
-            .invalidate(NotifierRange::new(range.start(), range.end(), event, None));
+        let _inv = self.invalidate_start(range, event);
+        self.forget_within(range, event);
+    }
+
+    /// [`AddressSpace::forget`]'s changes, inside an invalidation the caller holds: a device's
+    /// range fault that starts meanwhile waits for its end, and one in flight retries, so no
+    /// device maps the range from a snapshot taken while it changes (a device fault serviced
+    /// between a finished invalidation and the changes mapped pages of an unmapped region, and
+    /// device frames a discard was about to free: found by the model test with access-counter
+    /// migrations running in the background).
+    fn forget_within(&self, range: PageRange, event: NotifyEvent) {
         for region in self.regions_in(range) {
             if let Some(sub) = region.range().intersect(&range) {
                 crate::migrate::discard_device_pages(self, &region, sub);
@@ -632,7 +652,8 @@ impl AddressSpace {
     /// No Rust reference may point into `range` (its contents change to zeros).
     #[allow(unsafe_code)]
     pub unsafe fn discard(&self, range: PageRange) -> Result<(), MmError> {
-        self.forget(range, NotifyEvent::Clear);
+        let _inv = self.invalidate_start(range, NotifyEvent::Clear);
+        self.forget_within(range, NotifyEvent::Clear);
         Ok(self.with_self_zap(range, || crate::os::advise(range, mman::Advice::DontNeed))?)
     }
 
