@@ -357,6 +357,9 @@ pub struct SimDevice {
     /// over: the replay of that batch may be what let the last warps finish, and the rest of it
     /// (its counters, its latencies) must not run behind the caller's back.
     servicing: Mutex<()>,
+    /// Access-counter notifications taken while no launch was in flight, for the next launch
+    /// (at most [`MAX_DEFERRED`], the newest).
+    deferred: Mutex<Vec<(PageRange, Trigger)>>,
     /// Device clock (ns) when the launch in flight started.
     launch_started: AtomicU64,
     stop: AtomicBool,
@@ -642,6 +645,7 @@ impl Accelerator {
                 fatal: Mutex::new(None),
                 active_launches: AtomicU64::new(0),
                 servicing: Mutex::new(()),
+                deferred: Mutex::new(Vec::new()),
                 launch_started: AtomicU64::new(0),
                 stop: AtomicBool::new(false),
                 counters: Counters::default(),
@@ -853,6 +857,12 @@ impl Accelerator {
         *self.dev.fatal.lock() = None;
         self.dev.counters.launches.fetch_add(1, Ordering::Relaxed);
         self.dev.active_launches.fetch_add(1, Ordering::AcqRel);
+        // What the policies asked for since the last launch ended (access-counter
+        // notifications of its last accesses) moves now, before any warp runs.
+        {
+            let _servicing = self.dev.servicing.lock();
+            self.dev.service_policy_migrations();
+        }
         let warps = threads.div_ceil(WARP_SIZE);
         let units = self.dev.config.compute_units as u64;
         let started = Instant::now();
@@ -893,6 +903,9 @@ impl Accelerator {
         })
     }
 }
+
+/// Most access-counter notifications kept for the next launch.
+const MAX_DEFERRED: usize = 4096;
 
 /// A weak handle on an accelerator for the policies that run inside its own service thread (a
 /// placement policy that samples accessed bits to choose eviction victims): it does not keep the
@@ -1820,24 +1833,36 @@ impl SimDevice {
     /// more and then hit locally.
     /// Called with `servicing` held.
     fn service_policy_migrations(&self) {
-        let migrations = self.config.placement.take_migrations();
-        if migrations.is_empty() {
-            return;
-        }
+        let taken = self.config.placement.take_migrations();
+        let mut deferred = self.deferred.lock();
         // Only while a launch is in flight (the caller holds `servicing`): once `Launch::wait`
         // has passed through it, the program may open CPU views of managed memory, and nothing
-        // may move pages under them (views and launches exclude each other). What a policy
-        // queued for a launch that ended is dropped, as readahead past a closed file is.
+        // may move pages under them (views and launches exclude each other). Counter
+        // notifications wait for the next launch, which services them before its warps run;
+        // readahead for a launch that ended is dropped, as readahead past a closed file is.
         // (Migrating after the launch raced the CPU: lost writes, pages back on a device after
         // a prefetch home, found by the model test with access counters.)
         if self.active_launches.load(Ordering::Acquire) == 0 {
-            tracing::debug!(
-                dev = self.mem.id().0,
-                ranges = migrations.len(),
-                "policy migrations dropped: no launch in flight"
-            );
+            let (kept, dropped): (Vec<_>, Vec<_>) = taken
+                .into_iter()
+                .partition(|&(_, t)| t == Trigger::AccessCounter);
+            deferred.extend(kept);
+            if deferred.len() > MAX_DEFERRED {
+                let over = deferred.len() - MAX_DEFERRED;
+                deferred.drain(..over);
+            }
+            if !dropped.is_empty() {
+                tracing::debug!(
+                    dev = self.mem.id().0,
+                    ranges = dropped.len(),
+                    "readahead dropped: no launch in flight"
+                );
+            }
             return;
         }
+        let mut migrations = std::mem::take(&mut *deferred);
+        drop(deferred);
+        migrations.extend(taken);
         for (range, trigger) in migrations {
             let _trigger = TriggerScope::enter(trigger);
             for block in range.chunks(HUGE_PAGE_SIZE) {
