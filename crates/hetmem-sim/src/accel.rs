@@ -862,12 +862,16 @@ impl Accelerator {
         let started = Instant::now();
         let clock_before = self.dev.clock.snapshot();
         let mut handles = Vec::new();
-        for cu in 0..units.min(warps) {
+        // Every unit counted before the first starts, so that the service never takes the units
+        // already stalled for all of them (counting each as it was spawned let the first unit's
+        // faults go as a batch of their own before the second was counted).
+        let spawn = units.min(warps);
+        self.dev
+            .units_running
+            .fetch_add(spawn as usize, Ordering::AcqRel);
+        for cu in 0..spawn {
             let dev = Arc::clone(&self.dev);
             let kernel = Arc::clone(&kernel);
-            // Counted before the thread starts, so that the service never takes the units that
-            // are already stalled for all of them.
-            self.dev.units_running.fetch_add(1, Ordering::AcqRel);
             let spawned = std::thread::Builder::new()
                 .name(format!("hetmem-accel-cu{cu}"))
                 .spawn(move || {
@@ -878,7 +882,10 @@ impl Accelerator {
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    self.dev.units_running.fetch_sub(1, Ordering::AcqRel);
+                    // This unit and those not spawned after it.
+                    self.dev
+                        .units_running
+                        .fetch_sub((spawn - cu) as usize, Ordering::AcqRel);
                     // The units already running see the fatal error and stop.
                     self.dev.set_fatal(LaunchError::Shutdown);
                     for h in handles {
