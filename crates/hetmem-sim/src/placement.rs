@@ -70,7 +70,9 @@ pub trait PlacementPolicy: Send + Sync + Debug {
     /// Ranges to migrate into the device that no fault asked for: regions whose remote
     /// accesses crossed a threshold (UVM's access counter notifications), or a prefetch reaching
     /// past the faulted block, each with what triggered it (access counters or prefetch). The
-    /// fault service drains them between batches. Default: none.
+    /// fault service drains them between batches, also while idle (its clock for housekeeping),
+    /// and migrates them only while a launch is in flight: what it takes between launches
+    /// waits for the next. Default: none.
     fn take_migrations(&self) -> Vec<(PageRange, Trigger)> {
         Vec::new()
     }
