@@ -633,7 +633,7 @@ impl RuntimePlacement {
     /// it.
     fn sample_accessed(&self, handle: &AccelHandle, lru: &mut Lru) -> ModelTime {
         lru.tick += 1;
-        let now = handle.elapsed().unwrap_or_default();
+        let now = self.now(handle);
         if self.eviction == EvictionOrder::AllocationOrder && !self.spill_remote {
             return now;
         }
@@ -651,6 +651,16 @@ impl RuntimePlacement {
             }
         }
         now
+    }
+
+    /// The device's modelled time, for the working set's recency: only spilling reads it, so
+    /// without it the fault path takes no clock snapshot.
+    fn now(&self, handle: &AccelHandle) -> ModelTime {
+        if self.spill_remote {
+            handle.elapsed().unwrap_or_default()
+        } else {
+            ModelTime::ZERO
+        }
     }
 
     /// A launch begins on this device: the chunks used so far are credited to the launch that
@@ -705,27 +715,41 @@ impl RuntimePlacement {
     }
 
     /// Whether device memory holds a chunk other than `keep` that the working set does not use
-    /// (see [`Lru::in_use`]), after reading the accessed bits.
-    fn has_idle_chunk(&self, keep: PageRange) -> bool {
+    /// (see [`Lru::in_use`]), after reading the accessed bits; and the time of that reading.
+    fn has_idle_chunk(&self, keep: PageRange) -> (bool, ModelTime) {
         let Some(handle) = self.me.get() else {
-            return false;
+            return (false, ModelTime::ZERO);
         };
         let mut lru = self.lru.lock();
         let now = self.sample_accessed(handle, &mut lru);
-        lru.last_used
+        let idle = lru
+            .last_used
             .keys()
-            .any(|&b| b != keep.start().0 && !lru.in_use(b, now))
+            .any(|&b| b != keep.start().0 && !lru.in_use(b, now));
+        (idle, now)
     }
 
     /// Makes room for `needed` frames by evicting least recently used chunks other than
-    /// `keep`, and with `idle_only` none the working set uses. Returns the pages evicted.
-    fn make_room(&self, needed: u64, free: u64, keep: PageRange, idle_only: bool) -> u64 {
+    /// `keep`, and with `idle_only` none the working set uses. Returns the pages evicted. The
+    /// accessed bits are read first, unless `sampled` gives the time they were just read at
+    /// (by [`RuntimePlacement::has_idle_chunk`], for the same fault).
+    fn make_room(
+        &self,
+        needed: u64,
+        free: u64,
+        keep: PageRange,
+        idle_only: bool,
+        sampled: Option<ModelTime>,
+    ) -> u64 {
         let Some(handle) = self.me.get() else {
             return 0;
         };
         let me = handle.id();
         let mut lru = self.lru.lock();
-        let now = self.sample_accessed(handle, &mut lru);
+        let now = match sampled {
+            Some(now) => now,
+            None => self.sample_accessed(handle, &mut lru),
+        };
         let mut order: Vec<(u64, u64)> = lru
             .last_used
             .iter()
@@ -810,13 +834,22 @@ impl RuntimePlacement {
         }
     }
 
+    /// Counts the pages of `block` in `spilled` as spilled and remembers them, for the next
+    /// launch with room to revoke.
+    fn spill(&self, block: PageRange, spilled: &BlockMask) {
+        self.counters.add_spilled_pages(spilled.count() as u64);
+        let mut list = self.spilled.lock();
+        list.extend(ranges(block, spilled));
+        if list.len() > 1024 {
+            // A page spilled, migrated by its counters, evicted and spilled again is listed
+            // twice: merge, so the list stays as long as the ranges it covers.
+            *list = merged(std::mem::take(&mut *list));
+        }
+    }
+
     /// Notes that `block` holds pages of this device now.
     fn touch(&self, block: PageRange) {
-        let now = self
-            .me
-            .get()
-            .and_then(AccelHandle::elapsed)
-            .unwrap_or_default();
+        let now = self.me.get().map_or(ModelTime::ZERO, |h| self.now(h));
         let mut lru = self.lru.lock();
         let tick = lru.tick;
         lru.last_used.insert(block.start().0, tick);
@@ -863,7 +896,7 @@ impl RuntimePlacement {
         let (resident, _, _) = self.block_masks(block, me, &[]);
         let needed = want.difference(&resident).count() as u64;
         if needed > f.free_frames {
-            self.make_room(needed, f.free_frames, block, false);
+            self.make_room(needed, f.free_frames, block, false, None);
         }
         self.touch(block);
         let spans = ranges(block, &want);
@@ -1060,31 +1093,26 @@ impl PlacementPolicy for RuntimePlacement {
         // link, once per pass, instead of moving it in and its working set out every pass.
         // Migrations a policy queued (all pages `Prefetch`) make room as before.
         let policy_migration = f.pages.iter().all(|&(_, a)| a == FaultAccess::Prefetch);
-        if self.spill_remote
-            && !policy_migration
-            && (want.difference(&resident).count() + dup.count()) as u64 > f.free_frames
-            && !self.has_idle_chunk(block)
-        {
-            let spilled = want.difference(&resident);
-            self.counters.add_spilled_pages(spilled.count() as u64);
-            let mut list = self.spilled.lock();
-            list.extend(ranges(block, &spilled));
-            if list.len() > 1024 {
-                // A page spilled, migrated by its counters, evicted and spilled again is
-                // listed twice: merge, so the list stays as long as the ranges it covers.
-                *list = merged(std::mem::take(&mut *list));
+        let spilling = self.spill_remote && !policy_migration;
+        let missing = want.difference(&resident);
+        // The accessed bits as read for the spilling decision, for the eviction below.
+        let mut sampled = None;
+        if spilling && (missing.count() + dup.count()) as u64 > f.free_frames {
+            let (idle, now) = self.has_idle_chunk(block);
+            sampled = Some(now);
+            if !idle {
+                self.spill(block, &missing);
+                let mut all = want;
+                for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| r) {
+                    all.set(block.index_of(a) as usize);
+                }
+                return BlockPlan {
+                    action: PlacementAction::MapRemote,
+                    spans: ranges(block, &all),
+                    remote: Vec::new(),
+                    duplicate: Vec::new(),
+                };
             }
-            drop(list);
-            let mut all = want;
-            for (&(a, _), _) in f.pages.iter().zip(&remote).filter(|(_, &r)| r) {
-                all.set(block.index_of(a) as usize);
-            }
-            return BlockPlan {
-                action: PlacementAction::MapRemote,
-                spans: ranges(block, &all),
-                remote: Vec::new(),
-                duplicate: Vec::new(),
-            };
         }
         // Device memory full: what the windows and prefetchers add would each evict pages
         // someone uses for pages nobody asked for yet, so only the faulted pages' pressure
@@ -1129,12 +1157,7 @@ impl PlacementPolicy for RuntimePlacement {
         let spans = ranges(block, &want);
         let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
-            self.make_room(
-                needed,
-                f.free_frames,
-                block,
-                self.spill_remote && !policy_migration,
-            );
+            self.make_room(needed, f.free_frames, block, spilling, sampled);
         }
         // Stream prefetch past the block goes only into free frames above a watermark of one
         // chunk: a guess never evicts pages in use, nor takes the chunk an eviction just freed
