@@ -636,6 +636,55 @@ fn a_launch_restores_what_cpu_faults_took_from_its_device_since_the_last() {
 }
 
 #[test]
+fn a_full_device_gets_back_at_launch_what_cpu_faults_took_from_it() {
+    // Device memory exactly the allocation: full once the kernel ran. The frames the CPU's
+    // fault frees are all the device has free, and the restore must use them (a reserve of a
+    // chunk left the window to a fault batch).
+    let c = Context::builder()
+        .device(device(4))
+        .granularity(HUGE_PAGE_SIZE)
+        .cpu_fault_window(64 << 10)
+        .restore_on_launch(true)
+        .build()
+        .unwrap();
+    let mut x = c.alloc(4 << 20).unwrap();
+    fill(&mut x, |i| i as u32);
+    run(&c, scale(&x));
+    let gpu = Processor::Device(dev0(&c));
+    assert_eq!(on(&c, x.range(), gpu), 1024);
+    let word = ((x.addr().next_multiple_of(64 << 10) + (1 << 20) - x.addr()) / 4) as usize;
+    x.view_mut::<u32>()[word] = 7;
+    assert_eq!(on(&c, x.range(), Processor::Cpu), 16);
+    let pool = c
+        .device(dev0(&c))
+        .unwrap()
+        .memory()
+        .pool()
+        .lock()
+        .available_frames();
+    assert_eq!(
+        pool, 16,
+        "the CPU's window freed its frames and nothing else is free"
+    );
+    let before = c.device_stats(dev0(&c)).unwrap();
+    let restored = c.stats().pages_launch_restore;
+    let idle = |_: u64, _: &mut Thread<'_>| -> Result<(), Miss> { Ok(()) };
+    run(&c, (Arc::new(idle), 1));
+    assert_eq!(c.stats().pages_launch_restore - restored, 16);
+    assert_eq!(on(&c, x.range(), gpu), 1024);
+    run(&c, scale(&x));
+    let after = c.device_stats(dev0(&c)).unwrap();
+    assert_eq!(
+        after.faults, before.faults,
+        "the restored window did not fault"
+    );
+    assert_eq!(after.evictions, before.evictions);
+    assert_eq!(x.view::<u32>()[word], 15);
+    assert_eq!(x.view::<u32>()[3], 15);
+    c.check_invariants().unwrap();
+}
+
+#[test]
 fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
     for (pressure, expect) in [(None, 512), (Some(64 << 10), 16)] {
         let c = Context::builder()
