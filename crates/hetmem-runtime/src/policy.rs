@@ -1047,7 +1047,9 @@ impl PlacementPolicy for RuntimePlacement {
                     addrs.extend(r.map(|k| block.page(k as u64)));
                 }
             }
-            let ahead = stream.lock().observe(&addrs);
+            // A walk that begins at an allocation's first page reads ahead at once.
+            let heads: Vec<VirtAddr> = allocations.iter().map(PageRange::start).collect();
+            let ahead = stream.lock().observe_from(&addrs, &heads);
             for r in ahead {
                 if let Some(inside) = r.intersect(&block) {
                     let from = block.index_of(inside.start()) as usize;

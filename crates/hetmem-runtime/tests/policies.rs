@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use hetmem_core::{
     link::LinkModel,
     policy::{access_counters::AccessCounterConfig, prefetch::StreamConfig},
-    HUGE_PAGE_SIZE, PAGE_SIZE,
+    PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
 use hetmem_runtime::{Advice, Context, ContextBuilder, Managed, Processor, Trigger};
 use hetmem_sim::accel::{AccelConfig, AccelStats, Miss, Thread};
@@ -150,6 +150,57 @@ fn with_whole_block_windows_the_stream_detector_still_prefetches_ahead() {
         c.check_invariants().unwrap();
     }
     assert!(faults[1] < faults[0], "faults off/on: {faults:?}");
+}
+
+#[test]
+fn a_walk_from_an_allocations_first_page_reads_ahead_from_its_first_fault() {
+    // One thread, one fault: from the allocation's first page the detector reads ahead at once
+    // (a read at the start of a file gets the initial readahead window); from inside the
+    // allocation it waits for the walk to be confirmed, as before.
+    for from_head in [true, false] {
+        let c = Context::builder()
+            .device(device())
+            .prefetcher(None)
+            .granularity(HUGE_PAGE_SIZE)
+            .stream_prefetcher(Some(StreamConfig::default()))
+            .build()
+            .unwrap();
+        let (x, _, _) = data(&c, 8 << 20);
+        let block_end = (x.addr() + 1).next_multiple_of(HUGE_PAGE_SIZE);
+        let at = if from_head { x.addr() } else { block_end };
+        let k =
+            move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> { t.load_u32(at).map(|_| ()) };
+        let d = c.devices()[0];
+        c.launch(d, Arc::new(k), 1).unwrap().wait().unwrap();
+        assert_eq!(c.device(d).unwrap().stats().batches, 1);
+        let gpu = Processor::Device(d);
+        let on = |r: PageRange| -> u64 {
+            c.residency(r)
+                .iter()
+                .filter(|(_, p)| *p == gpu)
+                .map(|(r, _)| r.npages())
+                .sum()
+        };
+        // The faulted block (clipped to the allocation), and with a head the pages past it
+        // that the detector handed out (each prefetched block comes in whole, and what it
+        // brought advances the stream again).
+        let block = if from_head {
+            PageRange::from_bounds(x.addr(), block_end).unwrap()
+        } else {
+            PageRange::new(block_end, HUGE_PAGE_SIZE).unwrap()
+        };
+        assert_eq!(on(block), block.npages(), "head {from_head}");
+        let ahead = c.stats().pages_stream_prefetch;
+        if from_head {
+            let next = PageRange::new(block_end, HUGE_PAGE_SIZE).unwrap();
+            assert_eq!(on(next), next.npages(), "the next block came in ahead");
+            assert!(ahead > 0);
+        } else {
+            assert_eq!(ahead, 0);
+            assert_eq!(on(x.range()), block.npages());
+        }
+        c.check_invariants().unwrap();
+    }
 }
 
 #[test]

@@ -686,7 +686,19 @@ impl StreamDetector {
     /// adjacent to one another, and sharing no page with the batch's faults. The caller clamps
     /// them to managed memory and skips what is already resident.
     pub fn observe(&mut self, faulted: &[VirtAddr]) -> Vec<PageRange> {
+        self.observe_from(faulted, &[])
+    }
+
+    /// [`observe`](Self::observe), told where objects begin (`heads`: the first page of each
+    /// allocation near the faults, in any order). A new stream whose lowest page is a head
+    /// (the fault brought in the object's first page) is confirmed at once: it prefetches `depth_pages` past its highest fault and
+    /// doubles from there, as a read at the start of a file gets the page cache's initial
+    /// readahead window instead of waiting to be seen sequential (`page_cache_sync_ra`). A
+    /// walk from the start of an array is the common case; a random access pattern pays one
+    /// window per object. A cluster that advances or resets a stream is matched as usual.
+    pub fn observe_from(&mut self, faulted: &[VirtAddr], heads: &[VirtAddr]) -> Vec<PageRange> {
         self.batch += 1;
+        let heads: Vec<u64> = heads.iter().map(|a| a.vpn()).collect();
         let mut pages: Vec<u64> = faulted.iter().map(|a| a.vpn()).collect();
         pages.sort_unstable();
         pages.dedup();
@@ -695,7 +707,8 @@ impl StreamDetector {
         let mut wanted: Vec<(u64, u64)> = Vec::new();
         for cluster in pages.chunk_by(|a, b| b - a <= window) {
             let (lo, hi) = (cluster[0], cluster[cluster.len() - 1]);
-            if let Some(range) = self.place(lo, hi) {
+            let head = heads.iter().any(|&h| lo == h);
+            if let Some(range) = self.place(lo, hi, head) {
                 wanted.push(range);
             }
         }
@@ -724,7 +737,8 @@ impl StreamDetector {
     }
 
     /// Matches the cluster `[lo, hi]` of this batch to a stream; returns the pages to prefetch.
-    fn place(&mut self, lo: u64, hi: u64) -> Option<(u64, u64)> {
+    /// `head`: the cluster begins at an object's first page.
+    fn place(&mut self, lo: u64, hi: u64, head: bool) -> Option<(u64, u64)> {
         let (window, batch) = (self.config.window_pages, self.batch);
 
         let advancing = self
@@ -756,17 +770,29 @@ impl StreamDetector {
             return None;
         }
 
-        if self.streams.len() < self.config.max_streams {
+        let slot = if self.streams.len() < self.config.max_streams {
             self.streams.push(Stream::start(hi, batch));
+            self.streams.len() - 1
         } else if let Some(victim) = self
             .streams
-            .iter_mut()
-            .filter(|s| s.used != batch)
-            .min_by_key(|s| s.used)
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.used != batch)
+            .min_by_key(|(_, s)| s.used)
+            .map(|(i, _)| i)
         {
-            *victim = Stream::start(hi, batch);
+            self.streams[victim] = Stream::start(hi, batch);
+            victim
+        } else {
+            return None;
+        };
+        if !head {
+            return None;
         }
-        None
+        // Confirmed from its first batch: the advance below hands out the first depth.
+        let s = &mut self.streams[slot];
+        s.advances = self.config.confirm - 1;
+        self.advance(slot, hi)
     }
 
     /// Stream `i` advanced to `hi`: count it, grow its depth, hand out the pages past its
@@ -1493,6 +1519,40 @@ mod tests {
             next = end;
         }
         assert_eq!(depths, vec![16, 32, 64, 128, 256, 512, 512]);
+    }
+
+    #[test]
+    fn a_stream_from_an_objects_first_page_reads_ahead_at_once() {
+        let mut d = detector(StreamConfig::default());
+        let base = 0x7f00_0000u64;
+        let head = VirtAddr(base * PAGE_SIZE);
+        // The first batch of a walk from the head prefetches the first depth at once, and the
+        // next advance doubles it.
+        let got = d.observe_from(&batch(base, 16), &[head]);
+        d.check_invariants().unwrap();
+        assert_eq!(pages_of(&got), vec![(base + 16, base + 32)]);
+        let got = d.observe_from(&batch(base + 32, 16), &[head]);
+        d.check_invariants().unwrap();
+        assert_eq!(pages_of(&got), vec![(base + 48, base + 80)]);
+        // A walk from inside an object, or one beginning a page past a head, waits for its
+        // confirmation as before.
+        let mut d = detector(StreamConfig::default());
+        let other = VirtAddr((base + 1) * PAGE_SIZE);
+        for k in 0..2 {
+            let got = d.observe_from(&batch(base + 16 * k, 16), &[other]);
+            assert!(got.is_empty(), "batch {k} prefetched {got:?}");
+        }
+        assert_eq!(
+            observe(&mut d, &batch(base + 32, 16)),
+            vec![(base + 48, base + 64)]
+        );
+        // A head cluster that lands on a known stream resets it without reading ahead: a walk
+        // stepping back to an object's start is not a new object.
+        let mut d = detector(StreamConfig::default());
+        assert!(observe(&mut d, &batch(base + 8, 8)).is_empty());
+        let got = d.observe_from(&batch(base, 4), &[head]);
+        assert!(got.is_empty(), "{got:?}");
+        d.check_invariants().unwrap();
     }
 
     #[test]
