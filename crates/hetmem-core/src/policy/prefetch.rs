@@ -707,7 +707,7 @@ impl StreamDetector {
         let mut wanted: Vec<(u64, u64)> = Vec::new();
         for cluster in pages.chunk_by(|a, b| b - a <= window) {
             let (lo, hi) = (cluster[0], cluster[cluster.len() - 1]);
-            let head = heads.iter().any(|&h| lo == h);
+            let head = heads.contains(&lo);
             if let Some(range) = self.place(lo, hi, head) {
                 wanted.push(range);
             }
