@@ -1024,14 +1024,18 @@ impl PlacementPolicy for RuntimePlacement {
             faulted.set(block.index_of(a) as usize);
         }
         drop(advice);
+        // What the windows asked for, and what each prefetcher added: counted once the plan is
+        // final (advice, thrashing, pressure and spilling may still take pages out).
+        let windows = want;
+        let mut by_tree = BlockMask::new();
+        let mut by_stream = BlockMask::new();
         if let Some(tree) = &self.tree {
             let mut seen = self.fault_migrations.lock();
             let n = seen.entry(block.start().0).or_insert(0);
             let extra = tree.prefetch(&resident, &want, &thrashing, *n);
             *n = n.saturating_add(faulted.count());
-            let extra = extra.intersection(&managed);
-            self.counters.add_tree_prefetch(extra.count() as u64);
-            want = want.union(&extra);
+            by_tree = extra.intersection(&managed);
+            want = want.union(&by_tree);
         }
         let mut later = Vec::new();
         if let Some(stream) = &self.stream {
@@ -1053,11 +1057,8 @@ impl PlacementPolicy for RuntimePlacement {
             for r in ahead {
                 if let Some(inside) = r.intersect(&block) {
                     let from = block.index_of(inside.start()) as usize;
-                    let before = want.intersection(&managed).count();
+                    by_stream.set_range(from..from + inside.npages() as usize);
                     want.set_range(from..from + inside.npages() as usize);
-                    // Counted as what the allocations clip leaves of it.
-                    let added = (want.intersection(&managed).count() - before) as u64;
-                    self.counters.add_stream_prefetch(added);
                 }
                 // The part past this block goes through the service's migration queue, without
                 // what the advice keeps remote there, and no farther than the allocation the
@@ -1157,6 +1158,14 @@ impl PlacementPolicy for RuntimePlacement {
             }
         }
         let spans = ranges(block, &want);
+        // The prefetchers' share of what migrates: the tree's first (it runs first), the
+        // stream's past it.
+        let moving = want.difference(&resident).difference(&windows);
+        let tree_pages = moving.intersection(&by_tree);
+        self.counters.add_tree_prefetch(tree_pages.count() as u64);
+        let stream_pages = moving.intersection(&by_stream).difference(&by_tree);
+        self.counters
+            .add_stream_prefetch(stream_pages.count() as u64);
         let needed = (want.difference(&resident).count() + dup.count()) as u64;
         if needed > f.free_frames {
             self.make_room(needed, f.free_frames, block, spilling, sampled);
@@ -1177,7 +1186,16 @@ impl PlacementPolicy for RuntimePlacement {
             let take = r.npages().min(room);
             if let Ok(part) = PageRange::from_pages(r.start().0, take) {
                 room -= take;
-                self.counters.add_stream_prefetch(take);
+                // Counted as what it will move: the pages still in system memory.
+                let moving: u64 = self
+                    .mm
+                    .regions_in(part)
+                    .iter()
+                    .filter_map(|region| region.range().intersect(&part).map(|p| (region, p)))
+                    .flat_map(|(region, p)| system_runs(region, p))
+                    .map(|r| r.npages())
+                    .sum();
+                self.counters.add_stream_prefetch(moving);
                 queued.push(part);
             }
         }

@@ -144,9 +144,12 @@ pub struct RuntimeStats {
     pub pages_suspended: u64,
     /// Advice calls.
     pub advice_calls: u64,
-    /// Pages the tree prefetcher added to fault migrations (trigger: prefetch).
+    /// Pages the tree prefetcher added to fault migrations and that migrated (not what advice,
+    /// thrashing, memory pressure or spilling took out again, nor pages already resident).
     pub pages_tree_prefetch: u64,
-    /// Pages the stream detector asked to migrate ahead of the faults (trigger: prefetch).
+    /// Pages the stream detector migrates ahead of the faults: those it added to a fault's
+    /// migration that migrated (counted as for the tree), and past the faulted block those it
+    /// queued that were still in system memory (trigger: prefetch).
     pub pages_stream_prefetch: u64,
     /// Pages a launch migrated back into its device after CPU faults took them since the
     /// device's previous launch (trigger: prefetch; see `ContextBuilder::restore_on_launch`).

@@ -204,6 +204,52 @@ fn a_walk_from_an_allocations_first_page_reads_ahead_from_its_first_fault() {
 }
 
 #[test]
+fn the_stream_detectors_count_is_what_it_migrated_not_what_advice_kept_out() {
+    // One warp walks 2 MiB in 4 KiB windows, so the detector is confirmed and reads ahead
+    // deeper and deeper. Advised, pages 64..192 are preferred on the CPU: the detector's
+    // readahead reaches into them and they stay put. The count must be what moved, not what
+    // the detector asked for (it counted the kept pages too).
+    for advised in [false, true] {
+        let c = Context::builder()
+            .device(AccelConfig {
+                compute_units: 1,
+                warps_per_cu: 1,
+                ..device()
+            })
+            .prefetcher(None)
+            .thrashing(None)
+            .stream_prefetcher(Some(StreamConfig::default()))
+            .build()
+            .unwrap();
+        let (x, out, sum) = data(&c, 2 << 20);
+        if advised {
+            let kept = PageRange::new(x.addr() + 64 * PAGE_SIZE, 128 * PAGE_SIZE).unwrap();
+            c.advise(kept, Advice::SetPreferredLocation(Processor::Cpu))
+                .unwrap();
+        }
+        stream_sum(&c, &x, &out);
+        assert_eq!(result(&out), sum);
+        let rs = c.stats();
+        let d = c.device_stats(c.devices()[0]).unwrap();
+        let kept = if advised { 128 } else { 0 };
+        // Every page of x but the kept ones moved, and the output's page.
+        assert_eq!(d.pages_from_system, 512 - kept + 1, "{d:?}");
+        assert!(
+            rs.pages_stream_prefetch > 0,
+            "the detector read ahead: {rs:?}"
+        );
+        // What faulted moved too: the readahead's share is less than all that moved.
+        assert!(
+            rs.pages_stream_prefetch < 512 - kept,
+            "advised {advised}: {} pages counted, {} moved",
+            rs.pages_stream_prefetch,
+            d.pages_from_system
+        );
+        c.check_invariants().unwrap();
+    }
+}
+
+#[test]
 fn access_counters_pull_a_hot_remote_range_into_the_device() {
     for on in [false, true] {
         let b = builder();
