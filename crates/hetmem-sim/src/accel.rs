@@ -1942,9 +1942,13 @@ impl SimDevice {
         self.counters
             .duplicates
             .fetch_add(stats.duplicates, Ordering::Relaxed);
+        // The batch's fixed and per-entry work comes first; each block's own service is
+        // charged as it is serviced, so it runs while the copies of the blocks before it do
+        // (UVM pushes a block's copies to the copy engines and goes on to the next block,
+        // waiting for them only before the replay).
         self.clock.charge(
             Cause::FaultService,
-            self.config.link.fault_service(stats.faults, stats.blocks),
+            self.config.link.fault_service(stats.faults, 0),
         );
         tracing::debug!(
             dev = self.mem.id().0,
@@ -1962,6 +1966,8 @@ impl SimDevice {
                 .map_or(page, |x| x.addr)
         };
         for block in batch.blocks() {
+            self.clock
+                .charge(Cause::FaultService, self.config.link.faults.per_vablock);
             if let Some(f) = block.faults().iter().find(|f| !f.is_replayable()) {
                 // No retry (XNACK off): the warp is not waiting for a replay; the launch fails
                 // with the address, as amdgpu reports a no-retry fault and kills the queue.

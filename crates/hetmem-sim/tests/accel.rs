@@ -774,3 +774,38 @@ fn a_warps_remote_accesses_to_one_line_cost_one_line_in_the_direction_data_moves
     assert_eq!(read_u32(data, 33)[..32], [7; 32]);
     assert_eq!(read_u32(data, 33)[32], 32);
 }
+
+#[test]
+fn a_batchs_blocks_are_serviced_while_the_copies_of_the_blocks_before_them_run() {
+    use hetmem_core::link::LinkModel;
+    let link = LinkModel::pcie3_x16();
+    let acc = Accelerator::new(AccelConfig {
+        link: link.clone(),
+        placement: Arc::new(Granularity::block()),
+        ..small()
+    })
+    .unwrap();
+    // Four whole blocks of data the CPU wrote; one warp reads a word of each: one batch of
+    // four blocks, each block's copy a whole 2 MiB.
+    let blocks = 4u64;
+    let r = alloc_u32((blocks + 1) * HUGE_PAGE_SIZE / 4, |i| i as u32);
+    let base = r.start().0.next_multiple_of(HUGE_PAGE_SIZE);
+    let k = Arc::new(move |i: u64, t: &mut Thread<'_>| {
+        t.load_u32(base + i * HUGE_PAGE_SIZE).map(|_| ())
+    });
+    let before = acc.clock();
+    acc.launch(k, blocks).unwrap().wait().unwrap();
+    let s = acc.stats();
+    assert_eq!((s.batches, s.faults_read), (1, blocks), "{s:?}");
+    let d = acc.clock().since(&before);
+    assert_eq!(d.charges_of(Cause::MigrateToDevice), blocks, "{d}");
+    // The host's work on blocks 2 to 4 ran while block 1's and the next copies did: the
+    // timeline is shorter than the sum of the charges by at least those blocks' service.
+    let per_block = link.faults.per_vablock;
+    let hidden = d.total.saturating_sub(d.elapsed);
+    assert!(
+        hidden.as_nanos() >= (blocks - 1) * per_block.as_nanos(),
+        "{hidden} hidden of {d}"
+    );
+    acc.check_invariants().unwrap();
+}
