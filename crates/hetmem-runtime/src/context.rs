@@ -194,6 +194,15 @@ impl ContextBuilder {
     /// a moment ago; AMD's SVM restores the ranges a CPU invalidation took from the GPU before
     /// its queues run again (`svm_range_restore_work`). Only free memory is used, so a restore
     /// never evicts; advice and thrashing pins are respected.
+    ///
+    /// With thrashing detection on, pages a CPU *write* took back before each of three
+    /// restores in a row (a table the CPU rewrites for every kernel) are mapped where they are
+    /// at the next launch instead, for 300 launches (UVM's threshold and pin, with launches for
+    /// its lapses): the CPU then writes them in place and the device reads them over the link,
+    /// without a CPU fault, two copies and the invalidations per launch. Policy migrations
+    /// (access counters, readahead) leave them there meanwhile. Pages the CPU only reads back
+    /// (results, a flag the device sets) are the device's to write and keep moving.
+    /// [`crate::RuntimeStats::pages_launch_bounce_pins`] counts them.
     pub fn restore_on_launch(mut self, on: bool) -> Self {
         self.restore_on_launch = on;
         self
@@ -485,7 +494,20 @@ impl Context {
         let Some(p) = self.placement_of(d) else {
             return Ok(());
         };
-        let ranges = p.take_launch_restores();
+        let (ranges, bouncing) = p.take_launch_restores();
+        if !bouncing.is_empty() {
+            // Mapped where they are, for reading: the CPU keeps writing them in place. A write
+            // from the device faults, and is decided again.
+            let _user = UserRequest::enter();
+            let mut pinned = 0;
+            for r in bouncing {
+                for block in r.chunks(HUGE_PAGE_SIZE) {
+                    d.map_remote(block, false)?;
+                    pinned += block.npages();
+                }
+            }
+            self.counters.add_launch_bounce_pins(pinned);
+        }
         if ranges.is_empty() {
             return Ok(());
         }

@@ -310,7 +310,35 @@ pub(crate) struct RuntimePlacement {
     /// Pages CPU faults took back from this device since its last launch, to bring back at the
     /// next one (see [`crate::ContextBuilder::restore_on_launch`]); `None` when off.
     restore: Option<Mutex<Vec<PageRange>>>,
+    /// Pages restored at launches, with how many launches in a row restored each and the
+    /// last: a page the CPU takes back between every two launches is mapped where it is
+    /// instead (see [`RuntimePlacement::take_launch_restores`]). Kept while thrashing detection
+    /// is on.
+    bounces: Mutex<Bounces>,
+    /// Of the pages in `restore`, those a CPU write fault took.
+    written: Mutex<Vec<PageRange>>,
 }
+
+/// Pages that bounce between the CPU and a device between launches.
+#[derive(Debug, Default)]
+struct Bounces {
+    /// Restores so far (launches that found pages to bring back).
+    launch: u64,
+    /// By page address: restores in a row that brought the page back, and the latest.
+    pages: HashMap<u64, (u32, u64)>,
+    /// Launches so far.
+    launches: u64,
+    /// Pages mapped where they are, by page address, until which launch: policy migrations
+    /// (access counters, readahead) leave them there meanwhile.
+    pinned: BTreeMap<u64, u64>,
+}
+
+/// Launches a bounce pin lasts: UVM's pin of 300 lapses, with launches for lapses.
+const BOUNCE_PIN: u64 = 300;
+
+/// Restores in a row that bring a page back before the next one maps it where it is: UVM's
+/// thrashing threshold (three migrations in a row, uvm-svm.md A.9), with restores for lapses.
+const BOUNCE_THRESHOLD: u32 = 3;
 
 /// The policies a device's placement runs.
 #[derive(Debug, Default)]
@@ -358,6 +386,8 @@ impl RuntimePlacement {
             thrashing: policies.thrashing,
             kept: Mutex::new(BTreeMap::new()),
             restore: policies.restore_on_launch.then(|| Mutex::new(Vec::new())),
+            bounces: Mutex::new(Bounces::default()),
+            written: Mutex::new(Vec::new()),
         }
     }
 
@@ -365,10 +395,95 @@ impl RuntimePlacement {
     /// its next launch: sorted, merged, clipped to managed memory and to the pages still in
     /// system memory, without what the advice keeps remote or read-mostly and without thrashing
     /// pages (those stay where the detector put them). Empty when the policy is off.
-    pub(crate) fn take_launch_restores(&self) -> Vec<PageRange> {
+    ///
+    /// With thrashing detection on, the pages brought back by each of the last
+    /// [`BOUNCE_THRESHOLD`] restores come back apart, as the second list: the CPU takes them
+    /// between launches every time (a table it updates for each step), and each round trip
+    /// costs a CPU fault, two copies and the invalidations. They are to be mapped where they
+    /// are, as UVM pins a thrashing page in system memory and maps it remotely: the CPU then
+    /// writes them in place, and the device reads them over the link.
+    pub(crate) fn take_launch_restores(&self) -> (Vec<PageRange>, Vec<PageRange>) {
         let Some(restore) = &self.restore else {
-            return Vec::new();
+            return (Vec::new(), Vec::new());
         };
+        let out = self.restores(restore);
+        let written = merged(std::mem::take(&mut *self.written.lock()));
+        if self.thrashing.is_none() {
+            return (out, Vec::new());
+        }
+        let mut b = self.bounces.lock();
+        b.launches += 1;
+        let now = b.launches;
+        b.pinned.retain(|_, until| *until > now);
+        if out.is_empty() {
+            return (out, Vec::new());
+        }
+        b.launch += 1;
+        let launch = b.launch;
+        let mut back = Vec::new();
+        let mut pinned = Vec::new();
+        for r in out {
+            for a in r.pages() {
+                // Only what the CPU writes: a page it reads back (a kernel's result, a flag the
+                // device sets) is the device's to write, and mapped remotely every write of
+                // the device would cross the link.
+                if !written.iter().any(|w| w.contains(a)) {
+                    b.pages.remove(&a.0);
+                    back.push(a.0);
+                    continue;
+                }
+                let e = b.pages.entry(a.0).or_insert((0, 0));
+                *e = if e.1 + 1 == launch {
+                    (e.0.saturating_add(1), launch)
+                } else {
+                    (1, launch)
+                };
+                if e.0 >= BOUNCE_THRESHOLD {
+                    pinned.push(a.0);
+                    b.pinned.insert(a.0, now + BOUNCE_PIN);
+                } else {
+                    back.push(a.0);
+                }
+            }
+        }
+        // Forget what no longer bounces.
+        b.pages.retain(|_, e| e.1 + 1 >= launch);
+        (page_runs(back), page_runs(pinned))
+    }
+
+    /// Remembers pages a CPU fault took from this device, to restore at its next launch, and
+    /// which of them a CPU write took (the CPU produces them: see
+    /// [`RuntimePlacement::take_launch_restores`]).
+    fn remember_restore(&self, ranges: impl IntoIterator<Item = PageRange>) {
+        let Some(restore) = &self.restore else {
+            return;
+        };
+        let ranges: Vec<PageRange> = ranges.into_iter().collect();
+        if hetmem::migrate::cpu_fault_is_write() {
+            self.written.lock().extend(ranges.iter().copied());
+        }
+        restore.lock().extend(ranges);
+    }
+
+    /// `ranges` without the pages a bounce pin keeps where they are.
+    fn without_bounce_pins(&self, ranges: Vec<PageRange>) -> Vec<PageRange> {
+        let b = self.bounces.lock();
+        if b.pinned.is_empty() {
+            return ranges;
+        }
+        let mut out = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            let mut at = r.start().0;
+            for (&p, _) in b.pinned.range(r.start().0..r.end().0) {
+                out.extend(PageRange::from_bounds(at, p).ok());
+                at = p + PAGE_SIZE;
+            }
+            out.extend(PageRange::from_bounds(at, r.end().0).ok());
+        }
+        out
+    }
+
+    fn restores(&self, restore: &Mutex<Vec<PageRange>>) -> Vec<PageRange> {
         let taken = std::mem::take(&mut *restore.lock());
         let Some(me) = self.me() else {
             return Vec::new();
@@ -811,7 +926,7 @@ impl RuntimePlacement {
         let Some(window) = aligned.intersect(&region.range()) else {
             return;
         };
-        if let Some(restore) = &self.restore {
+        if self.restore.is_some() {
             // What this device holds of the window is its working set: remembered before the
             // window leaves, to come back at the next launch.
             let Ok(block) = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE) else {
@@ -822,7 +937,7 @@ impl RuntimePlacement {
             let mut held = BlockMask::new();
             held.set_range(from..from + window.npages() as usize);
             let held = held.intersection(&resident);
-            restore.lock().extend(ranges(block, &held));
+            self.remember_restore(ranges(block, &held));
         }
         match self.mm.evict_range(window, Some(handle.id())) {
             Ok(pages) if pages > 0 => {
@@ -1240,6 +1355,7 @@ impl PlacementPolicy for RuntimePlacement {
             // milliseconds while idle: the clock of the thrashing reset rules.
             self.thrashing_housekeeping(t);
         }
+        let keep = |ranges: Vec<PageRange>| self.without_bounce_pins(keep(ranges));
         let mut out: Vec<(PageRange, Trigger)> = keep(ahead)
             .into_iter()
             .map(|r| (r, Trigger::Prefetch))
@@ -1278,11 +1394,7 @@ impl PlacementPolicy for RuntimePlacement {
         if in_user_request() {
             return;
         }
-        if let Some(restore) = &self.restore {
-            restore
-                .lock()
-                .extend(PageRange::new(page.0, PAGE_SIZE).ok());
-        }
+        self.remember_restore(PageRange::new(page.0, PAGE_SIZE).ok());
         self.cpu_fault_window(page);
         let (Some(t), Some(me)) = (&self.thrashing, self.me()) else {
             return;

@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     advice_calls: AtomicU64,
     pages_tree_prefetch: AtomicU64,
     pages_stream_prefetch: AtomicU64,
+    pages_launch_bounce_pins: AtomicU64,
     pages_launch_restore: AtomicU64,
     counter_notifications: AtomicU64,
     per_device: PerDevice,
@@ -70,6 +71,10 @@ impl Counters {
         self.pages_launch_restore
             .fetch_add(pages, Ordering::Relaxed);
     }
+    pub(crate) fn add_launch_bounce_pins(&self, pages: u64) {
+        self.pages_launch_bounce_pins
+            .fetch_add(pages, Ordering::Relaxed);
+    }
     pub(crate) fn add_stream_prefetch(&self, pages: u64) {
         self.pages_stream_prefetch
             .fetch_add(pages, Ordering::Relaxed);
@@ -108,6 +113,7 @@ impl Counters {
             advice_calls: g(&self.advice_calls),
             pages_tree_prefetch: g(&self.pages_tree_prefetch),
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
+            pages_launch_bounce_pins: g(&self.pages_launch_bounce_pins),
             pages_launch_restore: g(&self.pages_launch_restore),
             counter_notifications: g(&self.counter_notifications),
             pages_throttled: g(&self.pages_throttled),
@@ -151,6 +157,9 @@ pub struct RuntimeStats {
     /// migration that migrated (counted as for the tree), and past the faulted block those it
     /// queued that were still in system memory (trigger: prefetch).
     pub pages_stream_prefetch: u64,
+    /// Pages the CPU took back between each of the last three launches, mapped where they are
+    /// at the next launch instead of restored (`restore_on_launch` with thrashing detection).
+    pub pages_launch_bounce_pins: u64,
     /// Pages a launch migrated back into its device after CPU faults took them since the
     /// device's previous launch (trigger: prefetch; see `ContextBuilder::restore_on_launch`).
     pub pages_launch_restore: u64,

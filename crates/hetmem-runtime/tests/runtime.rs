@@ -685,6 +685,70 @@ fn a_full_device_gets_back_at_launch_what_cpu_faults_took_from_it() {
 }
 
 #[test]
+fn a_table_the_cpu_rewrites_before_every_launch_stays_in_system_memory_mapped_remotely() {
+    // The CPU writes a table before each launch and the device reads it (a block table): each
+    // round trip is a CPU fault, a copy back and a restore. After three restores in a row the
+    // table is mapped where it is, and the CPU's writes stop faulting. A flag the CPU only reads
+    // back after each launch (the device writes it) keeps moving, as before.
+    for cpu_writes in [true, false] {
+        let c = Context::builder()
+            .device(device(16))
+            .granularity(HUGE_PAGE_SIZE)
+            .cpu_fault_window(HUGE_PAGE_SIZE)
+            .restore_on_launch(true)
+            .build()
+            .unwrap();
+        let d = dev0(&c);
+        let mut table = c.alloc(8 * PAGE_SIZE).unwrap();
+        let out = c.alloc(8 * PAGE_SIZE).unwrap();
+        let n = table.len() / 4;
+        let (pt, po) = (table.addr(), out.addr());
+        // The device adds each table entry into `out` (reads the table, writes `out`).
+        let k = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            let v = t.load_u32(pt + 4 * i)?;
+            let o = t.load_u32(po + 4 * i)?;
+            t.store_u32(po + 4 * i, o.wrapping_add(v))
+        };
+        let k: Arc<dyn Kernel> = Arc::new(k);
+        let mut faults = Vec::new();
+        for step in 1..=8u32 {
+            let before = c.device_stats(d).unwrap().cpu_faults;
+            if cpu_writes {
+                table.view_mut::<u32>().fill(step);
+            } else if step > 1 {
+                // Reads a word of the device's output back (the table stays as it was).
+                assert_eq!(out.view::<u32>()[5], step - 1);
+            } else {
+                table.view_mut::<u32>().fill(1);
+            }
+            faults.push(c.device_stats(d).unwrap().cpu_faults - before);
+            c.launch(d, Arc::clone(&k), n).unwrap().wait().unwrap();
+        }
+        let pins = c.stats().pages_launch_bounce_pins;
+        if cpu_writes {
+            // Steps 2 to 4 fault the table back; the restore at step 4's launch is the third
+            // in a row, so from then on it stays put and the CPU writes it in place.
+            assert_eq!(&faults[1..4], &[1, 1, 1], "{faults:?}");
+            assert_eq!(&faults[4..], &[0, 0, 0, 0], "{faults:?}");
+            assert!(pins >= 8, "{pins}");
+            assert_eq!(
+                on(&c, table.range(), Processor::Cpu),
+                8,
+                "the table is in system memory"
+            );
+            assert!(c.device(d).unwrap().stats().remote_accesses > 0);
+            let want = (1..=8u32).sum::<u32>();
+            assert!(out.view::<u32>().iter().all(|&v| v == want));
+        } else {
+            assert_eq!(pins, 0, "a page the CPU only reads back is never pinned");
+            assert_eq!(&faults[1..], &[1; 7], "{faults:?}");
+            assert_eq!(out.view::<u32>()[5], 8);
+        }
+        c.check_invariants().unwrap();
+    }
+}
+
+#[test]
 fn once_device_memory_is_full_a_fault_brings_in_only_its_pressure_window() {
     for (pressure, expect) in [(None, 512), (Some(64 << 10), 16)] {
         let c = Context::builder()

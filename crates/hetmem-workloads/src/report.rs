@@ -169,6 +169,9 @@ pub struct RunReport {
     pub cpu_throttles: u64,
     /// Thrashing pins.
     pub thrashing_pins: u64,
+    /// Pages the CPU wrote between each of three launches in a row, mapped where they are at
+    /// the next launch instead of restored (`restore_on_launch`).
+    pub launch_bounce_pins: u64,
     /// Fault-service latency.
     pub latency: Latency,
 }
@@ -214,6 +217,7 @@ impl RunReport {
             pages_throttled: 0,
             cpu_throttles: 0,
             thrashing_pins: 0,
+            launch_bounce_pins: 0,
             latency: Latency::default(),
         }
     }
@@ -351,11 +355,13 @@ impl RunReport {
         row(
             "thrashing",
             format!(
-                "{} pages detected, {} throttled ({} CPU faults), {} pins",
+                "{} pages detected, {} throttled ({} CPU faults), {} pins; {} pages bouncing \
+                 between launches kept in system memory",
                 self.thrashing_detected,
                 self.pages_throttled,
                 self.cpu_throttles,
-                self.thrashing_pins
+                self.thrashing_pins,
+                self.launch_bounce_pins
             ),
         );
         let l = &self.latency;

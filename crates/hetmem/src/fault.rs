@@ -188,6 +188,7 @@ impl AddressSpace {
         }
         let page = addr.page_down();
         let _trigger = crate::migrate::TriggerScope::enter(Trigger::CpuFault);
+        let _access = crate::migrate::CpuFaultAccess::enter(write == Some(true));
         let mut synced = false;
         loop {
             let Some(region) = self.region_of(page) else {

@@ -1226,6 +1226,41 @@ impl Drop for TriggerScope {
     }
 }
 
+thread_local! {
+    static CPU_WRITE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the CPU fault this thread is handling is a write: false outside a CPU fault, and when
+/// the backend could not tell. Placement policies read it from the callbacks a CPU fault makes
+/// (which page a program writes, rather than reads, between two launches).
+pub fn cpu_fault_is_write() -> bool {
+    current_trigger() == Trigger::CpuFault && CPU_WRITE.with(Cell::get)
+}
+
+/// The access of the CPU fault this thread handles, until dropped ([`cpu_fault_is_write`]).
+#[derive(Debug)]
+#[must_use = "the access is restored when the scope is dropped"]
+pub(crate) struct CpuFaultAccess {
+    prev: bool,
+    // Restored on the thread it was set on.
+    _thread: std::marker::PhantomData<*const ()>,
+}
+
+impl CpuFaultAccess {
+    pub(crate) fn enter(write: bool) -> CpuFaultAccess {
+        CpuFaultAccess {
+            prev: CPU_WRITE.with(|w| w.replace(write)),
+            _thread: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for CpuFaultAccess {
+    fn drop(&mut self) {
+        CPU_WRITE.with(|w| w.set(self.prev));
+    }
+}
+
 /// Runs a whole migration of `args` with `driver`.
 pub fn migrate(
     mm: &AddressSpace,
