@@ -86,10 +86,11 @@ fn random_operations_with_spilling_and_access_counters_match_the_model() {
     // counter migrations racing the CPU after a launch (lost writes, pages back on a device
     // after a prefetch home).
     let tally = property(
-        "two devices, spilling, access counters, 16 pages each",
+        "two devices, spilling, access counters, restores, 16 pages each",
         ModelConfig {
             spill_remote: true,
             access_counter_threshold: Some(8),
+            restore_on_launch: true,
             memory_limit_pages: Some(16),
             ..ModelConfig::default()
         },
@@ -101,6 +102,7 @@ fn random_operations_with_spilling_and_access_counters_match_the_model() {
         tally.counter_notifications > 0,
         "no counter notification: {tally}"
     );
+    assert!(tally.launch_restores > 0, "nothing restored: {tally}");
 }
 
 /// Every kind of op once, in an order that moves pages every way: a smoke test that names what

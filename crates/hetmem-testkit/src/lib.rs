@@ -72,6 +72,10 @@ pub struct ModelConfig {
     pub spill_remote: bool,
     /// Access counters with this threshold (remote accesses per 64 KiB region), when on.
     pub access_counter_threshold: Option<u32>,
+    /// Each launch first restores what CPU faults took from its device
+    /// (`ContextBuilder::restore_on_launch`; with thrashing detection, pages the CPU keeps
+    /// rewriting are mapped where they are).
+    pub restore_on_launch: bool,
 }
 
 impl Default for ModelConfig {
@@ -85,6 +89,7 @@ impl Default for ModelConfig {
             ring_capacity: 4096,
             spill_remote: false,
             access_counter_threshold: None,
+            restore_on_launch: false,
         }
     }
 }
@@ -599,6 +604,9 @@ pub struct Tally {
     pub spill_revocations: u64,
     /// Access-counter notifications (regions whose remote accesses crossed the threshold).
     pub counter_notifications: u64,
+    /// Pages restored at launches, and pages the CPU kept rewriting mapped where they are.
+    pub launch_restores: u64,
+    pub launch_bounce_pins: u64,
 }
 
 impl Tally {
@@ -618,6 +626,8 @@ impl Tally {
         self.pages_spilled += other.pages_spilled;
         self.spill_revocations += other.spill_revocations;
         self.counter_notifications += other.counter_notifications;
+        self.launch_restores += other.launch_restores;
+        self.launch_bounce_pins += other.launch_bounce_pins;
     }
 }
 
@@ -637,13 +647,16 @@ impl std::fmt::Display for Tally {
         write!(
             f,
             "), {} checks, {} MiB compared, {} writes to read-only memory refused, {} pages \
-             spilled, {} spilled pages revoked, {} counter notifications",
+             spilled, {} spilled pages revoked, {} counter notifications, {} pages restored \
+             at launches, {} pinned by launch bounces",
             self.checks,
             self.bytes_checked >> 20,
             self.refused_writes,
             self.pages_spilled,
             self.spill_revocations,
-            self.counter_notifications
+            self.counter_notifications,
+            self.launch_restores,
+            self.launch_bounce_pins
         )
     }
 }
@@ -698,14 +711,15 @@ impl Machine {
         if !config.thrashing {
             b = b.thrashing(None);
         }
-        b = b.spill_remote(config.spill_remote).access_counters(
-            config.access_counter_threshold.map(|threshold| {
+        b = b
+            .restore_on_launch(config.restore_on_launch)
+            .spill_remote(config.spill_remote)
+            .access_counters(config.access_counter_threshold.map(|threshold| {
                 hetmem_core::policy::access_counters::AccessCounterConfig {
                     threshold,
                     ..Default::default()
                 }
-            }),
-        );
+            }));
         let ctx = b.build().map_err(|e| e.to_string())?;
         let devs = ctx.devices();
         let slots = (0..config.slots).map(|_| None).collect();
@@ -1228,6 +1242,8 @@ impl Machine {
         self.tally.pages_spilled = stats.pages_spilled;
         self.tally.spill_revocations = stats.spill_revocations;
         self.tally.counter_notifications = stats.counter_notifications;
+        self.tally.launch_restores = stats.pages_launch_restore;
+        self.tally.launch_bounce_pins = stats.pages_launch_bounce_pins;
         for &d in &self.devs {
             let used = self.ctx.memory_in_use(d).map_err(|e| e.to_string())?;
             if used != 0 {
