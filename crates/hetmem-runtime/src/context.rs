@@ -496,14 +496,20 @@ impl Context {
         };
         let (ranges, bouncing) = p.take_launch_restores();
         if !bouncing.is_empty() {
-            // Mapped where they are, for reading: the CPU keeps writing them in place. A write
-            // from the device faults, and is decided again.
+            // Mapped where they are, with the CPU's permissions (as every mirror of system
+            // memory): the CPU keeps writing them in place. Only pages the CPU writes get here;
+            // the device's accesses to them cross the link. A pin is a placement hint: a page
+            // the program made inaccessible meanwhile is left to fault as it would anyway.
             let _user = UserRequest::enter();
             let mut pinned = 0;
             for r in bouncing {
                 for block in r.chunks(HUGE_PAGE_SIZE) {
-                    d.map_remote(block, false)?;
-                    pinned += block.npages();
+                    match d.map_remote(block, false) {
+                        Ok(()) => pinned += block.npages(),
+                        Err(e) => {
+                            tracing::debug!(start = %block.start(), error = %e, "launch bounce pin failed");
+                        }
+                    }
                 }
             }
             self.counters.add_launch_bounce_pins(pinned);

@@ -310,10 +310,9 @@ pub(crate) struct RuntimePlacement {
     /// Pages CPU faults took back from this device since its last launch, to bring back at the
     /// next one (see [`crate::ContextBuilder::restore_on_launch`]); `None` when off.
     restore: Option<Mutex<Vec<PageRange>>>,
-    /// Pages restored at launches, with how many launches in a row restored each and the
-    /// last: a page the CPU takes back between every two launches is mapped where it is
-    /// instead (see [`RuntimePlacement::take_launch_restores`]). Kept while thrashing detection
-    /// is on.
+    /// Pages restored at launches, with how many restores in a row brought each back: a page
+    /// a CPU write takes back before every launch is mapped where it is instead (see
+    /// [`RuntimePlacement::take_launch_restores`]). Kept while thrashing detection is on.
     bounces: Mutex<Bounces>,
     /// Of the pages in `restore`, those a CPU write fault took.
     written: Mutex<Vec<PageRange>>,
