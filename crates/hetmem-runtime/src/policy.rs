@@ -322,7 +322,7 @@ pub(crate) struct RuntimePlacement {
 #[derive(Debug, Default)]
 struct Bounces {
     /// Restores so far (launches that found pages to bring back).
-    launch: u64,
+    restores: u64,
     /// By page address: restores in a row that brought the page back, and the latest.
     pages: HashMap<u64, (u32, u64)>,
     /// Launches so far.
@@ -417,8 +417,8 @@ impl RuntimePlacement {
         if out.is_empty() {
             return (out, Vec::new());
         }
-        b.launch += 1;
-        let launch = b.launch;
+        b.restores += 1;
+        let restore_no = b.restores;
         let mut back = Vec::new();
         let mut pinned = Vec::new();
         for r in out {
@@ -432,10 +432,10 @@ impl RuntimePlacement {
                     continue;
                 }
                 let e = b.pages.entry(a.0).or_insert((0, 0));
-                *e = if e.1 + 1 == launch {
-                    (e.0.saturating_add(1), launch)
+                *e = if e.1 + 1 == restore_no {
+                    (e.0.saturating_add(1), restore_no)
                 } else {
-                    (1, launch)
+                    (1, restore_no)
                 };
                 if e.0 >= BOUNCE_THRESHOLD {
                     pinned.push(a.0);
@@ -446,7 +446,7 @@ impl RuntimePlacement {
             }
         }
         // Forget what no longer bounces.
-        b.pages.retain(|_, e| e.1 + 1 >= launch);
+        b.pages.retain(|_, e| e.1 + 1 >= restore_no);
         (page_runs(back), page_runs(pinned))
     }
 

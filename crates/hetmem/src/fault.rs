@@ -10,7 +10,6 @@
 use std::sync::Arc;
 
 use hetmem_core::{
-    migrate::Trigger,
     notifier::{NotifierRange, NotifyEvent},
     page_state::{DevicePlacement, Location},
     DevPfn, DeviceId, Owner, PageRange, VirtAddr, PAGE_SIZE,
@@ -187,8 +186,7 @@ impl AddressSpace {
             return false;
         }
         let page = addr.page_down();
-        let _trigger = crate::migrate::TriggerScope::enter(Trigger::CpuFault);
-        let _access = crate::migrate::CpuFaultAccess::enter(write == Some(true));
+        let _trigger = crate::migrate::TriggerScope::cpu_fault(write == Some(true));
         let mut synced = false;
         loop {
             let Some(region) = self.region_of(page) else {

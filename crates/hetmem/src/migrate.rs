@@ -1188,13 +1188,22 @@ impl MigrateDriver for ToSystem {
 }
 
 thread_local! {
-    static TRIGGER: Cell<Trigger> = const { Cell::new(Trigger::Explicit) };
+    /// The trigger, and for a CPU fault whether it writes.
+    static TRIGGER: Cell<(Trigger, bool)> = const { Cell::new((Trigger::Explicit, false)) };
 }
 
 /// The trigger that migrations on this thread are counted under (seed 003's migration trigger):
 /// [`Trigger::Explicit`] unless a [`TriggerScope`] says otherwise.
 pub fn current_trigger() -> Trigger {
-    TRIGGER.with(Cell::get)
+    TRIGGER.with(Cell::get).0
+}
+
+/// Whether the CPU fault this thread is handling is a write: false outside a CPU fault (a scope
+/// nested in it, an eviction say, included), and when the backend could not tell. Placement
+/// policies read it from the callbacks a CPU fault makes (which pages a program writes, rather
+/// than reads, between two launches).
+pub fn cpu_fault_is_write() -> bool {
+    TRIGGER.with(Cell::get) == (Trigger::CpuFault, true)
 }
 
 /// Migrations on this thread count under a trigger until the scope ends; scopes nest (an eviction
@@ -1205,7 +1214,7 @@ pub fn current_trigger() -> Trigger {
 #[derive(Debug)]
 #[must_use = "the trigger is restored when the scope is dropped"]
 pub struct TriggerScope {
-    prev: Trigger,
+    prev: (Trigger, bool),
     // Restored on the thread it was set on.
     _thread: std::marker::PhantomData<*const ()>,
 }
@@ -1213,8 +1222,17 @@ pub struct TriggerScope {
 impl TriggerScope {
     /// Counts this thread's migrations under `trigger` until the returned scope is dropped.
     pub fn enter(trigger: Trigger) -> TriggerScope {
+        Self::set((trigger, false))
+    }
+
+    /// A CPU fault, a write or not ([`cpu_fault_is_write`]).
+    pub(crate) fn cpu_fault(write: bool) -> TriggerScope {
+        Self::set((Trigger::CpuFault, write))
+    }
+
+    fn set(to: (Trigger, bool)) -> TriggerScope {
         TriggerScope {
-            prev: TRIGGER.with(|t| t.replace(trigger)),
+            prev: TRIGGER.with(|t| t.replace(to)),
             _thread: std::marker::PhantomData,
         }
     }
@@ -1223,41 +1241,6 @@ impl TriggerScope {
 impl Drop for TriggerScope {
     fn drop(&mut self) {
         TRIGGER.with(|t| t.set(self.prev));
-    }
-}
-
-thread_local! {
-    static CPU_WRITE: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Whether the CPU fault this thread is handling is a write: false outside a CPU fault, and when
-/// the backend could not tell. Placement policies read it from the callbacks a CPU fault makes
-/// (which page a program writes, rather than reads, between two launches).
-pub fn cpu_fault_is_write() -> bool {
-    current_trigger() == Trigger::CpuFault && CPU_WRITE.with(Cell::get)
-}
-
-/// The access of the CPU fault this thread handles, until dropped ([`cpu_fault_is_write`]).
-#[derive(Debug)]
-#[must_use = "the access is restored when the scope is dropped"]
-pub(crate) struct CpuFaultAccess {
-    prev: bool,
-    // Restored on the thread it was set on.
-    _thread: std::marker::PhantomData<*const ()>,
-}
-
-impl CpuFaultAccess {
-    pub(crate) fn enter(write: bool) -> CpuFaultAccess {
-        CpuFaultAccess {
-            prev: CPU_WRITE.with(|w| w.replace(write)),
-            _thread: std::marker::PhantomData,
-        }
-    }
-}
-
-impl Drop for CpuFaultAccess {
-    fn drop(&mut self) {
-        CPU_WRITE.with(|w| w.set(self.prev));
     }
 }
 

@@ -691,14 +691,14 @@ impl StreamDetector {
 
     /// [`observe`](Self::observe), told where objects begin (`heads`: the first page of each
     /// allocation near the faults, in any order). A new stream whose lowest page is a head
-    /// (the fault brought in the object's first page) is confirmed at once: it prefetches `depth_pages` past its highest fault and
-    /// doubles from there, as a read at the start of a file gets the page cache's initial
-    /// readahead window instead of waiting to be seen sequential (`page_cache_sync_ra`). A
-    /// walk from the start of an array is the common case; a random access pattern pays one
-    /// window per object. A cluster that advances or resets a stream is matched as usual.
+    /// (the fault brought in the object's first page) is confirmed at once: it prefetches
+    /// `depth_pages` past its highest fault and doubles from there, as a read at the start of a
+    /// file gets the page cache's initial readahead window instead of waiting to be seen
+    /// sequential (`page_cache_sync_ra`). A walk from the start of an array is the common case;
+    /// a random access pattern pays one window per object. A cluster that advances or resets a
+    /// stream is matched as usual.
     pub fn observe_from(&mut self, faulted: &[VirtAddr], heads: &[VirtAddr]) -> Vec<PageRange> {
         self.batch += 1;
-        let heads: Vec<u64> = heads.iter().map(|a| a.vpn()).collect();
         let mut pages: Vec<u64> = faulted.iter().map(|a| a.vpn()).collect();
         pages.sort_unstable();
         pages.dedup();
@@ -707,7 +707,7 @@ impl StreamDetector {
         let mut wanted: Vec<(u64, u64)> = Vec::new();
         for cluster in pages.chunk_by(|a, b| b - a <= window) {
             let (lo, hi) = (cluster[0], cluster[cluster.len() - 1]);
-            let head = heads.contains(&lo);
+            let head = heads.iter().any(|h| h.vpn() == lo);
             if let Some(range) = self.place(lo, hi, head) {
                 wanted.push(range);
             }
