@@ -156,7 +156,7 @@ impl Preset {
                 restore_on_launch: true,
                 spill_remote: true,
                 access_counter_threshold: Some(2048),
-                batch_size: 256,
+                batch_size: 32,
                 replay: ReplayPolicy::BatchFlush,
             },
         }
