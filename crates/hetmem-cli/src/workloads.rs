@@ -247,7 +247,7 @@ pub struct InspectOpts {
     #[command(flatten)]
     pub run: RunArgs,
     /// Dump the ranges after this launch (1-based) instead of at the end.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub at: Option<u64>,
     /// Residency runs shown per range.
     #[arg(long, default_value_t = 8)]
@@ -285,11 +285,13 @@ pub fn inspect_cmd(o: &InspectOpts) -> Result<()> {
         return Err(e.into());
     }
     let Some((index, kernel, ranges)) = dumps.pop() else {
-        anyhow::bail!(
-            "the run made {} launches: nothing after launch {:?}",
-            out.report.launches,
-            o.at
-        );
+        match o.at {
+            Some(at) => anyhow::bail!(
+                "the run made {} launches: there is no launch {at} to inspect after",
+                out.report.launches
+            ),
+            None => anyhow::bail!("the run made no launch to inspect after"),
+        }
     };
     if o.json {
         println!("{}", serde_json::to_string_pretty(&ranges)?);
