@@ -1113,6 +1113,8 @@ pub struct Thread<'a> {
     /// Where the next logged access's bytes start in `log.data`.
     data_at: usize,
     miss: Option<(VirtAddr, FaultAccess)>,
+    /// Further misses of this execution, raised with `miss` ([`Thread::issue_loads`]).
+    issued: Vec<(VirtAddr, FaultAccess)>,
     fatal: Option<LaunchError>,
     /// Remote lines the warp moved in this execution (see [`Thread::charge_remote`]), held
     /// for the whole warp like `unit`.
@@ -1268,6 +1270,50 @@ impl Thread<'_> {
         self.log.data.extend_from_slice(bytes);
         self.cursor += 1;
         self.data_at += bytes.len();
+    }
+
+    /// Issues loads of `spans` (address, bytes) ahead of their use, as a GPU warp issues its
+    /// independent loads (a vector load's pieces, the operands of one expression) before an
+    /// instruction that consumes one of them stalls it: every page of the spans that would miss
+    /// faults now, all together, and the lane stalls until the replay (`Miss`); `Ok` when every
+    /// page is mapped for reading. Reads nothing and logs nothing: the loads themselves follow,
+    /// as ordinary [`Thread::read`]s. A kernel issues only what it goes on to load (a miss on
+    /// memory that is not the device's to fault in fails the launch, as the load would).
+    /// Without it a lane faults on one page at a time, in program order.
+    ///
+    /// A lane replaying accesses it completed before its last miss issues nothing: those are
+    /// answered from its log, and it must never need their pages again (under
+    /// oversubscription they may have left). So a lane needs at most the pages of one issue
+    /// resident at once.
+    pub fn issue_loads(&mut self, spans: &[(u64, usize)]) -> Result<(), Miss> {
+        if self.cursor < self.log.ops.len() {
+            return Ok(());
+        }
+        for &(va, bytes) in spans {
+            if bytes == 0 {
+                continue;
+            }
+            let last = va.saturating_add(bytes as u64 - 1) / PAGE_SIZE;
+            let first = va / PAGE_SIZE;
+            for page in first..=last {
+                let at = VirtAddr((page * PAGE_SIZE).max(va));
+                if self.translate(at, Access::Read).is_err() {
+                    if self.fatal.is_some() {
+                        return Err(Miss);
+                    }
+                    if let Some(m) = self.miss.take() {
+                        self.issued.push(m);
+                    }
+                }
+            }
+        }
+        match self.issued.pop() {
+            Some(m) => {
+                self.miss = Some(m);
+                Err(Miss)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Reads `buf.len()` bytes at `va` (within one page).
@@ -1654,6 +1700,7 @@ impl SimDevice {
                 cursor: 0,
                 data_at: 0,
                 miss: None,
+                issued: Vec::new(),
                 fatal: None,
                 lines: std::mem::take(&mut lines),
             };
@@ -1670,8 +1717,10 @@ impl SimDevice {
                 (Err(Miss), Some(m)) => {
                     still.push(tid);
                     still_logs.push(std::mem::take(&mut t.log));
-                    if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
-                        misses.push(m);
+                    for m in std::iter::once(m).chain(t.issued.drain(..)) {
+                        if !misses.iter().any(|x| x.0.page_down() == m.0.page_down()) {
+                            misses.push(m);
+                        }
                     }
                 }
                 (Err(Miss), None) => {

@@ -809,3 +809,47 @@ fn a_batchs_blocks_are_serviced_while_the_copies_of_the_blocks_before_them_run()
     );
     acc.check_invariants().unwrap();
 }
+
+#[test]
+fn loads_issued_together_fault_together() {
+    // One lane loads a word from each of three arrays (three pages, each in a block of its
+    // own). In program order it faults on one page per batch; issued together, the three fault
+    // in one batch.
+    let run = |issue: bool| {
+        let arrays: Vec<PageRange> = (0..3)
+            .map(|k| alloc_u32(HUGE_PAGE_SIZE / 4, move |i| (k << 24) as u32 + i as u32))
+            .collect();
+        let out = alloc_u32(1, |_| 0);
+        let acc = Accelerator::new(small()).unwrap();
+        let (p, po) = (
+            [
+                arrays[0].start().0,
+                arrays[1].start().0,
+                arrays[2].start().0,
+            ],
+            out.start().0,
+        );
+        let k = Arc::new(move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            if issue {
+                t.issue_loads(&[(p[0], 4), (p[1], 4), (p[2], 4)])?;
+            }
+            let mut s = 0u32;
+            for &a in &p {
+                s = s.wrapping_add(t.load_u32(a)?);
+            }
+            t.store_u32(po, s)
+        });
+        acc.launch(k, 1).unwrap().wait().unwrap();
+        let s = acc.stats();
+        assert_eq!(
+            read_u32(out, 1)[0],
+            3u32 << 24,
+            "the sum of the first words"
+        );
+        acc.check_invariants().unwrap();
+        (s.batches, s.batched_faults)
+    };
+    // The store to `out` faults on its own after the loads, either way.
+    assert_eq!(run(false), (4, 4));
+    assert_eq!(run(true), (2, 4));
+}

@@ -184,6 +184,8 @@ const PIECE: usize = 128;
 
 /// Loads `out.len()` u32 from `va` (4-byte aligned), split at page boundaries.
 pub fn load(t: &mut Thread<'_>, va: u64, out: &mut [u32]) -> Result<(), Miss> {
+    // A vector load's pieces are independent: they fault together.
+    t.issue_loads(&[(va, 4 * out.len())])?;
     let mut buf = [0u8; PIECE * 4];
     let mut done = 0;
     while done < out.len() {

@@ -78,6 +78,8 @@ impl Workload for Conv2d {
             // Columns s..s+34 of the three rows around row i.
             let s = j0.saturating_sub(1).min(w - LANE - 2);
             let mut rows = [[0u32; LANE as usize + 2]; 3];
+            let row = |d: u64| (pi + 4 * ((i + d - 1) * w + s), 4 * (LANE as usize + 2));
+            t.issue_loads(&[row(0), row(1), row(2)])?;
             for (d, r) in rows.iter_mut().enumerate() {
                 load(t, pi + 4 * ((i + d as u64 - 1) * w + s), r)?;
             }

@@ -73,6 +73,11 @@ impl Workload for Gemm {
         let k = move |l: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
             let (i, j0) = (l / (N / TILE), (l % (N / TILE)) * TILE);
             let mut row = [0u32; K as usize];
+            // The row of A and the first tile of B are independent loads.
+            t.issue_loads(&[
+                (pa + 4 * i * K, 4 * K as usize),
+                (pb + 4 * j0, 4 * TILE as usize),
+            ])?;
             load(t, pa + 4 * i * K, &mut row)?;
             let mut acc = [0u32; TILE as usize];
             let mut bk = [0u32; TILE as usize];

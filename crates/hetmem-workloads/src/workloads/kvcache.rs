@@ -139,6 +139,12 @@ impl Workload for KvCache {
             // Attend: one lane per (sequence, block), over all blocks so far.
             let attend = move |l: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
                 let (s, b) = (l / now, l % now);
+                // The table entry and the query are independent loads; the pool's depends on
+                // the entry.
+                t.issue_loads(&[
+                    (pt + 4 * (s * maxb + b), 4),
+                    (pq + 4 * s * DIM, 4 * DIM as usize),
+                ])?;
                 let blk = t.load_u32(pt + 4 * (s * maxb + b))? as u64;
                 let mut qs = [0u32; DIM as usize];
                 load(t, pq + 4 * s * DIM, &mut qs)?;

@@ -60,6 +60,8 @@ impl Workload for Stream {
         let k = move |l: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
             let (mut x, mut y) = ([0u32; LANE as usize], [0u32; LANE as usize]);
             let off = 4 * LANE * l;
+            let bytes = 4 * LANE as usize;
+            t.issue_loads(&[(pa + off, bytes), (pb + off, bytes)])?;
             load(t, pa + off, &mut x)?;
             load(t, pb + off, &mut y)?;
             for (x, y) in x.iter_mut().zip(y) {
