@@ -184,8 +184,11 @@ const PIECE: usize = 128;
 
 /// Loads `out.len()` u32 from `va` (4-byte aligned), split at page boundaries.
 pub fn load(t: &mut Thread<'_>, va: u64, out: &mut [u32]) -> Result<(), Miss> {
-    // A vector load's pieces are independent: they fault together.
-    t.issue_loads(&[(va, 4 * out.len())])?;
+    // A vector load's pieces are independent: across pages, they fault together.
+    let end = va + 4 * out.len() as u64;
+    if !out.is_empty() && va / PAGE_SIZE != (end - 1) / PAGE_SIZE {
+        t.issue_loads(&[(va, 4 * out.len())])?;
+    }
     let mut buf = [0u8; PIECE * 4];
     let mut done = 0;
     while done < out.len() {
