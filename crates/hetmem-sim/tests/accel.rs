@@ -779,9 +779,14 @@ fn a_warps_remote_accesses_to_one_line_cost_one_line_in_the_direction_data_moves
 fn a_batchs_blocks_are_serviced_while_the_copies_of_the_blocks_before_them_run() {
     use hetmem_core::link::LinkModel;
     let link = LinkModel::pcie3_x16();
+    // The batch waits until the warp is stalled, so that it holds the four faults every run
+    // (with the default 50 µs pause, a service thread woken by the first push could take it
+    // alone).
     let acc = Accelerator::new(AccelConfig {
         link: link.clone(),
         placement: Arc::new(Granularity::block()),
+        fault_coalesce: std::time::Duration::from_secs(10),
+        coalesce_until_stalled: true,
         ..small()
     })
     .unwrap();
@@ -820,7 +825,14 @@ fn loads_issued_together_fault_together() {
             .map(|k| alloc_u32(HUGE_PAGE_SIZE / 4, move |i| (k << 24) as u32 + i as u32))
             .collect();
         let out = alloc_u32(1, |_| 0);
-        let acc = Accelerator::new(small()).unwrap();
+        // Batches wait until the lane is stalled: a service thread woken by the first of
+        // three pushes must not take it alone.
+        let acc = Accelerator::new(AccelConfig {
+            fault_coalesce: std::time::Duration::from_secs(10),
+            coalesce_until_stalled: true,
+            ..small()
+        })
+        .unwrap();
         let (p, po) = (
             [
                 arrays[0].start().0,
