@@ -15,6 +15,21 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// `command workload` on 1 MiB of data and a 4 MiB device (a run of a few milliseconds),
+/// then `rest`.
+fn small<'a>(command: &'a str, workload: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        command,
+        workload,
+        "--size",
+        "1MiB",
+        "--device-memory",
+        "4MiB",
+    ];
+    args.extend_from_slice(rest);
+    args
+}
+
 /// Runs `args`, expects it to fail, and returns what it printed on stderr.
 fn refused(args: &[&str]) -> String {
     let o = hetmem(args);
@@ -24,17 +39,7 @@ fn refused(args: &[&str]) -> String {
 
 #[test]
 fn a_run_reports_json_with_its_configuration_and_counts() {
-    let o = hetmem(&[
-        "run",
-        "random",
-        "--size",
-        "1MiB",
-        "--device-memory",
-        "4MiB",
-        "--preset",
-        "hetmem",
-        "--json",
-    ]);
+    let o = hetmem(&small("run", "random", &["--preset", "hetmem", "--json"]));
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("the report is JSON");
     assert_eq!(v["workload"], "random");
@@ -84,16 +89,7 @@ fn sizes_out_of_range_are_refused() {
 
 #[test]
 fn inspecting_after_a_launch_the_run_never_made_is_refused() {
-    let e = refused(&[
-        "inspect",
-        "random",
-        "--size",
-        "1MiB",
-        "--device-memory",
-        "4MiB",
-        "--at",
-        "5",
-    ]);
+    let e = refused(&small("inspect", "random", &["--at", "5"]));
     assert!(
         e.contains("made 1 launches") && e.contains("no launch 5"),
         "{e}"
@@ -102,16 +98,7 @@ fn inspecting_after_a_launch_the_run_never_made_is_refused() {
     let e = refused(&["inspect", "random", "--at", "0"]);
     assert!(e.contains("--at"), "{e}");
     // After the one launch there is: the ranges, by name.
-    let o = hetmem(&[
-        "inspect",
-        "random",
-        "--size",
-        "1MiB",
-        "--device-memory",
-        "4MiB",
-        "--at",
-        "1",
-    ]);
+    let o = hetmem(&small("inspect", "random", &["--at", "1"]));
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("after launch 1"), "{out}");

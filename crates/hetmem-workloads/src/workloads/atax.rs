@@ -98,8 +98,9 @@ impl Workload for Atax {
         let rows = move |i: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
             let mut row = [0u32; COLS as usize];
             let mut xs = [0u32; COLS as usize];
-            t.issue_loads(&[(pa + 4 * i * n, 4 * n as usize), (px, 4 * n as usize)])?;
-            load(t, pa + 4 * i * n, &mut row)?;
+            let ai = pa + 4 * i * n;
+            t.issue_loads(&[(ai, 4 * n as usize), (px, 4 * n as usize)])?;
+            load(t, ai, &mut row)?;
             load(t, px, &mut xs)?;
             let s = row
                 .iter()
@@ -114,8 +115,9 @@ impl Workload for Atax {
             let (ib, j) = (l / n, l % n);
             let i0 = ib * ROWS;
             let mut ts = [0u32; ROWS as usize];
-            t.issue_loads(&[(pt + 4 * i0, 4 * ROWS as usize), (pa + 4 * (i0 * n + j), 4)])?;
-            load(t, pt + 4 * i0, &mut ts)?;
+            let ti0 = pt + 4 * i0;
+            t.issue_loads(&[(ti0, 4 * ROWS as usize), (pa + 4 * (i0 * n + j), 4)])?;
+            load(t, ti0, &mut ts)?;
             let mut s = 0u32;
             for (di, &ti) in ts.iter().enumerate() {
                 let a = t.load_u32(pa + 4 * ((i0 + di as u64) * n + j))?;

@@ -81,7 +81,7 @@ impl Workload for Conv2d {
             let row = |d: u64| (pi + 4 * ((i + d - 1) * w + s), 4 * (LANE as usize + 2));
             t.issue_loads(&[row(0), row(1), row(2)])?;
             for (d, r) in rows.iter_mut().enumerate() {
-                load(t, pi + 4 * ((i + d as u64 - 1) * w + s), r)?;
+                load(t, row(d as u64).0, r)?;
             }
             let mut o = [0u32; LANE as usize];
             for (c, o) in o.iter_mut().enumerate() {

@@ -74,11 +74,9 @@ impl Workload for Gemm {
             let (i, j0) = (l / (N / TILE), (l % (N / TILE)) * TILE);
             let mut row = [0u32; K as usize];
             // The row of A and the first tile of B are independent loads.
-            t.issue_loads(&[
-                (pa + 4 * i * K, 4 * K as usize),
-                (pb + 4 * j0, 4 * TILE as usize),
-            ])?;
-            load(t, pa + 4 * i * K, &mut row)?;
+            let ai = pa + 4 * i * K;
+            t.issue_loads(&[(ai, 4 * K as usize), (pb + 4 * j0, 4 * TILE as usize)])?;
+            load(t, ai, &mut row)?;
             let mut acc = [0u32; TILE as usize];
             let mut bk = [0u32; TILE as usize];
             for (k, &aik) in row.iter().enumerate() {

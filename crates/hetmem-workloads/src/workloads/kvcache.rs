@@ -141,13 +141,11 @@ impl Workload for KvCache {
                 let (s, b) = (l / now, l % now);
                 // The table entry and the query are independent loads; the pool's depends on
                 // the entry.
-                t.issue_loads(&[
-                    (pt + 4 * (s * maxb + b), 4),
-                    (pq + 4 * s * DIM, 4 * DIM as usize),
-                ])?;
-                let blk = t.load_u32(pt + 4 * (s * maxb + b))? as u64;
+                let (entry, query) = (pt + 4 * (s * maxb + b), pq + 4 * s * DIM);
+                t.issue_loads(&[(entry, 4), (query, 4 * DIM as usize)])?;
+                let blk = t.load_u32(entry)? as u64;
                 let mut qs = [0u32; DIM as usize];
-                load(t, pq + 4 * s * DIM, &mut qs)?;
+                load(t, query, &mut qs)?;
                 let mut row = [0u32; DIM as usize];
                 let mut score = 0u32;
                 for tok in 0..TOKENS {
