@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hetmem_core::{
-    link::LinkModel,
+    link::{Cause, LinkModel, ModelTime},
     policy::{access_counters::AccessCounterConfig, prefetch::StreamConfig},
     PageRange, HUGE_PAGE_SIZE, PAGE_SIZE,
 };
@@ -150,6 +150,53 @@ fn with_whole_block_windows_the_stream_detector_still_prefetches_ahead() {
         c.check_invariants().unwrap();
     }
     assert!(faults[1] < faults[0], "faults off/on: {faults:?}");
+}
+
+#[test]
+fn a_block_the_detector_brings_in_costs_the_service_a_faulted_block_does() {
+    // Only the per-block service costs anything: the fault service's modelled time counts the
+    // blocks it serviced. One thread faults once on the allocation's first page; its block
+    // comes in by the fault, those ahead by the detector, and each costs the populate, unmap
+    // and map a faulted block costs (they were free, so readahead looked cheaper than it is).
+    let per_block = ModelTime::from_micros(10);
+    let mut link = LinkModel::off();
+    link.faults.per_vablock = per_block;
+    let c = Context::builder()
+        .device(AccelConfig { link, ..device() })
+        .prefetcher(None)
+        .granularity(HUGE_PAGE_SIZE)
+        .stream_prefetcher(Some(StreamConfig::default()))
+        .build()
+        .unwrap();
+    let (x, _, _) = data(&c, 8 << 20);
+    let at = x.addr();
+    let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> { t.load_u32(at).map(|_| ()) };
+    let d = c.devices()[0];
+    c.launch(d, Arc::new(k), 1).unwrap().wait().unwrap();
+    let dev = c.device(d).unwrap();
+    assert_eq!(dev.stats().batches, 1);
+    assert!(dev.stats().policy_migrations > 0, "{:?}", dev.stats());
+    // The 2 MiB blocks of `x` that hold device pages now, each moved once.
+    let gpu = Processor::Device(d);
+    let first = x.addr() & !(HUGE_PAGE_SIZE - 1);
+    let moved = (first..x.addr() + x.len())
+        .step_by(HUGE_PAGE_SIZE as usize)
+        .filter(|&b| {
+            let r = PageRange::new(b, HUGE_PAGE_SIZE)
+                .unwrap()
+                .intersect(&x.range())
+                .unwrap();
+            c.residency(r).iter().any(|(_, p)| *p == gpu)
+        })
+        .count() as u64;
+    assert!(moved > 1, "the detector brought blocks ahead");
+    let service = dev.clock().get(Cause::FaultService);
+    assert_eq!(
+        service,
+        ModelTime::from_micros(10 * moved),
+        "{moved} blocks"
+    );
+    c.check_invariants().unwrap();
 }
 
 #[test]

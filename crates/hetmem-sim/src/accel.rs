@@ -1910,21 +1910,17 @@ impl SimDevice {
                 // A counter region may reach past managed memory: only its managed pages move.
                 // And past what this device reached: of a counter region, only the pages it
                 // maps remotely move (the rest may be another allocation's, even another
-                // context's); readahead names exactly the pages it wants.
-                let reached: Vec<VirtAddr> = if trigger == Trigger::AccessCounter {
-                    self.mmu.inspect(|pt| {
-                        block
-                            .pages()
-                            .filter(|&a| {
-                                pt.lookup(a).is_some_and(|tr| {
-                                    !matches!(tr.target(a), Some(PteTarget::Local(_)))
-                                })
-                            })
-                            .collect()
-                    })
-                } else {
-                    block.pages().collect()
-                };
+                // context's); readahead names exactly the pages it wants. Pages already local
+                // need nothing (a readahead that a batch's window overtook).
+                let reached: Vec<VirtAddr> = self.mmu.inspect(|pt| {
+                    block
+                        .pages()
+                        .filter(|&a| match pt.lookup(a) {
+                            Some(tr) => !matches!(tr.target(a), Some(PteTarget::Local(_))),
+                            None => trigger != Trigger::AccessCounter,
+                        })
+                        .collect()
+                });
                 let pages: Vec<(VirtAddr, FaultAccess)> = reached
                     .into_iter()
                     .filter(|&a| self.mm.region_of(a).is_some())
@@ -1935,6 +1931,12 @@ impl SimDevice {
                 }
                 match self.service_faults(&pages, Some(PlacementAction::Migrate)) {
                     Ok(()) => {
+                        // The block's service on the host (populate, unmap from the CPU, map
+                        // on the device) costs what a faulted block's does: UVM does the same
+                        // work for a block it migrates without a fault. It runs on the host's
+                        // timeline, beside the copies queued before it.
+                        self.clock
+                            .charge(Cause::FaultService, self.config.link.faults.per_vablock);
                         self.counters
                             .policy_migrations
                             .fetch_add(1, Ordering::Relaxed);
