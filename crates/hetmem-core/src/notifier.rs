@@ -276,7 +276,9 @@ impl MmNotifiers {
         // of this protocol, `tests/shuttle_models.rs`).
         let (hit, cur_seq) = {
             let mut st = self.state.lock();
-            let hit: Vec<Arc<IntervalNotifier>> = self
+            // Inline: a process has a handful of subscriptions (see the module comment), and a
+            // CPU fault's migration should not allocate to call them.
+            let hit: smallvec::SmallVec<[Arc<IntervalNotifier>; 4]> = self
                 .subs
                 .lock()
                 .iter()

@@ -230,20 +230,28 @@ impl DmirrorDevice {
     /// Erases this device's page-table entries for `range` in every open mirror (the driver
     /// tearing down its own mappings during its own migration, whose invalidation it skips).
     fn erase_own(&self, range: PageRange) {
-        let mirrors: Vec<_> = self
+        // Collected first: a mirror dropped meanwhile may be released here, by the last
+        // reference, and its drop must not run under `mirrors`. Inline: one or two are open.
+        let mirrors: smallvec::SmallVec<[Arc<MirrorInner>; 2]> = self
             .mirrors
             .lock()
             .iter()
             .filter_map(Weak::upgrade)
             .collect();
+        let vpns = range.start().vpn()..range.end().vpn();
         for m in mirrors {
             let mut pt = m.pt.lock();
-            let keys: Vec<u64> = pt
-                .range(range.start().vpn()..range.end().vpn())
-                .map(|(k, _)| *k)
-                .collect();
-            for k in keys {
-                pt.remove(&k);
+            if range.npages() <= 16 {
+                // A few pages (a CPU fault erases one): removed by key, with no list of keys to
+                // allocate.
+                for k in vpns.clone() {
+                    pt.remove(&k);
+                }
+            } else {
+                let keys: Vec<u64> = pt.range(vpns.clone()).map(|(k, _)| *k).collect();
+                for k in keys {
+                    pt.remove(&k);
+                }
             }
         }
     }
@@ -257,9 +265,14 @@ impl Device for DmirrorDevice {
     fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
         // The one-shot FAIL_ALLOC of a mirror makes the large system allocation fail: fall back
         // to the faulting base page only.
+        // Read before it is taken: the flag is almost always clear, and a plain load keeps the
+        // fault path free of a locked exchange. Only the swap takes it, so it is taken once.
         let split = self
             .fail_alloc_once
-            .swap(false, std::sync::atomic::Ordering::AcqRel);
+            .load(std::sync::atomic::Ordering::Acquire)
+            && self
+                .fail_alloc_once
+                .swap(false, std::sync::atomic::Ordering::AcqRel);
         hetmem::fault::migrate_to_ram(mm, &self.mem, addr, split, &ToSystemDriver { dev: self })
     }
 }

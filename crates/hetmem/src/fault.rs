@@ -519,7 +519,7 @@ pub fn migrate_to_ram(
             hetmem_core::migrate::SelectFlags::DEVICE_COHERENT
         }
     } | hetmem_core::migrate::SelectFlags::COMPOUND;
-    crate::migrate::migrate(
+    crate::migrate::migrate_with(
         mm,
         crate::migrate::MigrateArgs {
             range,
@@ -528,6 +528,7 @@ pub fn migrate_to_ram(
             fault_page: Some(addr),
         },
         driver,
+        |_| (),
     )?;
     if split || block.is_some() {
         for a in range.pages() {

@@ -38,6 +38,8 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
+use smallvec::SmallVec;
+
 use hetmem_core::{
     migrate::{
         MigrateEntry, MigrateFlags, MigrateSummary, MigrationCounts, PageLoc, PeerRun, SelectFlags,
@@ -58,6 +60,14 @@ use crate::{
     region::Region,
 };
 
+/// Per-page bookkeeping of a migration, inline up to `N` pages: a CPU fault migrates one page
+/// (or one 2 MiB block), and its handler should not pay an allocation per vector.
+type PerPage<T, const N: usize> = SmallVec<[T; N]>;
+/// Pages of [`MigrateVma::entries`] kept inline (a CPU fault's single page).
+const INLINE_ENTRIES: usize = 1;
+/// Pages of the per-page flags kept inline (they cost a byte each).
+const INLINE_FLAGS: usize = 16;
+
 /// What to migrate.
 #[derive(Clone, Copy, Debug)]
 pub struct MigrateArgs {
@@ -77,14 +87,17 @@ pub struct MigrateVma<'a> {
     mm: &'a AddressSpace,
     region: Arc<Region>,
     args: MigrateArgs,
-    entries: Vec<MigrateEntry>,
-    compound: Vec<bool>,
-    locked: Vec<bool>,
+    entries: PerPage<MigrateEntry, INLINE_ENTRIES>,
+    compound: PerPage<bool, INLINE_FLAGS>,
+    locked: PerPage<bool, INLINE_FLAGS>,
     /// Source frames that UFFDIO_MOVE emptied: nothing left to discard when they are freed.
-    vacated: Vec<bool>,
+    vacated: PerPage<bool, INLINE_FLAGS>,
     committed: bool,
     /// The device-to-device copy of this migration, between `alloc_and_copy` and its commit.
     peer: Option<PeerInFlight>,
+    /// The memories of the devices this migration looked up (`device_mem`), for the steps after
+    /// the commit (`device_mem_seen`).
+    mems: SmallVec<[(DeviceId, Arc<DeviceMemory>); 2]>,
     guard: Option<InvalidateGuard>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
@@ -152,9 +165,11 @@ impl<'a> MigrateVma<'a> {
             })?;
         let n = args.range.npages() as usize;
         let first = region.index(args.range.start());
-        let mut entries = vec![MigrateEntry::skipped(SkipReason::NotSelected); n];
-        let mut locked = vec![false; n];
-        let mut cats = vec![PageCategory::empty(); n];
+        let mut entries: PerPage<MigrateEntry, INLINE_ENTRIES> =
+            smallvec::smallvec![MigrateEntry::skipped(SkipReason::NotSelected); n];
+        let mut locked: PerPage<bool, INLINE_FLAGS> = smallvec::smallvec![false; n];
+        let mut cats: PerPage<PageCategory, INLINE_FLAGS> =
+            smallvec::smallvec![PageCategory::empty(); n];
         let wants_system = args.select.contains(SelectFlags::SYSTEM);
         for (k, l) in locked.iter_mut().enumerate() {
             if region.states.try_lock(first + k) {
@@ -190,10 +205,10 @@ impl<'a> MigrateVma<'a> {
         }
         // /proc/self/maps is read only when system pages are collected (never on the CPU-fault
         // path, which migrates device pages back).
-        let vma_write = if wants_system {
-            vma_write_map(mm, args.range)
+        let vmas = if wants_system {
+            mm.vmas(args.range).unwrap_or_default()
         } else {
-            Box::new(|_: VirtAddr| false)
+            Vec::new()
         };
         // The kernel selects a device-private page when its pgmap owner is the caller's: several
         // devices may share one owner (one driver), so every device with it qualifies.
@@ -207,7 +222,7 @@ impl<'a> MigrateVma<'a> {
             let entry = match st.location {
                 Location::System if wants_system => {
                     let c = cats[k];
-                    let w = vma_write(args.range.page(k as u64));
+                    let w = vma_write(&vmas, args.range.page(k as u64));
                     if region.is_shared() {
                         MigrateEntry::skipped(if c.contains(PageCategory::PRESENT) {
                             SkipReason::Shared
@@ -281,7 +296,7 @@ impl<'a> MigrateVma<'a> {
         }
         // 2 MiB blocks collected whole (SELECT_COMPOUND): aligned, fully inside, all migrating,
         // and huge at the source (a THP, a block that moved as one, or an empty PMD).
-        let mut compound = vec![false; n];
+        let mut compound: PerPage<bool, INLINE_FLAGS> = smallvec::smallvec![false; n];
         if args.select.contains(SelectFlags::COMPOUND) {
             for block in args.range.chunks(hetmem_core::HUGE_PAGE_SIZE) {
                 if block.npages() != hetmem_core::addr::PAGES_PER_HUGE
@@ -329,9 +344,10 @@ impl<'a> MigrateVma<'a> {
             entries,
             compound,
             locked,
-            vacated: vec![false; n],
+            vacated: smallvec::smallvec![false; n],
             committed: false,
             peer: None,
+            mems: SmallVec::new(),
             guard,
             _fork_gate: fork_gate,
         })
@@ -472,9 +488,9 @@ impl<'a> MigrateVma<'a> {
 
     /// Counts the committed pages in each device's statistics under the trigger in scope, and
     /// emits the migration's trace event.
-    fn count_migrations(&self) {
+    fn count_migrations(&mut self) {
         let trigger = current_trigger();
-        let mut per: Vec<(DeviceId, MigrationCounts)> = Vec::new();
+        let mut per: SmallVec<[(DeviceId, MigrationCounts); 2]> = SmallVec::new();
         let mut bump = |dev: DeviceId, f: fn(&mut MigrationCounts)| {
             let i = match per.iter().position(|(d, _)| *d == dev) {
                 Some(i) => i,
@@ -501,7 +517,7 @@ impl<'a> MigrateVma<'a> {
             }
         }
         for (dev, pages) in &per {
-            if let Some(mem) = self.device_mem(*dev) {
+            if let Some(mem) = self.device_mem_seen(*dev) {
                 mem.count_migrations(trigger, pages);
             }
             tracing::debug!(
@@ -534,54 +550,59 @@ impl<'a> MigrateVma<'a> {
     /// device's. A page whose copy did not complete, whose entry no longer matches the run that
     /// was copied, or that no copy covered, stays on its source device (`CopyFailed`).
     fn commit_peer(&mut self) {
+        let Some(PeerInFlight { runs, copy }) = self.peer.take() else {
+            // No copy was made: no device-to-device page completed.
+            for e in self.entries.iter_mut().filter(|e| is_peer(e)) {
+                e.skip(SkipReason::CopyFailed);
+            }
+            return;
+        };
         let first = self.region.index(self.args.range.start());
-        let mut done = vec![false; self.entries.len()];
-        if let Some(PeerInFlight { runs, copy }) = self.peer.take() {
-            let copied = copy.wait(&runs);
-            for (run, &n) in runs.iter().zip(&copied) {
-                let (Some(from), Some(to)) =
-                    (self.device_mem(run.src_dev), self.device_mem(run.dst_dev))
-                else {
-                    continue;
+        let mut done: PerPage<bool, INLINE_FLAGS> = smallvec::smallvec![false; self.entries.len()];
+        let copied = copy.wait(&runs);
+        for (run, &n) in runs.iter().zip(&copied) {
+            let (Some(from), Some(to)) =
+                (self.device_mem(run.src_dev), self.device_mem(run.dst_dev))
+            else {
+                continue;
+            };
+            let mut moved = 0u64;
+            for p in 0..n {
+                let k = run.first + p as usize;
+                let e = self.entries[k];
+                let src = PageLoc::Device {
+                    dev: run.src_dev,
+                    frame: DevPfn(run.src_frame.0 + p as u32),
                 };
-                let mut moved = 0u64;
-                for p in 0..n {
-                    let k = run.first + p as usize;
-                    let e = self.entries[k];
-                    let src = PageLoc::Device {
-                        dev: run.src_dev,
-                        frame: DevPfn(run.src_frame.0 + p as u32),
-                    };
-                    let dst = PageLoc::Device {
+                let dst = PageLoc::Device {
+                    dev: run.dst_dev,
+                    frame: DevPfn(run.dst_frame.0 + p as u32),
+                };
+                if !e.migrates() || e.src != src || e.dst != Some(dst) {
+                    break;
+                }
+                // As `commit_to_device`: the write bit the source mapping had, and the 2 MiB
+                // shape of a block collected whole.
+                self.region.states.set_device(
+                    first + k,
+                    DevicePlacement {
                         dev: run.dst_dev,
                         frame: DevPfn(run.dst_frame.0 + p as u32),
-                    };
-                    if !e.migrates() || e.src != src || e.dst != Some(dst) {
-                        break;
-                    }
-                    // As `commit_to_device`: the write bit the source mapping had, and the 2 MiB
-                    // shape of a block collected whole.
-                    self.region.states.set_device(
-                        first + k,
-                        DevicePlacement {
-                            dev: run.dst_dev,
-                            frame: DevPfn(run.dst_frame.0 + p as u32),
-                            write: e.flags.contains(MigrateFlags::WRITE),
-                            huge: e.flags.contains(MigrateFlags::COMPOUND),
-                            coherent: false,
-                            exclusive: false,
-                        },
-                    );
-                    done[k] = true;
-                    moved += 1;
-                }
-                if moved > 0 {
-                    from.pool().lock().account_out(moved);
-                    to.pool().lock().account_in(moved);
-                    self.mm
-                        .stats
-                        .add(&self.mm.stats.pages_device_to_device, moved);
-                }
+                        write: e.flags.contains(MigrateFlags::WRITE),
+                        huge: e.flags.contains(MigrateFlags::COMPOUND),
+                        coherent: false,
+                        exclusive: false,
+                    },
+                );
+                done[k] = true;
+                moved += 1;
+            }
+            if moved > 0 {
+                from.pool().lock().account_out(moved);
+                to.pool().lock().account_in(moved);
+                self.mm
+                    .stats
+                    .add(&self.mm.stats.pages_device_to_device, moved);
             }
         }
         for (k, e) in self.entries.iter_mut().enumerate() {
@@ -591,8 +612,30 @@ impl<'a> MigrateVma<'a> {
         }
     }
 
-    fn device_mem(&self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
-        self.mm.device(dev).map(|d| Arc::clone(d.memory()))
+    /// The memory of device `dev`, looked up now: a commit reaches no device that detached
+    /// before it. Remembered for [`MigrateVma::device_mem_seen`].
+    fn device_mem(&mut self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
+        let mem = self.mm.device_memory(dev);
+        let seen = self.mems.iter().position(|(d, _)| *d == dev);
+        match (&mem, seen) {
+            (Some(m), Some(i)) => self.mems[i].1 = Arc::clone(m),
+            (Some(m), None) => self.mems.push((dev, Arc::clone(m))),
+            (None, Some(i)) => {
+                self.mems.remove(i);
+            }
+            (None, None) => {}
+        }
+        mem
+    }
+
+    /// The memory of device `dev` for the steps after the commit (counting, freeing frames): the
+    /// one the last [`MigrateVma::device_mem`] of this migration found, without a second lookup
+    /// on the CPU-fault path; looked up now when none did.
+    fn device_mem_seen(&mut self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
+        match self.mems.iter().find(|(d, _)| *d == dev) {
+            Some((_, mem)) => Some(Arc::clone(mem)),
+            None => self.device_mem(dev),
+        }
     }
 
     fn commit_to_device(&mut self, range: PageRange, run: std::ops::Range<usize>) {
@@ -744,7 +787,7 @@ impl Drop for MigrateVma<'_> {
         // Frames freed: sources that left the device, destinations that were not used. Their
         // bytes are discarded in runs of consecutive frames (one madvise each), except where a
         // MOVE already left a hole.
-        let mut freed: Vec<(DeviceId, DevPfn, bool)> = Vec::new();
+        let mut freed: SmallVec<[(DeviceId, DevPfn, bool); 4]> = SmallVec::new();
         for (k, e) in self.entries.iter().enumerate() {
             match (e.migrates() && self.committed, e.src, e.dst) {
                 (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => {
@@ -767,7 +810,7 @@ impl Drop for MigrateVma<'_> {
             {
                 end += 1;
             }
-            if let Some(mem) = self.device_mem(dev) {
+            if let Some(mem) = self.device_mem_seen(dev) {
                 if dirty {
                     scrub_frames(self.mm, &mem, frame, end - k);
                 }
@@ -877,7 +920,7 @@ pub fn copy_peer_runs(mm: &AddressSpace, runs: &[PeerRun]) -> Vec<u64> {
 /// Owner cookie meaning "any device" (device-wide eviction).
 pub const EVICT_ANY: Owner = Owner(u64::MAX);
 
-fn owned_devices(mm: &AddressSpace, owner: Owner) -> Vec<DeviceId> {
+fn owned_devices(mm: &AddressSpace, owner: Owner) -> SmallVec<[DeviceId; 4]> {
     mm.devices
         .read()
         .iter()
@@ -887,12 +930,10 @@ fn owned_devices(mm: &AddressSpace, owner: Owner) -> Vec<DeviceId> {
         .collect()
 }
 
-fn vma_write_map(mm: &AddressSpace, range: PageRange) -> Box<dyn Fn(VirtAddr) -> bool> {
-    let vmas = mm.vmas(range).unwrap_or_default();
-    Box::new(move |a: VirtAddr| {
-        vmas.iter()
-            .any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
-    })
+/// Is `a` in a writable mapping of `vmas`?
+fn vma_write(vmas: &[hetmem_sys::maps::Vma], a: VirtAddr) -> bool {
+    vmas.iter()
+        .any(|v| v.start as u64 <= a.0 && a.0 < v.end as u64 && v.write)
 }
 
 /// End of the run from `k` (before `limit`) whose `loc` frames continue the one at `k` on the
@@ -919,12 +960,12 @@ fn frame_run_end(
     end
 }
 
-/// Maximal runs of consecutive entries satisfying `f`.
+/// Maximal runs of consecutive entries satisfying `f` (inline up to a few: a CPU fault has one).
 fn runs(
     entries: &[MigrateEntry],
     f: impl Fn(&MigrateEntry) -> bool,
-) -> Vec<std::ops::Range<usize>> {
-    let mut out = Vec::new();
+) -> SmallVec<[std::ops::Range<usize>; 4]> {
+    let mut out = SmallVec::new();
     let mut k = 0;
     while k < entries.len() {
         if f(&entries[k]) {
@@ -1250,16 +1291,27 @@ pub fn migrate(
     args: MigrateArgs,
     driver: &dyn MigrateDriver,
 ) -> Result<(MigrateSummary, Vec<MigrateEntry>), MigrateError> {
+    migrate_with(mm, args, driver, <[MigrateEntry]>::to_vec)
+}
+
+/// [`migrate`], keeping of the final entries what `keep` takes from them before finalize (the
+/// CPU fault path keeps nothing, and copies nothing).
+pub(crate) fn migrate_with<T>(
+    mm: &AddressSpace,
+    args: MigrateArgs,
+    driver: &dyn MigrateDriver,
+    keep: impl FnOnce(&[MigrateEntry]) -> T,
+) -> Result<(MigrateSummary, T), MigrateError> {
     let mut m = MigrateVma::setup(mm, args)?;
     if m.cpages() == 0 {
-        let entries = m.entries().to_vec();
-        return Ok((m.pages().finalize(), entries));
+        let kept = keep(m.entries());
+        return Ok((m.pages().finalize(), kept));
     }
     m.alloc_and_copy(driver);
     let c = m.pages();
     driver.finalize(args.range, c.entries());
-    let entries = c.entries().to_vec();
-    Ok((c.finalize(), entries))
+    let kept = keep(c.entries());
+    Ok((c.finalize(), kept))
 }
 
 /// Brings back every page of `region` held by `dev` (any device when `None`). Exclusive

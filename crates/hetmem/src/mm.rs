@@ -808,6 +808,19 @@ impl AddressSpace {
             .and_then(Clone::clone)
     }
 
+    /// The memory of the device with this id: [`AddressSpace::device`]'s lookup, without a
+    /// reference to the device itself (the migration engine's per-run lookup).
+    pub(crate) fn device_memory(
+        &self,
+        id: hetmem_core::DeviceId,
+    ) -> Option<Arc<crate::device::DeviceMemory>> {
+        self.devices
+            .read()
+            .get(id.0 as usize)
+            .and_then(Option::as_ref)
+            .map(|d| Arc::clone(d.memory()))
+    }
+
     /// Moves every page held by device `id` back to system memory (device-wide eviction, the
     /// test device's RELEASE). Returns the pages moved.
     pub fn evict_device(
