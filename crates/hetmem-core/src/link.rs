@@ -1837,8 +1837,8 @@ mod tests {
         assert!(m.remote_access(H2D, page) < migrate);
         assert!(m.remote_access(H2D, 10 * page) > m.transfer(H2D, page));
         // Lines stream at a large copy's data rate (EMOGI): a MiB read line by line takes one
-        // 1 MiB copy's time less its setup, in either direction; 256 copies of 4 KiB take
-        // twice as long.
+        // 1 MiB copy's time less its setup, in either direction; 256 copies of 4 KiB take more
+        // than twice as long.
         for dir in [H2D, D2H] {
             let copy = m.transfer(dir, MIB).as_nanos() as f64 - LINK_LATENCY.as_nanos() as f64;
             let got = m.remote_access(dir, MIB).as_nanos() as f64;
