@@ -67,6 +67,9 @@ pub struct RunArgs {
     /// Tuning: override the window a CPU fault brings back (bytes, 4k to 2M).
     #[arg(long)]
     pub cpu_window: Option<String>,
+    /// Tuning: the most a CPU fault continuing a walk brings back (bytes, 4k to 64M; `off`).
+    #[arg(long)]
+    pub cpu_readahead: Option<String>,
     /// Tuning: the window of a fault once device memory is full (bytes; `off`).
     #[arg(long)]
     pub pressure_window: Option<String>,
@@ -134,14 +137,11 @@ impl RunArgs {
                 Size::Factor(_) => anyhow::bail!("--cpu-window takes bytes"),
             };
         }
+        if let Some(g) = &self.cpu_readahead {
+            t.cpu_readahead = bytes_or_off("--cpu-readahead", g)?;
+        }
         if let Some(g) = &self.pressure_window {
-            t.pressure_window = match g.as_str() {
-                "off" => None,
-                g => match g.parse::<Size>()? {
-                    Size::Bytes(b) => Some(b),
-                    Size::Factor(_) => anyhow::bail!("--pressure-window takes bytes"),
-                },
-            };
+            t.pressure_window = bytes_or_off("--pressure-window", g)?;
         }
         if let Some(b) = self.batch {
             t.batch_size = b;
@@ -157,6 +157,17 @@ impl RunArgs {
                 .unwrap_or(hetmem_workloads::run::DEFAULT_WARPS_PER_CU),
             ..RunConfig::new(WorkloadSpec { kind, bytes }, device_memory, preset)
         })
+    }
+}
+
+/// A tuning flag's value: bytes, or `off`.
+fn bytes_or_off(flag: &str, value: &str) -> Result<Option<u64>> {
+    match value {
+        "off" => Ok(None),
+        v => match v.parse::<Size>()? {
+            Size::Bytes(b) => Ok(Some(b)),
+            Size::Factor(_) => anyhow::bail!("{flag} takes bytes or `off`"),
+        },
     }
 }
 

@@ -28,7 +28,7 @@ mod policy;
 pub mod stats;
 
 pub use advice::{Advice, Attr, RangeAttributes};
-pub use context::{Context, ContextBuilder, Fence, LaunchHandle};
+pub use context::{Context, ContextBuilder, Fence, LaunchHandle, MAX_CPU_READAHEAD};
 pub use hetmem_core::migrate::{MigrationCounts, Trigger, TriggerCounts};
 pub use hetmem_core::policy::Processor;
 pub use managed::{
@@ -65,6 +65,9 @@ pub enum RuntimeError {
     /// A granularity that is not a power of two from 4 KiB to 2 MiB.
     #[error("granularity {0} is not a power of two from 4 KiB to 2 MiB")]
     BadGranularity(u64),
+    /// A CPU readahead limit that is not a power of two from 4 KiB to 64 MiB.
+    #[error("CPU readahead {0} is not a power of two from 4 KiB to 64 MiB")]
+    BadReadahead(u64),
     /// An allocation of zero bytes.
     #[error("an allocation needs at least one byte")]
     EmptyAllocation,

@@ -285,6 +285,11 @@ pub(crate) struct RuntimePlacement {
     eviction: EvictionOrder,
     /// Window a CPU fault brings back, bytes.
     cpu_window: u64,
+    /// The most a CPU fault that continues a walk brings back, bytes (at most `cpu_window`:
+    /// off; see [`crate::ContextBuilder::cpu_readahead`]).
+    cpu_readahead: u64,
+    /// The CPU's walks through allocations, most recent last.
+    cpu_walks: Mutex<Vec<CpuWalk>>,
     /// Window of a fault that needs room, bytes (see [`crate::ContextBuilder::pressure_window`]).
     pressure_window: Option<u64>,
     /// Once memory is full, keep the working set and map the rest where it is (see
@@ -316,7 +321,56 @@ pub(crate) struct RuntimePlacement {
     bounces: Mutex<Bounces>,
     /// Of the pages in `restore`, those a CPU write fault took.
     written: Mutex<Vec<PageRange>>,
+    /// Pages the CPU takes back after every launch, read back as each launch ends (see
+    /// [`crate::ContextBuilder::readback_after_launch`]); `None` when off.
+    readback: Option<Mutex<Readback>>,
 }
+
+/// What the CPU takes back from a device after its launches, to read back as a launch ends.
+#[derive(Debug, Default)]
+struct Readback {
+    /// Pages CPU faults took from the device since its last launch began.
+    taken: Vec<PageRange>,
+    /// Pages CPU faults took between the two launches before.
+    before: Vec<PageRange>,
+    /// Pages read back as each launch ends, by page address.
+    pages: HashMap<u64, ReadbackPage>,
+}
+
+/// A page read back as launches end.
+#[derive(Clone, Copy, Debug)]
+struct ReadbackPage {
+    /// Readbacks left before the next confirmation.
+    left: u32,
+    /// Readbacks the last confirmation granted.
+    grant: u32,
+    /// The launch now ending sat out its readback: the CPU must take the page again after it
+    /// to keep it read back.
+    confirming: bool,
+}
+
+/// Readbacks a page first gets; each confirmation (the CPU faulting on it again after a launch
+/// that skipped it) doubles them, up to [`READBACK_MAX`].
+const READBACK_FIRST: u32 = 4;
+/// The most readbacks between two confirmations.
+const READBACK_MAX: u32 = 64;
+/// The most pages read back as a launch ends (256 MiB): past it, the CPU faults as before.
+const READBACK_PAGES: usize = 1 << 16;
+
+/// A CPU walk through an allocation: where the window the last CPU fault brought back ended,
+/// and how large it was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CpuWalk {
+    /// The allocation's first page.
+    region: u64,
+    /// The end of the last window.
+    next: u64,
+    /// The last window's size, bytes (before it was clipped to the allocation).
+    window: u64,
+}
+
+/// CPU walks followed at once: a loop reading a few arrays side by side.
+const CPU_WALKS: usize = 8;
 
 /// Pages that bounce between the CPU and a device between launches.
 #[derive(Debug, Default)]
@@ -330,6 +384,58 @@ struct Bounces {
     /// Pages mapped where they are, by page address, until which launch: policy migrations
     /// (access counters, readahead) leave them there meanwhile.
     pinned: BTreeMap<u64, u64>,
+}
+
+impl Readback {
+    /// A launch begins: a page the CPU took after this launch's predecessor and after the one
+    /// before it, or after a launch that skipped its readback to confirm it, is read back from
+    /// now on; one read back that the CPU did not take again after its confirming launch is
+    /// dropped.
+    fn launch_began(&mut self) {
+        let taken = merged(std::mem::take(&mut self.taken));
+        let before = std::mem::replace(&mut self.before, taken.clone());
+        let confirmed: std::collections::HashSet<u64> =
+            taken.iter().flat_map(|r| r.pages()).map(|a| a.0).collect();
+        // A confirming launch that the CPU did not follow by taking the page: dropped.
+        self.pages
+            .retain(|a, p| !p.confirming || confirmed.contains(a));
+        for &a in &confirmed {
+            if let Some(p) = self.pages.get_mut(&a) {
+                if p.confirming {
+                    p.grant = p.grant.saturating_mul(2).min(READBACK_MAX);
+                    p.left = p.grant;
+                    p.confirming = false;
+                }
+            } else if before.iter().any(|r| r.contains(VirtAddr(a)))
+                && self.pages.len() < READBACK_PAGES
+            {
+                self.pages.insert(
+                    a,
+                    ReadbackPage {
+                        left: READBACK_FIRST,
+                        grant: READBACK_FIRST,
+                        confirming: false,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The pages to read back as this launch ends (one readback each taken); those with none
+    /// left sit this launch out, to be confirmed by a CPU fault.
+    fn due(&mut self) -> Vec<PageRange> {
+        let mut out = Vec::new();
+        for (&a, p) in self.pages.iter_mut() {
+            if p.left > 0 {
+                p.left -= 1;
+                out.push(a);
+            } else {
+                p.confirming = true;
+            }
+        }
+        out.sort_unstable();
+        page_runs(out)
+    }
 }
 
 /// Launches a bounce pin lasts: UVM's pin of 300 lapses, with launches for lapses.
@@ -349,12 +455,17 @@ pub(crate) struct Policies {
     pub(crate) eviction: EvictionOrder,
     /// Window a CPU fault on this device's pages brings back (bytes; a page: just the page).
     pub(crate) cpu_window: u64,
+    /// The most a CPU fault continuing a walk brings back (bytes; `cpu_window` or less: off).
+    pub(crate) cpu_readahead: u64,
     /// Window of a fault when device memory is full, if smaller than the usual one.
     pub(crate) pressure_window: Option<u64>,
     /// Once memory is full, evict only chunks out of the working set; map the rest remotely.
     pub(crate) spill_remote: bool,
     /// Bring back at a launch what CPU faults took from the device since the last one.
     pub(crate) restore_on_launch: bool,
+    /// As a launch ends, move to system memory what the CPU took back after the launches
+    /// before.
+    pub(crate) readback_after_launch: bool,
 }
 
 impl RuntimePlacement {
@@ -374,6 +485,8 @@ impl RuntimePlacement {
             lru: Mutex::new(Lru::default()),
             eviction: policies.eviction,
             cpu_window: policies.cpu_window.max(PAGE_SIZE),
+            cpu_readahead: policies.cpu_readahead,
+            cpu_walks: Mutex::new(Vec::new()),
             pressure_window: policies.pressure_window,
             spill_remote: policies.spill_remote,
             spilled: Mutex::new(Vec::new()),
@@ -387,6 +500,9 @@ impl RuntimePlacement {
             restore: policies.restore_on_launch.then(|| Mutex::new(Vec::new())),
             bounces: Mutex::new(Bounces::default()),
             written: Mutex::new(Vec::new()),
+            readback: policies
+                .readback_after_launch
+                .then(|| Mutex::new(Readback::default())),
         }
     }
 
@@ -454,14 +570,69 @@ impl RuntimePlacement {
     /// which of them a CPU write took (the CPU produces them: see
     /// [`RuntimePlacement::take_launch_restores`]).
     fn remember_restore(&self, ranges: impl IntoIterator<Item = PageRange>) {
+        let ranges: Vec<PageRange> = ranges.into_iter().collect();
+        if let Some(r) = &self.readback {
+            r.lock().taken.extend(ranges.iter().copied());
+        }
         let Some(restore) = &self.restore else {
             return;
         };
-        let ranges: Vec<PageRange> = ranges.into_iter().collect();
         if hetmem::migrate::cpu_fault_is_write() {
             self.written.lock().extend(ranges.iter().copied());
         }
         restore.lock().extend(ranges);
+    }
+
+    /// A launch on this device ended: the pages the CPU took back after each of the launches
+    /// before (see [`Readback`]) move to system memory now, where the CPU will read them,
+    /// instead of by a CPU fault each; the next launch restores them with the rest
+    /// ([`crate::ContextBuilder::restore_on_launch`]). Returns the pages moved.
+    pub(crate) fn read_back(&self) -> u64 {
+        let (Some(r), Some(handle)) = (&self.readback, self.me.get()) else {
+            return 0;
+        };
+        let due = r.lock().due();
+        if due.is_empty() {
+            return 0;
+        }
+        let _user = UserRequest::enter();
+        let _trigger = TriggerScope::enter(Trigger::Prefetch);
+        let mut moved = Vec::new();
+        for run in due {
+            for region in self.mm.regions_in(run) {
+                let Some(sub) = region.range().intersect(&run) else {
+                    continue;
+                };
+                // Only what this device holds: a page elsewhere is not its to move.
+                let held = page_runs(
+                    sub.pages()
+                        .filter(|&a| {
+                            matches!(region.states.get(region.index(a)).location,
+                                Location::Device { dev, .. } if dev == handle.id())
+                        })
+                        .map(|a| a.0),
+                );
+                for piece in held {
+                    match self.mm.evict_range(piece, Some(handle.id())) {
+                        Ok(pages) if pages > 0 => {
+                            handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
+                            self.counters.device(handle.id()).add_to_system(pages);
+                            moved.push(piece);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::debug!(start = %piece.start(), error = %e, "launch readback failed");
+                        }
+                    }
+                }
+            }
+        }
+        let pages = moved.iter().map(PageRange::npages).sum();
+        if let Some(restore) = &self.restore {
+            restore.lock().extend(moved);
+        }
+        self.counters.add_launch_readback(pages);
+        pages
     }
 
     /// `ranges` without the pages a bounce pin keeps where they are.
@@ -783,6 +954,9 @@ impl RuntimePlacement {
         let Some(handle) = self.me.get() else {
             return;
         };
+        if let Some(r) = &self.readback {
+            r.lock().launch_began();
+        }
         let mut lru = self.lru.lock();
         if !self.spill_remote {
             lru.epoch += 1;
@@ -902,8 +1076,10 @@ impl RuntimePlacement {
     /// After a CPU fault brought `page` back: the rest of its aligned window comes back too, in
     /// the faulting thread, before the access re-executes (UVM runs its prefetcher for CPU faults
     /// as for device faults; AMD's `svm_migrate_to_ram` moves the range's granularity back;
-    /// uvm-svm.md, feature table). The copy is charged to this device's link; the pages count
-    /// under the CPU fault's trigger.
+    /// uvm-svm.md, feature table). A fault in the window right after the one the previous CPU
+    /// fault in the same allocation brought back continues a walk: its window is twice that one,
+    /// up to the readahead limit (Linux's file readahead grows its window the same way). The
+    /// copy is charged to this device's link; the pages count under the CPU fault's trigger.
     fn cpu_fault_window(&self, page: VirtAddr) {
         if self.cpu_window <= PAGE_SIZE {
             return;
@@ -911,32 +1087,33 @@ impl RuntimePlacement {
         let Some(handle) = self.me.get() else {
             return;
         };
-        // The aligned window, within the faulting page's allocation: UVM's blocks never span
-        // two allocations (a VA block lies inside its VA range), and a neighbour's pages are
-        // not what this access walks (a vector's output read back pulled the tail of an
-        // input along, a sixth more traffic than the copy back).
+        // The window, within the faulting page's allocation: UVM's blocks never span two
+        // allocations (a VA block lies inside its VA range), and a neighbour's pages are not
+        // what this access walks (a vector's output read back pulled the tail of an input
+        // along, a sixth more traffic than the copy back).
         let Some(region) = self.mm.region_of(page) else {
             return;
         };
         let base = page.0 & !(self.cpu_window - 1);
-        let Ok(aligned) = PageRange::new(base, self.cpu_window) else {
-            return;
-        };
-        let Some(window) = aligned.intersect(&region.range()) else {
+        let Some(window) = self.cpu_walk(region.range(), base) else {
             return;
         };
         if self.restore.is_some() {
             // What this device holds of the window is its working set: remembered before the
             // window leaves, to come back at the next launch.
-            let Ok(block) = PageRange::new(base & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE) else {
-                return;
-            };
-            let (resident, _, _) = self.block_masks(block, handle.id(), &[]);
-            let from = block.index_of(window.start()) as usize;
-            let mut held = BlockMask::new();
-            held.set_range(from..from + window.npages() as usize);
-            let held = held.intersection(&resident);
-            self.remember_restore(ranges(block, &held));
+            for block in window.chunks(HUGE_PAGE_SIZE) {
+                let Ok(whole) =
+                    PageRange::new(block.start().0 & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE)
+                else {
+                    return;
+                };
+                let (resident, _, _) = self.block_masks(whole, handle.id(), &[]);
+                let from = whole.index_of(block.start()) as usize;
+                let mut held = BlockMask::new();
+                held.set_range(from..from + block.npages() as usize);
+                let held = held.intersection(&resident);
+                self.remember_restore(ranges(whole, &held));
+            }
         }
         match self.mm.evict_range(window, Some(handle.id())) {
             Ok(pages) if pages > 0 => {
@@ -946,6 +1123,40 @@ impl RuntimePlacement {
             Ok(_) => {}
             Err(e) => tracing::debug!(%page, error = %e, "CPU fault window failed"),
         }
+    }
+
+    /// The window of a CPU fault at `base` (aligned to the CPU fault window) in `region` (the
+    /// faulting page's allocation), clipped to it: twice the last one where it continues a walk
+    /// (up to the readahead limit), the CPU fault window otherwise.
+    fn cpu_walk(&self, region: PageRange, base: u64) -> Option<PageRange> {
+        let mut walks = self.cpu_walks.lock();
+        let found = walks.iter().position(|w| w.region == region.start().0);
+        let mut walk = match found {
+            Some(i) => walks.remove(i),
+            None => {
+                if walks.len() >= CPU_WALKS {
+                    walks.remove(0);
+                }
+                CpuWalk {
+                    region: region.start().0,
+                    next: u64::MAX,
+                    window: 0,
+                }
+            }
+        };
+        walk.window = if walk.next == base && self.cpu_readahead > self.cpu_window {
+            walk.window
+                .saturating_mul(2)
+                .clamp(self.cpu_window, self.cpu_readahead)
+        } else {
+            self.cpu_window
+        };
+        let window = PageRange::new(base, walk.window)
+            .ok()
+            .and_then(|w| w.intersect(&region));
+        walk.next = window.map_or(u64::MAX, |w| w.end().0);
+        walks.push(walk);
+        window
     }
 
     /// Counts the pages of `block` in `spilled` as spilled and remembers them, for the next

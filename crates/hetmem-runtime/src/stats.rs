@@ -27,6 +27,7 @@ pub(crate) struct Counters {
     pages_stream_prefetch: AtomicU64,
     pages_launch_bounce_pins: AtomicU64,
     pages_launch_restore: AtomicU64,
+    pages_launch_readback: AtomicU64,
     counter_notifications: AtomicU64,
     per_device: PerDevice,
     pages_throttled: AtomicU64,
@@ -69,6 +70,10 @@ impl Counters {
     }
     pub(crate) fn add_launch_restore(&self, pages: u64) {
         self.pages_launch_restore
+            .fetch_add(pages, Ordering::Relaxed);
+    }
+    pub(crate) fn add_launch_readback(&self, pages: u64) {
+        self.pages_launch_readback
             .fetch_add(pages, Ordering::Relaxed);
     }
     pub(crate) fn add_launch_bounce_pins(&self, pages: u64) {
@@ -115,6 +120,7 @@ impl Counters {
             pages_stream_prefetch: g(&self.pages_stream_prefetch),
             pages_launch_bounce_pins: g(&self.pages_launch_bounce_pins),
             pages_launch_restore: g(&self.pages_launch_restore),
+            pages_launch_readback: g(&self.pages_launch_readback),
             counter_notifications: g(&self.counter_notifications),
             pages_throttled: g(&self.pages_throttled),
             cpu_throttles: g(&self.cpu_throttles),
@@ -163,6 +169,9 @@ pub struct RuntimeStats {
     /// Pages a launch migrated back into its device after CPU faults took them since the
     /// device's previous launch (trigger: prefetch; see `ContextBuilder::restore_on_launch`).
     pub pages_launch_restore: u64,
+    /// Pages a launch's end moved back to system memory because the CPU took them back after
+    /// the launches before (trigger: prefetch; see `ContextBuilder::readback_after_launch`).
+    pub pages_launch_readback: u64,
     /// Regions whose remote accesses crossed the access-counter threshold (each migrates in;
     /// trigger: access counters).
     pub counter_notifications: u64,

@@ -105,6 +105,24 @@ fn random_operations_with_spilling_and_access_counters_match_the_model() {
     assert!(tally.launch_restores > 0, "nothing restored: {tally}");
 }
 
+#[test]
+fn random_operations_with_launch_readback_and_cpu_readahead_match_the_model() {
+    // CPU faults bring back 16 KiB windows that grow to 64 KiB along a walk, launches restore
+    // what the CPU took and read back as they end what it took after the launches before.
+    let tally = property(
+        "two devices, restores, readback, CPU readahead",
+        ModelConfig {
+            restore_on_launch: true,
+            readback_after_launch: true,
+            cpu_window: 16 << 10,
+            cpu_readahead: Some(64 << 10),
+            ..ModelConfig::default()
+        },
+    );
+    assert!(tally.launch_restores > 0, "nothing restored: {tally}");
+    assert!(tally.launch_readbacks > 0, "nothing read back: {tally}");
+}
+
 /// Every kind of op once, in an order that moves pages every way: a smoke test that names what
 /// the property tests draw from.
 #[test]

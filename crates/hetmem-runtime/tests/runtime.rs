@@ -544,6 +544,156 @@ fn a_cpu_fault_window_stops_at_the_faulting_allocation() {
     c.check_invariants().unwrap();
 }
 
+/// CPU faults a walk over `x` takes with 2 MiB CPU fault windows growing up to `max` (the
+/// windows start at the faulting page's aligned 2 MiB and stop at the allocation's end).
+fn walk_faults(x: &Managed, max: u64) -> u64 {
+    let (mut at, end, mut size, mut faults) = (x.addr(), x.addr() + x.len(), HUGE_PAGE_SIZE, 0);
+    while at < end {
+        at = ((at & !(HUGE_PAGE_SIZE - 1)) + size).min(end);
+        size = (size * 2).min(max);
+        faults += 1;
+    }
+    faults
+}
+
+#[test]
+fn cpu_readahead_doubles_the_window_while_the_cpu_walks_on() {
+    const MAX: u64 = 8 << 20;
+    for readahead in [None, Some(MAX)] {
+        let c = Context::builder()
+            .device(device(64))
+            .cpu_fault_window(HUGE_PAGE_SIZE)
+            .cpu_readahead(readahead)
+            .build()
+            .unwrap();
+        let d = dev0(&c);
+        let gpu = Processor::Device(d);
+        let mut xs: Vec<Managed> = (0..3).map(|_| c.alloc(15 << 20).unwrap()).collect();
+        for (k, x) in xs.iter_mut().enumerate() {
+            fill(x, |i| (k << 24 | i) as u32);
+            c.prefetch(x.range(), gpu).unwrap().wait().unwrap();
+        }
+        let words = (15 << 20) / 4;
+        let step = PAGE_SIZE as usize / 4;
+        let faults = |c: &Context| c.device_stats(d).unwrap().cpu_faults;
+        // xs[0] forwards, page by page: the window doubles at each fault.
+        let before = faults(&c);
+        let v = xs[0].view::<u32>();
+        for i in (0..words).step_by(step) {
+            assert_eq!(v[i], i as u32);
+        }
+        drop(v);
+        let want = walk_faults(&xs[0], readahead.unwrap_or(HUGE_PAGE_SIZE));
+        assert_eq!(
+            faults(&c) - before,
+            want,
+            "forwards, readahead {readahead:?}"
+        );
+        // xs[1] backwards: no fault continues a walk, each brings back one window.
+        let before = faults(&c);
+        let v = xs[1].view::<u32>();
+        for i in (0..words).step_by(step).rev() {
+            assert_eq!(v[i], (1 << 24 | i) as u32);
+        }
+        drop(v);
+        let blocks =
+            |x: &Managed| (x.addr() + x.len()).div_ceil(HUGE_PAGE_SIZE) - x.addr() / HUGE_PAGE_SIZE;
+        assert_eq!(faults(&c) - before, blocks(&xs[1]), "backwards");
+        // xs[2] and xs[0] (taken back to the device) side by side: each walk grows on its own.
+        c.prefetch(xs[0].range(), gpu).unwrap().wait().unwrap();
+        let before = faults(&c);
+        let (a, b) = (xs[0].view::<u32>(), xs[2].view::<u32>());
+        for i in (0..words).step_by(step) {
+            assert_eq!(a[i], i as u32);
+            assert_eq!(b[i], (2 << 24 | i) as u32);
+        }
+        drop((a, b));
+        let max = readahead.unwrap_or(HUGE_PAGE_SIZE);
+        assert_eq!(
+            faults(&c) - before,
+            walk_faults(&xs[0], max) + walk_faults(&xs[2], max),
+            "side by side"
+        );
+        for x in &xs {
+            assert_eq!(on(&c, x.range(), Processor::Cpu), (15 << 20) / PAGE_SIZE);
+        }
+        c.check_invariants().unwrap();
+    }
+    for bad in [3 << 20, 128 << 20, 0] {
+        assert!(matches!(
+            Context::builder()
+                .device(device(16))
+                .cpu_readahead(Some(bad))
+                .build(),
+            Err(RuntimeError::BadReadahead(b)) if b == bad
+        ));
+    }
+}
+
+#[test]
+fn a_flag_the_cpu_reads_after_every_launch_is_read_back_as_each_launch_ends() {
+    // The device counts launches in `flag` and in `half`; the CPU reads `flag` after every
+    // launch, `half` after every other one.
+    for readback in [false, true] {
+        let c = Context::builder()
+            .device(device(16))
+            .granularity(HUGE_PAGE_SIZE)
+            .cpu_fault_window(HUGE_PAGE_SIZE)
+            .restore_on_launch(true)
+            .readback_after_launch(readback)
+            .build()
+            .unwrap();
+        let d = dev0(&c);
+        let (flag, half) = (c.alloc(4).unwrap(), c.alloc(4).unwrap());
+        let (pf, ph) = (flag.addr(), half.addr());
+        let k = move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+            for p in [pf, ph] {
+                let v = t.load_u32(p)?;
+                t.store_u32(p, v + 1)?;
+            }
+            Ok(())
+        };
+        let k: Arc<dyn Kernel> = Arc::new(k);
+        let cpu_faults = |c: &Context| c.device_stats(d).unwrap().cpu_faults;
+        let (mut flag_faults, mut half_faults) = (Vec::new(), Vec::new());
+        for n in 1..=16u32 {
+            c.launch(d, Arc::clone(&k), 1).unwrap().wait().unwrap();
+            let before = cpu_faults(&c);
+            assert_eq!(flag.view::<u32>()[0], n);
+            flag_faults.push(cpu_faults(&c) - before);
+            if n % 2 == 0 {
+                let before = cpu_faults(&c);
+                assert_eq!(half.view::<u32>()[0], n);
+                half_faults.push(cpu_faults(&c) - before);
+            }
+        }
+        // `half` is never taken after two launches in a row: it faults every time.
+        assert_eq!(half_faults, [1; 8], "readback {readback}");
+        let read_back = c.stats().pages_launch_readback;
+        if !readback {
+            assert_eq!(flag_faults, [1; 16]);
+            assert_eq!(read_back, 0);
+            continue;
+        }
+        // Taken after launches 1 and 2: read back after 3 to 6; launch 7 checks (the CPU takes
+        // it again), then 8 readbacks and launch 16 checks.
+        let want = [1, 1, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        assert_eq!(flag_faults, want);
+        assert_eq!(read_back, 12);
+        // The CPU stops reading the flag: 16 more readbacks (the grant doubled again at the
+        // last check), a launch that checks, and none after it.
+        for n in 17..=40u32 {
+            c.launch(d, Arc::clone(&k), 1).unwrap().wait().unwrap();
+            if n % 2 == 0 {
+                assert_eq!(half.view::<u32>()[0], n);
+            }
+        }
+        assert_eq!(c.stats().pages_launch_readback, 12 + 16);
+        assert_eq!(flag.view::<u32>()[0], 40);
+        c.check_invariants().unwrap();
+    }
+}
+
 #[test]
 fn a_device_fault_window_never_takes_another_contexts_pages() {
     // Two contexts share the process's address space; their allocations interleave, so some

@@ -76,6 +76,13 @@ pub struct ModelConfig {
     /// (`ContextBuilder::restore_on_launch`; with thrashing detection, pages the CPU keeps
     /// rewriting are mapped where they are).
     pub restore_on_launch: bool,
+    /// Each launch's end moves to system memory what the CPU took back after the launches
+    /// before (`ContextBuilder::readback_after_launch`).
+    pub readback_after_launch: bool,
+    /// The window a CPU fault brings back (bytes), and the CPU readahead limit
+    /// (`ContextBuilder::cpu_fault_window`, `ContextBuilder::cpu_readahead`).
+    pub cpu_window: u64,
+    pub cpu_readahead: Option<u64>,
 }
 
 impl Default for ModelConfig {
@@ -90,6 +97,9 @@ impl Default for ModelConfig {
             spill_remote: false,
             access_counter_threshold: None,
             restore_on_launch: false,
+            readback_after_launch: false,
+            cpu_window: PAGE_SIZE,
+            cpu_readahead: None,
         }
     }
 }
@@ -607,6 +617,8 @@ pub struct Tally {
     /// Pages restored at launches, and pages the CPU kept rewriting mapped where they are.
     pub launch_restores: u64,
     pub launch_bounce_pins: u64,
+    /// Pages launches' ends read back to system memory.
+    pub launch_readbacks: u64,
 }
 
 impl Tally {
@@ -628,6 +640,7 @@ impl Tally {
         self.counter_notifications += other.counter_notifications;
         self.launch_restores += other.launch_restores;
         self.launch_bounce_pins += other.launch_bounce_pins;
+        self.launch_readbacks += other.launch_readbacks;
     }
 }
 
@@ -648,7 +661,7 @@ impl std::fmt::Display for Tally {
             f,
             "), {} checks, {} MiB compared, {} writes to read-only memory refused, {} pages \
              spilled, {} spilled pages revoked, {} counter notifications, {} pages restored \
-             at launches, {} pinned by launch bounces",
+             at launches, {} pinned by launch bounces, {} read back as launches ended",
             self.checks,
             self.bytes_checked >> 20,
             self.refused_writes,
@@ -656,7 +669,8 @@ impl std::fmt::Display for Tally {
             self.spill_revocations,
             self.counter_notifications,
             self.launch_restores,
-            self.launch_bounce_pins
+            self.launch_bounce_pins,
+            self.launch_readbacks
         )
     }
 }
@@ -713,6 +727,9 @@ impl Machine {
         }
         b = b
             .restore_on_launch(config.restore_on_launch)
+            .readback_after_launch(config.readback_after_launch)
+            .cpu_fault_window(config.cpu_window)
+            .cpu_readahead(config.cpu_readahead)
             .spill_remote(config.spill_remote)
             .access_counters(config.access_counter_threshold.map(|threshold| {
                 hetmem_core::policy::access_counters::AccessCounterConfig {
@@ -1244,6 +1261,7 @@ impl Machine {
         self.tally.counter_notifications = stats.counter_notifications;
         self.tally.launch_restores = stats.pages_launch_restore;
         self.tally.launch_bounce_pins = stats.pages_launch_bounce_pins;
+        self.tally.launch_readbacks = stats.pages_launch_readback;
         for &d in &self.devs {
             let used = self.ctx.memory_in_use(d).map_err(|e| e.to_string())?;
             if used != 0 {

@@ -62,10 +62,14 @@ pub struct PresetConfig {
     pub allocation_order_eviction: bool,
     /// Window a CPU fault on a device page brings back (bytes).
     pub cpu_window: u64,
+    /// The most a CPU fault continuing a walk brings back (bytes), when CPU readahead is on.
+    pub cpu_readahead: Option<u64>,
     /// Window of a fault once device memory is full (bytes), if smaller.
     pub pressure_window: Option<u64>,
     /// At a launch, migrate back first what CPU faults took from the device since the last one.
     pub restore_on_launch: bool,
+    /// As a launch ends, move to system memory what the CPU took back after the launches before.
+    pub readback_after_launch: bool,
     /// Once device memory is full, keep the working set and map the rest where it is.
     pub spill_remote: bool,
     /// Access counters (UVM's notifications: remote accesses to a 64 KiB region that migrate
@@ -102,8 +106,10 @@ impl Preset {
             thrashing: true,
             allocation_order_eviction: true,
             cpu_window: 64 << 10,
+            cpu_readahead: None,
             pressure_window: None,
             restore_on_launch: false,
+            readback_after_launch: false,
             spill_remote: false,
             access_counter_threshold: None,
             batch_size: 256,
@@ -152,8 +158,10 @@ impl Preset {
                 thrashing: true,
                 allocation_order_eviction: false,
                 cpu_window: HUGE_PAGE_SIZE,
+                cpu_readahead: Some(16 << 20),
                 pressure_window: Some(64 << 10),
                 restore_on_launch: true,
+                readback_after_launch: true,
                 spill_remote: true,
                 access_counter_threshold: Some(2048),
                 batch_size: 32,
@@ -183,8 +191,10 @@ impl PresetConfig {
             .device(accel)
             .granularity(self.granularity)
             .cpu_fault_window(self.cpu_window)
+            .cpu_readahead(self.cpu_readahead)
             .pressure_window(self.pressure_window)
             .restore_on_launch(self.restore_on_launch)
+            .readback_after_launch(self.readback_after_launch)
             .spill_remote(self.spill_remote)
             .access_counters(
                 self.access_counter_threshold

@@ -172,6 +172,12 @@ pub struct RunReport {
     /// Pages the CPU wrote between each of three launches in a row, mapped where they are at
     /// the next launch instead of restored (`restore_on_launch`).
     pub launch_bounce_pins: u64,
+    /// Pages launches brought back into the device after CPU faults took them
+    /// (`restore_on_launch`).
+    pub launch_restores: u64,
+    /// Pages launches' ends moved to system memory because the CPU took them back after the
+    /// launches before (`readback_after_launch`).
+    pub launch_readbacks: u64,
     /// Fault-service latency.
     pub latency: Latency,
 }
@@ -218,6 +224,8 @@ impl RunReport {
             cpu_throttles: 0,
             thrashing_pins: 0,
             launch_bounce_pins: 0,
+            launch_restores: 0,
+            launch_readbacks: 0,
             latency: Latency::default(),
         }
     }
@@ -349,6 +357,13 @@ impl RunReport {
                 self.remote_accesses,
                 self.pages_spilled,
                 self.counter_notifications
+            ),
+        );
+        row(
+            "around launches",
+            format!(
+                "{} pages restored as launches began, {} read back as they ended",
+                self.launch_restores, self.launch_readbacks
             ),
         );
         row("evictions", format!("{} chunks", self.evictions));

@@ -270,6 +270,8 @@ pub fn run_workload(
     report.cpu_throttles = d(rt.cpu_throttles, rt0.cpu_throttles);
     report.thrashing_pins = d(rt.thrashing_pins, rt0.thrashing_pins);
     report.launch_bounce_pins = d(rt.pages_launch_bounce_pins, rt0.pages_launch_bounce_pins);
+    report.launch_restores = d(rt.pages_launch_restore, rt0.pages_launch_restore);
+    report.launch_readbacks = d(rt.pages_launch_readback, rt0.pages_launch_readback);
     report.latency = Latency::from(&lat);
     report.cpu_faults = d(s.cpu_faults, stats0.cpu_faults);
     Ok(RunOutcome {
