@@ -132,7 +132,10 @@ impl Preset {
             // access at 2x: 276x explicit copies with 2 MiB windows, 32x with 64 KiB). A
             // launch first brings back what CPU faults took from the device since the last
             // one, into free memory (`kvcache` at 0.5x: 3.1x to 1.9x, no fault round a step for
-            // the block table the CPU rewrote). The stream detector reads ahead from a stream's
+            // the block table the CPU rewrote), and a launch's end moves back to system memory
+            // what the CPU took after each of the two launches before (`bfs`'s flag: 13 CPU
+            // faults to 5). A CPU fault that continues a walk brings back twice the last
+            // window, up to 16 MiB (`gemm`'s 14 MiB result read back in 3-4 faults, not 7). The stream detector reads ahead from a stream's
             // second block on, in the background (no replay waits for it): with whole-block
             // windows a walk faults once a block, and arrays of a few blocks were done before
             // the default confirmation (stream at 0.5x: 1.35x to 1.16x). Its reach stays at
