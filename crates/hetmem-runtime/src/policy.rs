@@ -394,8 +394,20 @@ impl Readback {
     fn launch_began(&mut self) {
         let taken = merged(std::mem::take(&mut self.taken));
         let before = std::mem::replace(&mut self.before, taken.clone());
-        let confirmed: std::collections::HashSet<u64> =
-            taken.iter().flat_map(|r| r.pages()).map(|a| a.0).collect();
+        // At most the pages followed (a CPU that read gigabytes back after a launch is not
+        // reading a flag).
+        let confirmed: std::collections::HashSet<u64> = taken
+            .iter()
+            .flat_map(|r| r.pages())
+            .take(READBACK_PAGES)
+            .map(|a| a.0)
+            .collect();
+        // `before` is sorted and merged: the range that could hold a page is the last one
+        // starting at or below it.
+        let in_before = |a: u64| {
+            let i = before.partition_point(|r| r.start().0 <= a);
+            i > 0 && before[i - 1].contains(VirtAddr(a))
+        };
         // A confirming launch that the CPU did not follow by taking the page: dropped.
         self.pages
             .retain(|a, p| !p.confirming || confirmed.contains(a));
@@ -406,9 +418,7 @@ impl Readback {
                     p.left = p.grant;
                     p.confirming = false;
                 }
-            } else if before.iter().any(|r| r.contains(VirtAddr(a)))
-                && self.pages.len() < READBACK_PAGES
-            {
+            } else if in_before(a) && self.pages.len() < READBACK_PAGES {
                 self.pages.insert(
                     a,
                     ReadbackPage {
