@@ -98,7 +98,7 @@ pub struct MigrateVma<'a> {
     /// The memories of the devices this migration looked up (`device_mem`), for the steps after
     /// the commit (`device_mem_seen`).
     mems: SmallVec<[(DeviceId, Arc<DeviceMemory>); 2]>,
-    guard: Option<InvalidateGuard>,
+    guard: Option<InvalidateGuard<'a>>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
 }
