@@ -24,9 +24,11 @@
 //! active one ends, which wakes `read_begin` waiters. Invariant defended (DESIGN.md 1): no device
 //! mapping is installed from a snapshot taken before an invalidation of that range.
 //!
-//! Lock order: `state` → `subs` (insert and invalidate_start take both, in that order, so that
-//! a subscription is either hit by an invalidation or inserted knowing it is active); no callback
-//! runs under either.
+//! One lock, `state`, covers the sequence and the subscription list together, so that a
+//! subscription is either hit by an invalidation or inserted knowing it is active (the kernel's
+//! subscriptions' spinlock, `mn_itree_inv_start_range`); no callback runs under it. One lock
+//! rather than two nested ones: a CPU fault's migration takes it once to start its invalidation
+//! and once to end it, and each acquisition is a locked instruction on the fault path.
 //!
 //! The subscription list is a vector scanned linearly: a process has a handful of subscriptions
 //! (one per mirror, plus short-lived snapshot subscriptions); an interval tree would pay off only
@@ -154,37 +156,41 @@ impl IntervalNotifier {
 struct SeqState {
     seq: u64,
     active: usize,
+    subs: Vec<Arc<IntervalNotifier>>,
 }
 
 /// The subscriptions of one address space and its invalidation sequence.
 pub struct MmNotifiers {
-    subs: Mutex<Vec<Arc<IntervalNotifier>>>,
     state: Mutex<SeqState>,
     wq: Condvar,
+    /// Written only under `state` (a plain load and store, no locked add on the fault path);
+    /// read without it.
     invalidations: AtomicU64,
 }
 
 impl std::fmt::Debug for MmNotifiers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // One lock at a time (a guard in the builder chain would live to its end, holding
-        // `subs` while taking `state`: against the lock order).
-        let subs = self.subs.lock().len();
-        let state = format!("{:?}", *self.state.lock());
+        let (subs, seq, active) = {
+            let st = self.state.lock();
+            (st.subs.len(), st.seq, st.active)
+        };
         f.debug_struct("MmNotifiers")
             .field("subs", &subs)
-            .field("state", &format_args!("{state}"))
+            .field("seq", &seq)
+            .field("active", &active)
             .finish()
     }
 }
 
-/// Ends an invalidation when dropped (`invalidate_range_end`).
+/// Ends an invalidation when dropped (`invalidate_range_end`). It borrows the notifiers rather
+/// than holding a reference count: no locked increment and decrement per invalidation.
 #[must_use = "the invalidation ends when this guard drops"]
 #[derive(Debug)]
-pub struct InvalidateGuard {
-    mm: Arc<MmNotifiers>,
+pub struct InvalidateGuard<'a> {
+    mm: &'a MmNotifiers,
 }
 
-impl Drop for InvalidateGuard {
+impl Drop for InvalidateGuard<'_> {
     fn drop(&mut self) {
         self.mm.invalidate_end();
     }
@@ -194,8 +200,11 @@ impl MmNotifiers {
     /// An address space with no subscriptions.
     pub fn new() -> Arc<Self> {
         Arc::new(MmNotifiers {
-            subs: Mutex::new(Vec::new()),
-            state: Mutex::new(SeqState { seq: 2, active: 0 }),
+            state: Mutex::new(SeqState {
+                seq: 2,
+                active: 0,
+                subs: Vec::new(),
+            }),
             wq: Condvar::new(),
             invalidations: AtomicU64::new(0),
         })
@@ -227,22 +236,20 @@ impl MmNotifiers {
             ops,
             mm: Arc::clone(self),
         });
-        self.subs.lock().push(Arc::clone(&sub));
+        st.subs.push(Arc::clone(&sub));
         drop(st);
         sub
     }
 
     /// `mmu_interval_notifier_remove`: after it returns no callback runs on `sub`.
     pub fn remove(&self, sub: &IntervalNotifier) {
-        self.subs
-            .lock()
-            .retain(|s| !std::ptr::eq(Arc::as_ptr(s), sub));
+        let mut st = self.state.lock();
+        st.subs.retain(|s| !std::ptr::eq(Arc::as_ptr(s), sub));
         // A callback may still be running on `sub` only while an invalidation that called
         // callbacks is in progress: the sequence is then odd, and moves on when the last active
         // one ends. An even sequence with invalidations active means none of them found a
         // subscriber, and it will not move when they end: waiting for it would hang
         // (mmu_interval_notifier_remove waits only while `mn_itree_is_invalidating`).
-        let mut st = self.state.lock();
         if st.seq & 1 == 1 {
             let seq = st.seq;
             while st.seq == seq {
@@ -253,7 +260,7 @@ impl MmNotifiers {
 
     /// Number of live subscriptions.
     pub fn len(&self) -> usize {
-        self.subs.lock().len()
+        self.state.lock().subs.len()
     }
 
     /// No subscriptions?
@@ -268,7 +275,7 @@ impl MmNotifiers {
 
     /// `invalidate_range_start`: runs every overlapping subscriber's callback; the invalidation
     /// stays active until the guard drops.
-    pub fn invalidate_start(self: &Arc<Self>, range: NotifierRange) -> InvalidateGuard {
+    pub fn invalidate_start(&self, range: NotifierRange) -> InvalidateGuard<'_> {
         // The subscribers hit and the start of the invalidation are one step under the state
         // lock (as `mn_itree_inv_start_range` does under the subscriptions' spinlock): a
         // subscription inserted between the two would be neither called nor told to wait, and
@@ -278,9 +285,8 @@ impl MmNotifiers {
             let mut st = self.state.lock();
             // Inline: a process has a handful of subscriptions (see the module comment), and a
             // CPU fault's migration should not allocate to call them.
-            let hit: smallvec::SmallVec<[Arc<IntervalNotifier>; 4]> = self
+            let hit: smallvec::SmallVec<[Arc<IntervalNotifier>; 4]> = st
                 .subs
-                .lock()
                 .iter()
                 .filter(|s| s.overlaps(range.start, range.end))
                 .cloned()
@@ -289,9 +295,11 @@ impl MmNotifiers {
             if !hit.is_empty() {
                 st.seq |= 1;
             }
+            // Every writer holds `state`: a load and a store count it, without a locked add.
+            let n = self.invalidations.load(Ordering::Relaxed);
+            self.invalidations.store(n + 1, Ordering::Relaxed);
             (hit, st.seq)
         };
-        self.invalidations.fetch_add(1, Ordering::Relaxed);
         for sub in &hit {
             if let Some(ops) = sub.ops.upgrade() {
                 let ok = ops.invalidate(sub, &range, cur_seq);
@@ -301,13 +309,11 @@ impl MmNotifiers {
                 );
             }
         }
-        InvalidateGuard {
-            mm: Arc::clone(self),
-        }
+        InvalidateGuard { mm: self }
     }
 
     /// `invalidate_start` and its end in one call, for changes that are already done.
-    pub fn invalidate(self: &Arc<Self>, range: NotifierRange) {
+    pub fn invalidate(&self, range: NotifierRange) {
         drop(self.invalidate_start(range));
     }
 
@@ -338,7 +344,7 @@ impl MmNotifiers {
         if st.active == 0 && st.seq & 1 == 1 {
             return Err(format!("idle but sequence {} is odd", st.seq));
         }
-        for s in self.subs.lock().iter() {
+        for s in st.subs.iter() {
             if s.start >= s.end {
                 return Err(format!("empty subscription {s:?}"));
             }

@@ -498,6 +498,9 @@ pub fn migrate_to_ram(
     split: bool,
     driver: &dyn crate::device::MigrateDriver,
 ) -> Result<(), MigrateError> {
+    // As `MigrateVma::setup` would, before the one lookup that the migration then uses: a
+    // discard the program made just before must not land on the page.
+    mm.sync_events();
     let region = mm
         .region_of(addr)
         .ok_or(MigrateError::NotManaged { addr })?;
@@ -519,8 +522,9 @@ pub fn migrate_to_ram(
             hetmem_core::migrate::SelectFlags::DEVICE_COHERENT
         }
     } | hetmem_core::migrate::SelectFlags::COMPOUND;
-    crate::migrate::migrate_with(
+    crate::migrate::migrate_in(
         mm,
+        &region,
         crate::migrate::MigrateArgs {
             range,
             select,

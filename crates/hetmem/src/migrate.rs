@@ -98,7 +98,7 @@ pub struct MigrateVma<'a> {
     /// The memories of the devices this migration looked up (`device_mem`), for the steps after
     /// the commit (`device_mem_seen`).
     mems: SmallVec<[(DeviceId, Arc<DeviceMemory>); 2]>,
-    guard: Option<InvalidateGuard>,
+    guard: Option<InvalidateGuard<'a>>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
 }
@@ -126,7 +126,19 @@ impl<'a> MigrateVma<'a> {
     /// memory is an error.
     pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
         let tag = (args.owner != EVICT_ANY).then_some(args.owner);
-        Self::setup_tagged(mm, args, tag)
+        Self::setup_tagged(mm, args, tag, None)
+    }
+
+    /// [`MigrateVma::setup`] in `region`, which the caller looked up after
+    /// [`AddressSpace::sync_events`] (the CPU-fault path, which has it already): neither the
+    /// wait nor the lookup is repeated.
+    pub(crate) fn setup_in(
+        mm: &'a AddressSpace,
+        region: &Arc<Region>,
+        args: MigrateArgs,
+    ) -> Result<Self, MigrateError> {
+        let tag = (args.owner != EVICT_ANY).then_some(args.owner);
+        Self::setup_tagged(mm, args, tag, Some(region))
     }
 
     /// [`MigrateVma::setup`] for a migration from the devices of `args.owner` to another
@@ -143,22 +155,29 @@ impl<'a> MigrateVma<'a> {
         args: MigrateArgs,
         to: Owner,
     ) -> Result<Self, MigrateError> {
-        Self::setup_tagged(mm, args, Some(to))
+        Self::setup_tagged(mm, args, Some(to), None)
     }
 
     fn setup_tagged(
         mm: &'a AddressSpace,
         args: MigrateArgs,
         tag: Option<Owner>,
+        region: Option<&Arc<Region>>,
     ) -> Result<Self, MigrateError> {
         if mm.forked() {
             return Err(MigrateError::ForkedChild);
         }
         let fork_gate = (!crate::fork::forking_thread()).then(|| mm.fork_gate.read_recursive());
-        // A discard the program made just before must not land on the pages collected here.
-        mm.sync_events();
-        let region = mm
-            .region_of(args.range.start())
+        let region = match region {
+            Some(r) => Some(Arc::clone(r)),
+            None => {
+                // A discard the program made just before must not land on the pages collected
+                // here.
+                mm.sync_events();
+                mm.region_of(args.range.start())
+            }
+        };
+        let region = region
             .filter(|r| r.range().contains_range(&args.range))
             .ok_or(MigrateError::NotManaged {
                 addr: args.range.start(),
@@ -517,9 +536,7 @@ impl<'a> MigrateVma<'a> {
             }
         }
         for (dev, pages) in &per {
-            if let Some(mem) = self.device_mem_seen(*dev) {
-                mem.count_migrations(trigger, pages);
-            }
+            self.with_device_mem_seen(*dev, |mem| mem.count_migrations(trigger, pages));
             tracing::debug!(
                 trigger = trigger.name(),
                 dev = dev.0,
@@ -628,14 +645,20 @@ impl<'a> MigrateVma<'a> {
         mem
     }
 
-    /// The memory of device `dev` for the steps after the commit (counting, freeing frames): the
-    /// one the last [`MigrateVma::device_mem`] of this migration found, without a second lookup
-    /// on the CPU-fault path; looked up now when none did.
-    fn device_mem_seen(&mut self, dev: DeviceId) -> Option<Arc<DeviceMemory>> {
-        match self.mems.iter().find(|(d, _)| *d == dev) {
-            Some((_, mem)) => Some(Arc::clone(mem)),
-            None => self.device_mem(dev),
+    /// Runs `f` on the memory of device `dev` for the steps after the commit (counting, freeing
+    /// frames): the one the last [`MigrateVma::device_mem`] of this migration found, without a
+    /// second lookup on the CPU-fault path (nor a reference count taken and dropped); looked up
+    /// now when none did. `None` when the device is gone.
+    fn with_device_mem_seen<R>(
+        &mut self,
+        dev: DeviceId,
+        f: impl FnOnce(&DeviceMemory) -> R,
+    ) -> Option<R> {
+        if !self.mems.iter().any(|(d, _)| *d == dev) {
+            self.device_mem(dev)?;
         }
+        let (_, mem) = self.mems.iter().find(|(d, _)| *d == dev)?;
+        Some(f(mem))
     }
 
     fn commit_to_device(&mut self, range: PageRange, run: std::ops::Range<usize>) {
@@ -745,8 +768,9 @@ impl<'a> MigrateVma<'a> {
                     self.entries[j].skip(SkipReason::InstallFailed);
                 }
             }
+            // The pool counts them out when their frames are freed (`drop`), under the same
+            // lock.
             if moved > 0 {
-                mem.pool().lock().account_out(moved as u64);
                 mm.stats.add(&mm.stats.pages_to_system, moved as u64);
             }
             k = end;
@@ -786,42 +810,50 @@ impl Drop for MigrateVma<'_> {
         }
         // Frames freed: sources that left the device, destinations that were not used. Their
         // bytes are discarded in runs of consecutive frames (one madvise each), except where a
-        // MOVE already left a hole.
-        let mut freed: SmallVec<[(DeviceId, DevPfn, bool); 4]> = SmallVec::new();
+        // MOVE already left a hole. Frames whose page went home are counted out of the pool here
+        // (`account_out`), under the lock that frees them (`out`).
+        let mut freed: SmallVec<[(DeviceId, DevPfn, bool, bool); 4]> = SmallVec::new();
         for (k, e) in self.entries.iter().enumerate() {
             match (e.migrates() && self.committed, e.src, e.dst) {
                 (true, PageLoc::Device { dev, frame }, Some(PageLoc::System)) => {
-                    freed.push((dev, frame, !self.vacated[k]));
+                    freed.push((dev, frame, !self.vacated[k], true));
                 }
                 // Left for another device: the bytes were copied, the frame still holds them.
                 (true, PageLoc::Device { dev, frame }, Some(PageLoc::Device { .. })) => {
-                    freed.push((dev, frame, true));
+                    freed.push((dev, frame, true, false));
                 }
-                (false, _, Some(PageLoc::Device { dev, frame })) => freed.push((dev, frame, true)),
+                (false, _, Some(PageLoc::Device { dev, frame })) => {
+                    freed.push((dev, frame, true, false))
+                }
                 _ => {}
             }
         }
+        let mm = self.mm;
         let mut k = 0;
         while k < freed.len() {
-            let (dev, frame, dirty) = freed[k];
+            let (dev, frame, dirty, out) = freed[k];
             let mut end = k + 1;
             while end < freed.len()
-                && freed[end] == (dev, DevPfn(frame.0 + (end - k) as u32), dirty)
+                && freed[end] == (dev, DevPfn(frame.0 + (end - k) as u32), dirty, out)
             {
                 end += 1;
             }
-            if let Some(mem) = self.device_mem_seen(dev) {
+            let run = &freed[k..end];
+            self.with_device_mem_seen(dev, |mem| {
                 if dirty {
-                    scrub_frames(self.mm, &mem, frame, end - k);
+                    scrub_frames(mm, mem, frame, run.len());
                 }
                 // Freed last-first: the pool's free list is a stack, so the next allocation
                 // pops them in ascending order again, and a later migration finds contiguous
                 // frames (one copy or MOVE per run instead of one per page).
                 let mut pool = mem.pool().lock();
-                for &(_, f, _) in freed[k..end].iter().rev() {
+                for &(_, f, _, _) in run.iter().rev() {
                     let _ = pool.free_page(f);
                 }
-            }
+                if out {
+                    pool.account_out(run.len() as u64);
+                }
+            });
             k = end;
         }
         for (k, locked) in self.locked.iter().enumerate() {
@@ -1302,7 +1334,27 @@ pub(crate) fn migrate_with<T>(
     driver: &dyn MigrateDriver,
     keep: impl FnOnce(&[MigrateEntry]) -> T,
 ) -> Result<(MigrateSummary, T), MigrateError> {
-    let mut m = MigrateVma::setup(mm, args)?;
+    run_migration(MigrateVma::setup(mm, args)?, driver, keep)
+}
+
+/// [`migrate_with`] in `region`, looked up by the caller after [`AddressSpace::sync_events`]
+/// ([`MigrateVma::setup_in`]).
+pub(crate) fn migrate_in<T>(
+    mm: &AddressSpace,
+    region: &Arc<Region>,
+    args: MigrateArgs,
+    driver: &dyn MigrateDriver,
+    keep: impl FnOnce(&[MigrateEntry]) -> T,
+) -> Result<(MigrateSummary, T), MigrateError> {
+    run_migration(MigrateVma::setup_in(mm, region, args)?, driver, keep)
+}
+
+fn run_migration<T>(
+    mut m: MigrateVma<'_>,
+    driver: &dyn MigrateDriver,
+    keep: impl FnOnce(&[MigrateEntry]) -> T,
+) -> Result<(MigrateSummary, T), MigrateError> {
+    let args = m.args;
     if m.cpages() == 0 {
         let kept = keep(m.entries());
         return Ok((m.pages().finalize(), kept));

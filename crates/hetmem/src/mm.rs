@@ -471,7 +471,7 @@ impl AddressSpace {
 
     /// `invalidate_range_start` over `range` for `event`; the invalidation ends when the guard
     /// drops.
-    fn invalidate_start(&self, range: PageRange, event: NotifyEvent) -> InvalidateGuard {
+    fn invalidate_start(&self, range: PageRange, event: NotifyEvent) -> InvalidateGuard<'_> {
         self.notifiers
             .invalidate_start(NotifierRange::new(range.start(), range.end(), event, None))
     }
