@@ -607,7 +607,7 @@ impl RuntimePlacement {
         }
         let _user = UserRequest::enter();
         let _trigger = TriggerScope::enter(Trigger::Prefetch);
-        let mut moved = Vec::new();
+        let (mut moved, mut pages) = (Vec::new(), 0);
         for run in due {
             for region in self.mm.regions_in(run) {
                 let Some(sub) = region.range().intersect(&run) else {
@@ -624,9 +624,10 @@ impl RuntimePlacement {
                 );
                 for piece in held {
                     match self.mm.evict_range(piece, Some(handle.id())) {
-                        Ok(pages) if pages > 0 => {
-                            handle.charge_migration(Direction::DeviceToHost, pages * PAGE_SIZE);
-                            self.counters.device(handle.id()).add_to_system(pages);
+                        Ok(n) if n > 0 => {
+                            handle.charge_migration(Direction::DeviceToHost, n * PAGE_SIZE);
+                            self.counters.device(handle.id()).add_to_system(n);
+                            pages += n;
                             moved.push(piece);
                         }
                         Ok(_) => {}
@@ -637,7 +638,6 @@ impl RuntimePlacement {
                 }
             }
         }
-        let pages = moved.iter().map(PageRange::npages).sum();
         if let Some(restore) = &self.restore {
             restore.lock().extend(moved);
         }
@@ -1115,7 +1115,7 @@ impl RuntimePlacement {
                 let Ok(whole) =
                     PageRange::new(block.start().0 & !(HUGE_PAGE_SIZE - 1), HUGE_PAGE_SIZE)
                 else {
-                    return;
+                    continue;
                 };
                 let (resident, _, _) = self.block_masks(whole, handle.id(), &[]);
                 let from = whole.index_of(block.start()) as usize;
