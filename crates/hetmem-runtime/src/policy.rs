@@ -359,7 +359,7 @@ const READBACK_PAGES: usize = 1 << 16;
 
 /// A CPU walk through an allocation: where the window the last CPU fault brought back ended,
 /// and how large it was.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug)]
 struct CpuWalk {
     /// The allocation's first page.
     region: u64,
@@ -580,6 +580,9 @@ impl RuntimePlacement {
     /// which of them a CPU write took (the CPU produces them: see
     /// [`RuntimePlacement::take_launch_restores`]).
     fn remember_restore(&self, ranges: impl IntoIterator<Item = PageRange>) {
+        if self.readback.is_none() && self.restore.is_none() {
+            return;
+        }
         let ranges: Vec<PageRange> = ranges.into_iter().collect();
         if let Some(r) = &self.readback {
             r.lock().taken.extend(ranges.iter().copied());
@@ -614,13 +617,11 @@ impl RuntimePlacement {
                     continue;
                 };
                 // Only what this device holds: a page elsewhere is not its to move.
-                let held = page_runs(
-                    sub.pages()
-                        .filter(|&a| {
-                            matches!(region.states.get(region.index(a)).location,
-                                Location::Device { dev, .. } if dev == handle.id())
-                        })
-                        .map(|a| a.0),
+                let me = handle.id();
+                let held = runs_at(
+                    &region,
+                    sub,
+                    |l| matches!(l, Location::Device { dev, .. } if dev == me),
                 );
                 for piece in held {
                     match self.mm.evict_range(piece, Some(handle.id())) {
@@ -1651,28 +1652,21 @@ fn merged(mut ranges: Vec<PageRange>) -> Vec<PageRange> {
 
 /// The runs of pages of `piece` (inside `region`) that are in system memory.
 fn system_runs(region: &hetmem::region::Region, piece: PageRange) -> Vec<PageRange> {
-    let mut out = Vec::new();
-    let mut run: Option<(u64, u64)> = None;
-    for a in piece.pages() {
-        let system = matches!(
-            region.states.get(region.index(a)).location,
-            Location::System
-        );
-        match (&mut run, system) {
-            (Some((_, end)), true) => *end = a.0 + PAGE_SIZE,
-            (None, true) => run = Some((a.0, a.0 + PAGE_SIZE)),
-            (Some(_), false) => {
-                if let Some((s, e)) = run.take() {
-                    out.extend(PageRange::from_bounds(s, e).ok());
-                }
-            }
-            (None, false) => {}
-        }
-    }
-    if let Some((s, e)) = run {
-        out.extend(PageRange::from_bounds(s, e).ok());
-    }
-    out
+    runs_at(region, piece, |l| matches!(l, Location::System))
+}
+
+/// The runs of `piece` (a part of `region`) whose pages' locations satisfy `at`.
+fn runs_at(
+    region: &hetmem::region::Region,
+    piece: PageRange,
+    at: impl Fn(Location) -> bool,
+) -> Vec<PageRange> {
+    page_runs(
+        piece
+            .pages()
+            .filter(|&a| at(region.states.get(region.index(a)).location))
+            .map(|a| a.0),
+    )
 }
 
 /// UVM's rule: advice beats migration. A page preferred elsewhere, or one this device is advised
