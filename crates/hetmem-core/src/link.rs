@@ -1077,7 +1077,9 @@ thread_local! {
 /// ([`DeviceClock::fence_replay`]): the next replay waits for the copies its own batch needs,
 /// which take the link ahead of a readahead queued before them, as a page-cache read waits for
 /// its page and not for the asynchronous readahead window, and a block layer serves the read
-/// before the readahead. A launch's end ([`DeviceClock::fence`]) waits for everything.
+/// before the readahead. A launch's end ([`DeviceClock::fence`]) waits for everything. Host
+/// work charged inside `ahead` is background too: it takes the host timeline, but no warp waits
+/// for it, so it runs beside the launch's compute ([`DeviceClock::launch_computed`]).
 #[derive(Debug)]
 pub struct AsyncTransfers {
     prev: TransferMode,
@@ -1131,7 +1133,9 @@ impl Drop for AsyncTransfers {
 /// Host-side charges run one after another on the timeline. A transfer runs on its direction's
 /// copy engine, after whatever that engine already runs; a synchronous one (the default) makes
 /// the timeline wait for its end, an asynchronous one (inside [`AsyncTransfers`]) does not, until
-/// the next [`DeviceClock::fence`]. With no asynchronous transfer, `elapsed` equals `total`.
+/// the next [`DeviceClock::fence`]. With no asynchronous transfer, `elapsed` equals `total`
+/// (plus the launches' compute, where [`DeviceClock::launch_computed`] placed it: after the
+/// launch's own stalls, beside its background work).
 ///
 /// Readahead ([`AsyncTransfers::ahead`]) has a queue of its own on each engine and yields to
 /// every other transfer: one that starts while a readahead is still running pushes the
@@ -1152,6 +1156,23 @@ pub struct DeviceClock {
     /// When the last transfer the next replay waits for ends (every asynchronous transfer but
     /// those queued [`AsyncTransfers::ahead`]).
     due: AtomicU64,
+    /// The timeline as the warps see it: every host charge but the background ones (charged
+    /// inside [`AsyncTransfers::ahead`]: no warp waits for them), synchronous transfers, and
+    /// the replays' waits for their copies. How far it moves during a launch is how long the
+    /// launch's warps were held up ([`DeviceClock::launch_computed`]).
+    demand: AtomicU64,
+    /// Compute placed on the timeline by [`DeviceClock::launch_computed`].
+    compute: AtomicU64,
+    /// Of that compute, how much ran beside background work (the timeline moved that much less
+    /// than the memory system's work and the compute one after the other).
+    overlap: AtomicU64,
+}
+
+/// Where a launch began on a [`DeviceClock`]'s timelines ([`DeviceClock::launch_mark`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LaunchMark {
+    now: u64,
+    demand: u64,
 }
 
 impl DeviceClock {
@@ -1179,15 +1200,21 @@ impl DeviceClock {
             Cause::MigrateToHost => Some(1),
             _ => None,
         };
-        match engine.map(|e| (e, TRANSFER_MODE.with(std::cell::Cell::get))) {
+        let mode = TRANSFER_MODE.with(std::cell::Cell::get);
+        match engine.map(|e| (e, mode)) {
             None => {
                 add(&self.now, t.as_nanos());
+                if mode != TransferMode::Ahead {
+                    add(&self.demand, t.as_nanos());
+                }
             }
             Some((e, TransferMode::Sync)) => {
                 // The timeline waits for the engine, then for the transfer (added, so that
-                // synchronous charges from several threads still sum).
-                self.now
-                    .fetch_max(self.engines[e].load(Ordering::Relaxed), Ordering::Relaxed);
+                // synchronous charges from several threads still sum); so do the warps.
+                let busy = self.engines[e].load(Ordering::Relaxed);
+                self.now.fetch_max(busy, Ordering::Relaxed);
+                self.demand.fetch_max(busy, Ordering::Relaxed);
+                add(&self.demand, t.as_nanos());
                 let start = add(&self.now, t.as_nanos());
                 self.engines[e].fetch_max(start.saturating_add(t.as_nanos()), Ordering::Relaxed);
                 self.displace_readahead(e, start, t);
@@ -1251,8 +1278,54 @@ impl DeviceClock {
     /// The timeline waits for the transfers a replay needs: every one queued so far except
     /// those queued [`AsyncTransfers::ahead`] (unless a needed one queued behind them).
     pub fn fence_replay(&self) {
-        self.now
-            .fetch_max(self.due.load(Ordering::Relaxed), Ordering::Relaxed);
+        let due = self.due.load(Ordering::Relaxed);
+        self.now.fetch_max(due, Ordering::Relaxed);
+        self.demand.fetch_max(due, Ordering::Relaxed);
+    }
+
+    /// Marks where a launch begins, for [`DeviceClock::launch_computed`].
+    pub fn launch_mark(&self) -> LaunchMark {
+        let now = self.now.load(Ordering::Relaxed);
+        // Nothing before the launch overlaps it: the warps' view starts where the timeline is.
+        let demand = self.demand.fetch_max(now, Ordering::Relaxed).max(now);
+        LaunchMark { now, demand }
+    }
+
+    /// Places the compute of the launch that began at `mark` on the timeline, once the launch
+    /// has ended (after its [`DeviceClock::fence`]). The device computes whenever its warps
+    /// are not held up, so the launch ends `compute` after its start plus however long they
+    /// were held up (what the warps' timeline moved since the mark: demand faults' service,
+    /// the replays' waits for their copies, synchronous transfers, remote accesses), or when
+    /// the memory system's work is done, whichever is later. Background work (readahead and
+    /// access-counter migrations, charged inside [`AsyncTransfers::ahead`]) thus runs beside
+    /// the compute, as a driver's worker services a prefetch while the warps compute. Work no
+    /// warp waits for is the only overlap: without it the launch ends where the memory
+    /// system's work and the compute one after the other would.
+    ///
+    /// This assumes the compute is spread over the launch: a stall holds up every warp, and
+    /// background work overlaps any compute. A launch whose background work comes at its end,
+    /// after the warps finished, is charged optimistically by up to that work; one whose
+    /// stalls hold up only some warps, pessimistically.
+    pub fn launch_computed(&self, mark: LaunchMark, compute: ModelTime) {
+        let held = self
+            .demand
+            .load(Ordering::Relaxed)
+            .saturating_sub(mark.demand);
+        let compute = compute.as_nanos();
+        let end = mark.now.saturating_add(compute).saturating_add(held);
+        let before = self.now.fetch_max(end, Ordering::Relaxed);
+        let now = before.max(end);
+        self.demand.fetch_max(now, Ordering::Relaxed);
+        // One after the other, the launch would have ended at `before + compute`.
+        let overlap = before.saturating_add(compute).saturating_sub(now);
+        let add = |a: &AtomicU64, t: u64| {
+            // The closure always returns Some, so fetch_update cannot fail.
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
+                Some(ns.saturating_add(t))
+            });
+        };
+        add(&self.compute, compute);
+        add(&self.overlap, overlap);
     }
 
     /// The end of the timeline: the host's work and every queued transfer done.
@@ -1278,6 +1351,8 @@ impl DeviceClock {
         ClockReport {
             total: by_cause.iter().copied().sum(),
             elapsed: self.elapsed(),
+            compute: ModelTime(self.compute.load(Ordering::Relaxed)),
+            overlap: ModelTime(self.overlap.load(Ordering::Relaxed)),
             by_cause,
             charges,
         }
@@ -1289,8 +1364,14 @@ impl DeviceClock {
 pub struct ClockReport {
     /// Sum over causes: how long the parts of the memory system were busy.
     pub total: ModelTime,
-    /// The end of the device's timeline ([`DeviceClock`]): `total` less what overlapped.
+    /// The end of the device's timeline ([`DeviceClock`]): `total` and `compute` less what
+    /// overlapped.
     pub elapsed: ModelTime,
+    /// Launches' compute placed on the timeline ([`DeviceClock::launch_computed`]); not in
+    /// `total`.
+    pub compute: ModelTime,
+    /// Of `compute`, what ran beside background work of the memory system.
+    pub overlap: ModelTime,
     /// Modelled time by cause, indexed by [`Cause::index`].
     pub by_cause: [ModelTime; Cause::COUNT],
     /// Number of charges by cause, indexed by [`Cause::index`].
@@ -1316,6 +1397,8 @@ impl ClockReport {
         ClockReport {
             total: by_cause.iter().copied().sum(),
             elapsed: self.elapsed.saturating_sub(earlier.elapsed),
+            compute: self.compute.saturating_sub(earlier.compute),
+            overlap: self.overlap.saturating_sub(earlier.overlap),
             by_cause,
             charges,
         }
@@ -1444,6 +1527,63 @@ mod tests {
         assert!(r.elapsed < r.total);
         let later = c.snapshot();
         assert_eq!(later.since(&r).elapsed, ModelTime::ZERO);
+    }
+
+    #[test]
+    fn a_launch_computes_after_its_stalls_and_beside_its_background_work() {
+        let us = ModelTime::from_micros;
+        // A launch that one batch holds up, followed by background work: a readahead's host
+        // service (30) and copy (100), queued ahead.
+        let launch = |c: &DeviceClock, compute: u64| {
+            let mark = c.launch_mark();
+            c.charge(Cause::FaultService, us(20));
+            {
+                let _async = AsyncTransfers::enter();
+                c.charge(Cause::MigrateToDevice, us(170));
+            }
+            {
+                let _ahead = AsyncTransfers::ahead();
+                c.charge(Cause::FaultService, us(30));
+                c.charge(Cause::MigrateToDevice, us(100));
+            }
+            // The replay waits for its copy (20..190), not for the readahead's service or copy.
+            c.fence_replay();
+            c.charge(Cause::Replay, us(5));
+            c.fence();
+            c.launch_computed(mark, us(compute));
+        };
+        // Host: batch 0..20, readahead service 20..50; the batch's copy 20..190, the
+        // readahead's 190..290; the replay 190..195: the warps were held up 195. The memory
+        // system is done at 290; computing 200 after the stall ends at 395, not 490.
+        let c = DeviceClock::new();
+        launch(&c, 200);
+        let r = c.snapshot();
+        assert_eq!(r.elapsed, us(395));
+        assert_eq!((r.compute, r.overlap), (us(200), us(95)));
+        assert_eq!(r.total, us(20 + 170 + 30 + 100 + 5));
+        // What comes after the launch starts at its end.
+        c.charge(Cause::CpuFault, us(10));
+        assert_eq!(c.snapshot().elapsed, us(405));
+        // Compute shorter than the background work hides entirely in it: a second launch,
+        // from 405, ends with its readahead at 695, and its 50 of compute ran beside it.
+        launch(&c, 50);
+        let r2 = c.snapshot().since(&r);
+        assert_eq!(r2.elapsed, us(290 + 10));
+        assert_eq!((r2.compute, r2.overlap), (us(50), us(50)));
+        // Without background work nothing overlaps: the launch ends where the memory system's
+        // work and the compute one after the other would (an explicit copy, then a launch).
+        let c = DeviceClock::new();
+        c.charge(Cause::MigrateToDevice, us(100));
+        let mark = c.launch_mark();
+        c.charge(Cause::RemoteAccess, us(7));
+        c.fence();
+        c.launch_computed(mark, us(50));
+        c.charge(Cause::MigrateToHost, us(100));
+        let r = c.snapshot();
+        assert_eq!(
+            (r.elapsed, r.compute, r.overlap),
+            (us(257), us(50), ModelTime::ZERO)
+        );
     }
 
     #[test]

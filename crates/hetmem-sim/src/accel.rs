@@ -62,7 +62,10 @@ use hetmem_core::{
         FaultAccess, FaultBatch, FaultClient, FaultEntry, PushOutcome, ReplayDecision,
         ReplayPolicy, ReplayScheduler, SharedFaultRing, DEFAULT_BATCH_SIZE,
     },
-    link::{AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LinkModel, ModelTime},
+    link::{
+        AsyncTransfers, Cause, ClockReport, DeviceClock, Direction, LaunchMark, LinkModel,
+        ModelTime,
+    },
     migrate::{MigrateEntry, PageLoc, SelectFlags, SkipReason, Trigger},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
     page_state::Location,
@@ -754,6 +757,18 @@ impl Accelerator {
     /// Modelled time by cause.
     pub fn clock(&self) -> ClockReport {
         self.dev.clock.snapshot()
+    }
+
+    /// Where a launch begins on the device's timeline, for [`Accelerator::launch_computed`].
+    pub fn launch_mark(&self) -> LaunchMark {
+        self.dev.clock.launch_mark()
+    }
+
+    /// Places the modelled compute of a launch that began at `mark` and has ended on the
+    /// device's timeline: after its warps' stalls, beside its background work
+    /// ([`DeviceClock::launch_computed`]).
+    pub fn launch_computed(&self, mark: LaunchMark, compute: ModelTime) {
+        self.dev.clock.launch_computed(mark, compute);
     }
 
     /// Checks the device MMU's invariants (page table, TLBs, pending invalidations).

@@ -48,7 +48,7 @@ pub struct Exec<'a, 'o> {
     launches: u64,
     work: Work,
     compute: ModelTime,
-    /// The device clock's elapsed time when the last launch finished.
+    /// The device clock's elapsed time (its compute included) when the last launch finished.
     clock_at_last_launch: Option<ModelTime>,
     observer: Option<Observer<'o>>,
 }
@@ -120,7 +120,7 @@ impl<'a, 'o> Exec<'a, 'o> {
         self.compute
     }
 
-    /// The device clock's elapsed time (compute not included) when the last launch finished.
+    /// The device clock's elapsed time (its compute included) when the last launch finished.
     pub fn clock_at_last_launch(&self) -> Option<ModelTime> {
         self.clock_at_last_launch
     }
@@ -199,7 +199,12 @@ impl<'a, 'o> Exec<'a, 'o> {
                 index = self.launches
             )
             .entered();
+            let acc = self.ctx.device(self.dev)?;
+            let mark = acc.launch_mark();
             self.ctx.launch(self.dev, kernel, threads)?.wait()?;
+            // The kernel's compute goes on the device's timeline: after what held its warps
+            // up, beside the background work that did not.
+            acc.launch_computed(mark, self.model.time(work));
         }
         self.launches += 1;
         self.clock_at_last_launch = Some(self.ctx.device(self.dev)?.clock().elapsed);

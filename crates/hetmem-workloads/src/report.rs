@@ -120,10 +120,15 @@ pub struct RunReport {
     pub launches: u64,
     /// Wall-clock time of the run (data preparation, launches, reading results back).
     pub wall_ns: u64,
-    /// Modelled time: the device clock's charges plus modelled compute.
+    /// Modelled time: the end of the device clock's timeline, the launches' modelled compute
+    /// placed on it (`hetmem_core::link::DeviceClock::launch_computed`).
     pub modelled_ns: u64,
-    /// Of which the compute model's share.
+    /// The launches' modelled compute.
     pub compute_ns: u64,
+    /// Of that compute, what ran beside background work of the memory system (readahead,
+    /// access-counter migrations): how much less `modelled_ns` is than the memory system's
+    /// work and the compute one after the other.
+    pub overlap_ns: u64,
     /// Modelled time to the end of the last launch: the run without reading the results back
     /// (no CPU faults on outputs, no copy of outputs back).
     pub kernels_modelled_ns: u64,
@@ -202,6 +207,7 @@ impl RunReport {
             wall_ns: wall.as_nanos() as u64,
             modelled_ns: 0,
             compute_ns: 0,
+            overlap_ns: 0,
             kernels_modelled_ns: 0,
             by_cause: Vec::new(),
             baseline_modelled_ns: None,
@@ -282,9 +288,10 @@ impl RunReport {
         row(
             "modelled time",
             format!(
-                "{} (compute {}; to the last launch's end {})",
+                "{} (compute {}, {} of it beside background work; to the last launch's end {})",
                 ms(self.modelled_ns),
                 ms(self.compute_ns),
+                ms(self.overlap_ns),
                 ms(self.kernels_modelled_ns)
             ),
         );

@@ -6,6 +6,7 @@
 
 use hetmem_core::link::LinkPreset;
 use hetmem_workloads::{
+    report::RunReport,
     run::{run, RunConfig},
     Mode, Preset, WorkloadKind, WorkloadSpec,
 };
@@ -28,6 +29,11 @@ fn cfg(kind: WorkloadKind, factor: f64, mode: Mode, preset: Preset) -> RunConfig
     }
 }
 
+/// The memory system's work charged to the device clock, all causes.
+fn charged(r: &RunReport) -> u64 {
+    r.by_cause.iter().map(|(_, ns)| ns).sum()
+}
+
 fn every_mode(kind: WorkloadKind) {
     for factor in [0.5, 2.0] {
         let base = run(&cfg(kind, factor, Mode::Explicit, Preset::UvmDefault), None)
@@ -39,12 +45,35 @@ fn every_mode(kind: WorkloadKind) {
         );
         assert!(base.migrations.get("prefetch").0 > 0, "{base:?}");
         assert_eq!(base.migrations.get("device_fault"), (0, 0), "{base:?}");
+        // Explicit copies are synchronous and nothing runs in the background: copies and
+        // compute take their turns on the timeline.
+        assert_eq!(base.overlap_ns, 0, "{base:?}");
+        assert_eq!(
+            base.modelled_ns,
+            charged(&base) + base.compute_ns,
+            "{base:?}"
+        );
         for preset in Preset::ALL {
             let r = run(&cfg(kind, factor, Mode::Managed, preset), None)
                 .unwrap_or_else(|e| panic!("{kind} {preset} {factor}x: {e}"))
                 .report;
             assert_eq!(r.output_words, base.output_words);
             assert!(r.faults > 0, "{kind} {preset} {factor}x: no faults: {r:?}");
+            // Compute overlaps only the memory system's background work (readahead,
+            // access-counter migrations), which UVM's defaults and pure demand paging have none
+            // of; the timeline never ends before the compute, nor after everything in a row.
+            assert!(
+                r.overlap_ns <= r.compute_ns && r.compute_ns <= r.modelled_ns,
+                "{r:?}"
+            );
+            assert!(
+                r.modelled_ns + r.overlap_ns <= charged(&r) + r.compute_ns,
+                "{r:?}"
+            );
+            let pc = r.preset_config;
+            if !pc.stream && pc.access_counter_threshold.is_none() {
+                assert_eq!(r.overlap_ns, 0, "{kind} {preset} {factor}x: {r:?}");
+            }
             if factor > 1.0 {
                 // What does not fit leaves device memory, or (spilling) never enters it.
                 let spilled = r.preset_config.spill_remote && r.pages_spilled > 0;
