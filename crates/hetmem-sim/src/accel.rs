@@ -2032,8 +2032,6 @@ impl SimDevice {
                 .map_or(page, |x| x.addr)
         };
         for block in batch.blocks() {
-            self.clock
-                .charge(Cause::FaultService, self.config.link.faults.per_vablock);
             if let Some(f) = block.faults().iter().find(|f| !f.is_replayable()) {
                 // No retry (XNACK off): the warp is not waiting for a replay; the launch fails
                 // with the address, as amdgpu reports a no-retry fault and kills the queue.
@@ -2154,7 +2152,16 @@ impl SimDevice {
             pending
         };
         if pending.is_empty() {
+            // Every fault was stale: the block's pages are mapped as its warps want. UVM finds
+            // that under the block's lock and goes on; the batch's per-entry cost covered it.
             return Ok(());
+        }
+        if action.is_none() {
+            // A faulted block's service on the host (populate, unmap from the CPU, map on the
+            // device), charged before its copies are queued, so that it runs while the copies
+            // of the blocks before it do.
+            self.clock
+                .charge(Cause::FaultService, self.config.link.faults.per_vablock);
         }
         let plan = self.config.placement.place(&BlockFaults {
             block,

@@ -865,3 +865,53 @@ fn loads_issued_together_fault_together() {
     assert_eq!(run(false), (4, 4));
     assert_eq!(run(true), (2, 4));
 }
+
+#[test]
+fn a_batch_of_stale_faults_pays_for_its_entries_and_no_block_service() {
+    use hetmem_core::link::LinkModel;
+    let link = LinkModel::pcie3_x16();
+    // The service thread waits a second after the first fault before it takes the batch: long
+    // enough for the test to map the page meanwhile, as a readahead or an earlier batch would.
+    let acc = Accelerator::new(AccelConfig {
+        link: link.clone(),
+        fault_coalesce: std::time::Duration::from_secs(1),
+        coalesce_until_stalled: false,
+        ..small()
+    })
+    .unwrap();
+    let data = alloc_u32(1, |_| 41);
+    let out = alloc_u32(1, |_| 0);
+    // The output is mapped before the launch, so that the one fault is the read's.
+    acc.make_resident(out, true).unwrap();
+    let (p, po) = (data.start().0, out.start().0);
+    let k = Arc::new(move |_: u64, t: &mut Thread<'_>| -> Result<(), Miss> {
+        let v = t.load_u32(p)?;
+        t.store_u32(po, v + 1)
+    });
+    let before = acc.clock();
+    let launch = acc.launch(k, 1).unwrap();
+    let t = std::time::Instant::now();
+    while acc.stats().faults_read == 0 {
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "no fault");
+        std::thread::yield_now();
+    }
+    let charged = acc.clock().since(&before);
+    acc.make_resident(data, false).unwrap();
+    launch.wait().unwrap();
+    assert_eq!(read_u32(out, 1), [42]);
+    let s = acc.stats();
+    assert_eq!(
+        (s.batches, s.faults_read, s.faults_stale),
+        (1, 1, 1),
+        "{s:?}"
+    );
+    // The batch cost its fixed part and its one entry; no block was serviced.
+    let d = acc.clock().since(&before);
+    assert_eq!(
+        d.get(Cause::FaultService)
+            .saturating_sub(charged.get(Cause::FaultService)),
+        link.fault_service(1, 0),
+        "{d}"
+    );
+    acc.check_invariants().unwrap();
+}
