@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hetmem::{AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError};
+use hetmem::{
+    region::Region, AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
+};
 use hetmem_core::{
     migrate::{MigrateEntry, MigrateFlags, PageLoc, SelectFlags},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
@@ -262,7 +264,12 @@ impl Device for DmirrorDevice {
         &self.mem
     }
 
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError> {
         // The one-shot FAIL_ALLOC of a mirror makes the large system allocation fail: fall back
         // to the faulting base page only.
         // Read before it is taken: the flag is almost always clear, and a plain load keeps the
@@ -273,7 +280,14 @@ impl Device for DmirrorDevice {
             && self
                 .fail_alloc_once
                 .swap(false, std::sync::atomic::Ordering::AcqRel);
-        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, split, &ToSystemDriver { dev: self })
+        hetmem::fault::migrate_to_ram(
+            mm,
+            region,
+            &self.mem,
+            addr,
+            split,
+            &ToSystemDriver { dev: self },
+        )
     }
 }
 

@@ -17,7 +17,7 @@ use hetmem_core::{
 use hetmem_sys::arena::Arena;
 use parking_lot::Mutex;
 
-use crate::{error::MigrateError, AddressSpace};
+use crate::{error::MigrateError, region::Region, AddressSpace};
 
 /// Device memory: a pool of frames, the bytes behind them, and an owner cookie.
 #[derive(Debug)]
@@ -223,7 +223,26 @@ pub trait Device: Send + Sync {
 
     /// Brings the page at `addr` (and, when it moved as a 2 MiB block, its block) back to system
     /// memory because the CPU touched it. Must not fail for lack of device memory.
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError>;
+    ///
+    /// Looks the page's region up (after [`AddressSpace::sync_events`], as `migrate_vma_setup`
+    /// would) and hands it to [`Device::migrate_to_ram_in`].
+    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        mm.sync_events();
+        let region = mm
+            .region_of(addr)
+            .ok_or(MigrateError::NotManaged { addr })?;
+        self.migrate_to_ram_in(mm, &region, addr)
+    }
+
+    /// [`Device::migrate_to_ram`] of a page of `region`, which the caller looked up with no
+    /// userfaultfd event pending (the CPU fault handler has it already: the one lookup of the
+    /// fault serves the migration too).
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError>;
 
     /// Device-wide eviction: every page this device holds goes back to system memory.
     fn evict_all(&self, mm: &AddressSpace) -> Result<u64, MigrateError> {

@@ -85,7 +85,7 @@ pub struct MigrateArgs {
 #[derive(Debug)]
 pub struct MigrateVma<'a> {
     mm: &'a AddressSpace,
-    region: Arc<Region>,
+    region: RegionRef<'a>,
     args: MigrateArgs,
     entries: PerPage<MigrateEntry, INLINE_ENTRIES>,
     compound: PerPage<bool, INLINE_FLAGS>,
@@ -101,6 +101,25 @@ pub struct MigrateVma<'a> {
     guard: Option<InvalidateGuard<'a>>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
+}
+
+/// The region a migration works in: looked up by the migration itself, or borrowed from a caller
+/// that looked it up already (the CPU-fault path), which saves a reference count taken and
+/// dropped per fault (two locked instructions).
+#[derive(Debug)]
+enum RegionRef<'a> {
+    Owned(Arc<Region>),
+    Borrowed(&'a Region),
+}
+
+impl std::ops::Deref for RegionRef<'_> {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        match self {
+            RegionRef::Owned(r) => r,
+            RegionRef::Borrowed(r) => r,
+        }
+    }
 }
 
 /// A committed migration (after `migrate_vma_pages`).
@@ -134,7 +153,7 @@ impl<'a> MigrateVma<'a> {
     /// wait nor the lookup is repeated.
     pub(crate) fn setup_in(
         mm: &'a AddressSpace,
-        region: &Arc<Region>,
+        region: &'a Region,
         args: MigrateArgs,
     ) -> Result<Self, MigrateError> {
         let tag = (args.owner != EVICT_ANY).then_some(args.owner);
@@ -162,19 +181,19 @@ impl<'a> MigrateVma<'a> {
         mm: &'a AddressSpace,
         args: MigrateArgs,
         tag: Option<Owner>,
-        region: Option<&Arc<Region>>,
+        region: Option<&'a Region>,
     ) -> Result<Self, MigrateError> {
         if mm.forked() {
             return Err(MigrateError::ForkedChild);
         }
         let fork_gate = (!crate::fork::forking_thread()).then(|| mm.fork_gate.read_recursive());
         let region = match region {
-            Some(r) => Some(Arc::clone(r)),
+            Some(r) => Some(RegionRef::Borrowed(r)),
             None => {
                 // A discard the program made just before must not land on the pages collected
                 // here.
                 mm.sync_events();
-                mm.region_of(args.range.start())
+                mm.region_of(args.range.start()).map(RegionRef::Owned)
             }
         };
         let region = region
@@ -1339,9 +1358,9 @@ pub(crate) fn migrate_with<T>(
 
 /// [`migrate_with`] in `region`, looked up by the caller after [`AddressSpace::sync_events`]
 /// ([`MigrateVma::setup_in`]).
-pub(crate) fn migrate_in<T>(
-    mm: &AddressSpace,
-    region: &Arc<Region>,
+pub(crate) fn migrate_in<'a, T>(
+    mm: &'a AddressSpace,
+    region: &'a Region,
     args: MigrateArgs,
     driver: &dyn MigrateDriver,
     keep: impl FnOnce(&[MigrateEntry]) -> T,
