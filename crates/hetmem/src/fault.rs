@@ -536,6 +536,7 @@ pub fn migrate_to_ram(
     crate::migrate::migrate_in(
         mm,
         region,
+        mem,
         crate::migrate::MigrateArgs {
             range,
             select,
