@@ -506,8 +506,14 @@ impl<'a> MigrateVma<'a> {
 
     /// `migrate_vma_pages`: moves the data of every entry that still migrates.
     pub fn pages(mut self) -> Committed<'a> {
+        self.commit();
+        Committed(self)
+    }
+
+    /// The work of [`MigrateVma::pages`], in place: [`run_migration`] calls it without moving
+    /// the migration (some hundred bytes) into a [`Committed`] and out again.
+    fn commit(&mut self) {
         let range = self.args.range;
-        let mm = self.mm;
         // Device → system first (frames leave), then system → device.
         let to_sys = runs(&self.entries, |e| {
             e.migrates()
@@ -534,10 +540,25 @@ impl<'a> MigrateVma<'a> {
                 self.entries[k].skip(SkipReason::InstallFailed);
             }
         }
-        let _ = mm;
         self.committed = true;
         self.count_migrations();
-        Committed(self)
+    }
+
+    /// The per-page report of the entries as they stand (final once committed).
+    fn summary(&self) -> MigrateSummary {
+        let e = &self.entries;
+        MigrateSummary {
+            npages: e.len() as u64,
+            collected: e
+                .iter()
+                .filter(|x| x.skipped.is_none() || x.migrates())
+                .count() as u64,
+            migrated: e.iter().filter(|x| x.migrates()).count() as u64,
+            migrated_valid: e
+                .iter()
+                .filter(|x| x.migrates() && x.flags.contains(MigrateFlags::VALID))
+                .count() as u64,
+        }
     }
 
     /// Counts the committed pages in each device's statistics under the trigger in scope, and
@@ -932,19 +953,7 @@ impl<'a> Committed<'a> {
     /// `migrate_vma_finalize`: unlocks the pages, frees frames left behind, ends the
     /// invalidation.
     pub fn finalize(self) -> MigrateSummary {
-        let e = &self.0.entries;
-        let summary = MigrateSummary {
-            npages: e.len() as u64,
-            collected: e
-                .iter()
-                .filter(|x| x.skipped.is_none() || x.migrates())
-                .count() as u64,
-            migrated: e.iter().filter(|x| x.migrates()).count() as u64,
-            migrated_valid: e
-                .iter()
-                .filter(|x| x.migrates() && x.flags.contains(MigrateFlags::VALID))
-                .count() as u64,
-        };
+        let summary = self.0.summary();
         drop(self);
         summary
     }
@@ -1428,16 +1437,19 @@ fn run_migration<T>(
     driver: &dyn MigrateDriver,
     keep: impl FnOnce(&[MigrateEntry]) -> T,
 ) -> Result<(MigrateSummary, T), MigrateError> {
+    // `pages()` and `finalize()` in place (`commit`, `summary`, then the drop), the migration
+    // never moved.
     let args = m.args;
     if m.cpages() == 0 {
         let kept = keep(m.entries());
-        return Ok((m.pages().finalize(), kept));
+        m.commit();
+        return Ok((m.summary(), kept));
     }
     m.alloc_and_copy(driver);
-    let c = m.pages();
-    driver.finalize(args.range, c.entries());
-    let kept = keep(c.entries());
-    Ok((c.finalize(), kept))
+    m.commit();
+    driver.finalize(args.range, m.entries());
+    let kept = keep(m.entries());
+    Ok((m.summary(), kept))
 }
 
 /// Brings back every page of `region` held by `dev` (any device when `None`). Exclusive
