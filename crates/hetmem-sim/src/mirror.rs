@@ -270,7 +270,9 @@ impl PageTable {
 /// One device instance (`/dev/hmm_dmirrorN`).
 pub struct DmirrorDevice {
     mem: Arc<DeviceMemory>,
-    mirrors: Mutex<Vec<Weak<MirrorInner>>>,
+    /// The page tables of the open mirrors (a mirror removes its own when dropped). Lock order:
+    /// this list, then a page table.
+    mirrors: Mutex<Vec<Arc<Mutex<PageTable>>>>,
     fail_alloc_once: std::sync::atomic::AtomicBool,
 }
 
@@ -329,29 +331,23 @@ impl DmirrorDevice {
             );
             MirrorInner {
                 dev: Arc::clone(self),
-                pt: Mutex::new(PageTable::default()),
+                pt: Arc::new(Mutex::new(PageTable::default())),
                 sub,
                 flags: Mutex::new(MirrorFlags::empty()),
             }
         });
-        self.mirrors.lock().push(Arc::downgrade(&inner));
+        self.mirrors.lock().push(Arc::clone(&inner.pt));
         Ok(Mirror { inner, mm })
     }
 
     /// Erases this device's page-table entries for `range` in every open mirror (the driver
     /// tearing down its own mappings during its own migration, whose invalidation it skips).
     fn erase_own(&self, range: PageRange) {
-        // Collected first: a mirror dropped meanwhile may be released here, by the last
-        // reference, and its drop must not run under `mirrors`. Inline: one or two are open.
-        let mirrors: smallvec::SmallVec<[Arc<MirrorInner>; 2]> = self
-            .mirrors
-            .lock()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
+        // The tables are reached under the list's lock, without a reference taken to each: the
+        // list holds them, and nothing but a table is dropped with it.
         let vpns = range.start().vpn()..range.end().vpn();
-        for m in mirrors {
-            m.pt.lock().remove_range(vpns.clone());
+        for pt in self.mirrors.lock().iter() {
+            pt.lock().remove_range(vpns.clone());
         }
     }
 }
@@ -391,7 +387,7 @@ impl Device for DmirrorDevice {
 /// Per-open state (`struct dmirror`).
 struct MirrorInner {
     dev: Arc<DmirrorDevice>,
-    pt: Mutex<PageTable>,
+    pt: Arc<Mutex<PageTable>>,
     sub: Arc<IntervalNotifier>,
     flags: Mutex<MirrorFlags>,
 }
@@ -971,6 +967,11 @@ impl Drop for Mirror {
         // The v7.0 driver evicts the whole device on close.
         let _ = self.mm.evict_device(self.inner.dev.id());
         self.inner.pt.lock().clear();
+        self.inner
+            .dev
+            .mirrors
+            .lock()
+            .retain(|pt| !Arc::ptr_eq(pt, &self.inner.pt));
     }
 }
 
