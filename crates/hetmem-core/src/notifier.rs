@@ -103,6 +103,9 @@ pub struct IntervalNotifier {
     invalidate_seq: AtomicU64,
     ops: Weak<dyn IntervalNotifierOps>,
     mm: Arc<MmNotifiers>,
+    /// The owner whose own migrations this subscriber ignores (see
+    /// [`MmNotifiers::insert_skipping_own`]): its callback is not called for them.
+    skips_own: Option<Owner>,
 }
 
 impl std::fmt::Debug for IntervalNotifier {
@@ -149,6 +152,13 @@ impl IntervalNotifier {
 
     fn overlaps(&self, start: VirtAddr, end: VirtAddr) -> bool {
         self.start < end && start < self.end
+    }
+
+    /// Is `range` a migration by the owner this subscriber ignores?
+    fn skips(&self, range: &NotifierRange) -> bool {
+        range.event == NotifyEvent::Migrate
+            && range.owner.is_some()
+            && range.owner == self.skips_own
     }
 }
 
@@ -217,6 +227,33 @@ impl MmNotifiers {
         end: VirtAddr,
         ops: Weak<dyn IntervalNotifierOps>,
     ) -> Arc<IntervalNotifier> {
+        self.insert_with(start, end, ops, None)
+    }
+
+    /// [`MmNotifiers::insert`] for a driver whose callback returns at once, having done nothing,
+    /// on a [`NotifyEvent::Migrate`] that `owner` causes (its own migration, whose mappings it
+    /// updates itself: the first check of test_hmm.c's `dmirror_interval_invalidate` and of
+    /// nouveau's `nouveau_svm_range_invalidate`). Such events do not call it: the CPU fault
+    /// path's migration back from the device, which starts one, saves the callback and the
+    /// reference counts around it. Everything else about the invalidation is as for `insert`
+    /// (the sequence turns odd when the interval overlaps, and `remove` waits for it).
+    pub fn insert_skipping_own(
+        self: &Arc<Self>,
+        start: VirtAddr,
+        end: VirtAddr,
+        ops: Weak<dyn IntervalNotifierOps>,
+        owner: Owner,
+    ) -> Arc<IntervalNotifier> {
+        self.insert_with(start, end, ops, Some(owner))
+    }
+
+    fn insert_with(
+        self: &Arc<Self>,
+        start: VirtAddr,
+        end: VirtAddr,
+        ops: Weak<dyn IntervalNotifierOps>,
+        skips_own: Option<Owner>,
+    ) -> Arc<IntervalNotifier> {
         let mut st = self.state.lock();
         // As the kernel does (`__mmu_interval_notifier_insert`): while an invalidation is active
         // the new subscription may have missed its callback, so the sequence is made odd (it may
@@ -235,6 +272,7 @@ impl MmNotifiers {
             invalidate_seq: AtomicU64::new(seq),
             ops,
             mm: Arc::clone(self),
+            skips_own,
         });
         st.subs.push(Arc::clone(&sub));
         drop(st);
@@ -285,14 +323,19 @@ impl MmNotifiers {
             let mut st = self.state.lock();
             // Inline: a process has a handful of subscriptions (see the module comment), and a
             // CPU fault's migration should not allocate to call them.
+            // A subscriber that skips this event (its owner's own migration) is overlapped all
+            // the same: the sequence turns odd as if its callback had run and returned at once.
+            let mut overlapped = false;
             let hit: smallvec::SmallVec<[Arc<IntervalNotifier>; 4]> = st
                 .subs
                 .iter()
                 .filter(|s| s.overlaps(range.start, range.end))
+                .inspect(|_| overlapped = true)
+                .filter(|s| !s.skips(&range))
                 .cloned()
                 .collect();
             st.active += 1;
-            if !hit.is_empty() {
+            if overlapped {
                 st.seq |= 1;
             }
             // Every writer holds `state`: a load and a store count it, without a locked add.
@@ -426,6 +469,48 @@ mod tests {
         });
         assert!(sub.read_retry(seq));
         assert_eq!(r.lock.lock().len(), 1);
+    }
+
+    #[test]
+    fn subscriber_skipping_own_migrations_is_not_called_for_them() {
+        let mm = MmNotifiers::new();
+        let r = recorder(7);
+        let sub = mm.insert_skipping_own(
+            VirtAddr(0),
+            VirtAddr(0x10000),
+            Arc::downgrade(&r) as _,
+            Owner(7),
+        );
+        let seq = sub.read_begin();
+        let own = NotifierRange::new(
+            VirtAddr(0x1000),
+            VirtAddr(0x2000),
+            NotifyEvent::Migrate,
+            Some(Owner(7)),
+        );
+        // Mid-invalidation the sequence is odd as for any overlapping subscriber, but this one
+        // neither was called nor has to retry.
+        let guard = mm.invalidate_start(own);
+        assert_eq!(r.calls.load(Ordering::Relaxed), 0);
+        assert_eq!(mm.state.lock().seq & 1, 1);
+        assert!(!sub.read_retry(seq));
+        drop(guard);
+        mm.check_invariants().unwrap();
+        // Everything else calls it: another owner's migration, its own owner's other events.
+        mm.invalidate(NotifierRange {
+            owner: Some(Owner(8)),
+            ..own
+        });
+        mm.invalidate(NotifierRange {
+            event: NotifyEvent::Exclusive,
+            ..own
+        });
+        mm.invalidate(NotifierRange { owner: None, ..own });
+        assert_eq!(r.calls.load(Ordering::Relaxed), 3);
+        assert!(sub.read_retry(seq));
+        assert_eq!(r.lock.lock().len(), 3);
+        mm.remove(&sub);
+        mm.check_invariants().unwrap();
     }
 
     #[test]

@@ -393,16 +393,19 @@ impl Device for SimDevice {
         &self.mem
     }
 
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<hetmem::region::Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError> {
         // A page of a block that moved as one comes back with its whole block
         // (`hetmem::fault::migrate_to_ram`): the copy back is that long.
-        let pages = mm.region_of(addr).map_or(1, |r| {
-            if r.states.get(r.index(addr)).huge {
-                PAGES_PER_HUGE
-            } else {
-                1
-            }
-        });
+        let pages = if region.range().contains(addr) && region.states.get(region.index(addr)).huge {
+            PAGES_PER_HUGE
+        } else {
+            1
+        };
         // Thrashing mitigation may throttle the CPU: the faulting thread sleeps until the
         // period ends (bounded, whatever the policy says), then the fault is serviced. Only a
         // CPU fault: a device's range fault reaching this device's page comes here too, on that
@@ -416,7 +419,7 @@ impl Device for SimDevice {
             std::thread::sleep(nap.min(MAX_CPU_THROTTLE));
         }
         // The notifier callback (Migrate event) unmaps the page from the device first.
-        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)?;
+        hetmem::fault::migrate_to_ram(mm, region, &self.mem, addr, false, &ToSystem)?;
         self.config.placement.migrated_to_host(addr);
         self.counters.cpu_faults.fetch_add(1, Ordering::Relaxed);
         self.counters
@@ -1005,8 +1008,13 @@ impl Device for Accelerator {
         &self.dev.mem
     }
 
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
-        self.dev.migrate_to_ram(mm, addr)
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<hetmem::region::Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError> {
+        self.dev.migrate_to_ram_in(mm, region, addr)
     }
 }
 

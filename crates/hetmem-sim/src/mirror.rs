@@ -18,7 +18,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hetmem::{AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError};
+use hetmem::{
+    region::Region, AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, MmError,
+};
 use hetmem_core::{
     migrate::{MigrateEntry, MigrateFlags, PageLoc, SelectFlags},
     notifier::{IntervalNotifier, IntervalNotifierOps, NotifierRange, NotifyEvent},
@@ -160,10 +162,117 @@ enum Pte {
     Atomic { frame: DevPfn },
 }
 
+/// Slots of a [`PageTable`] leaf: one 2 MiB block of virtual pages.
+const LEAF_PAGES: usize = 512;
+
+/// A device page table keyed by virtual page number (the driver's xarray): leaves of
+/// [`LEAF_PAGES`] slots under an ordered map of leaves. Adding or erasing an entry is one leaf
+/// lookup and a store, with no rebalancing of a map of every page (a CPU fault erases one entry),
+/// and a range visits only the leaves that hold entries. A leaf whose last entry goes is freed.
+#[derive(Debug, Default)]
+struct PageTable {
+    leaves: BTreeMap<u64, Box<Leaf>>,
+    len: usize,
+}
+
+#[derive(Debug)]
+struct Leaf {
+    slots: [Option<Pte>; LEAF_PAGES],
+    used: usize,
+}
+
+impl PageTable {
+    fn split(vpn: u64) -> (u64, usize) {
+        (vpn / LEAF_PAGES as u64, (vpn % LEAF_PAGES as u64) as usize)
+    }
+
+    fn get(&self, vpn: u64) -> Option<&Pte> {
+        let (leaf, slot) = Self::split(vpn);
+        self.leaves.get(&leaf)?.slots[slot].as_ref()
+    }
+
+    fn contains_key(&self, vpn: u64) -> bool {
+        self.get(vpn).is_some()
+    }
+
+    fn insert(&mut self, vpn: u64, pte: Pte) {
+        let (leaf, slot) = Self::split(vpn);
+        let leaf = self.leaves.entry(leaf).or_insert_with(|| {
+            Box::new(Leaf {
+                slots: [None; LEAF_PAGES],
+                used: 0,
+            })
+        });
+        if leaf.slots[slot].replace(pte).is_none() {
+            leaf.used += 1;
+            self.len += 1;
+        }
+    }
+
+    /// The leaves overlapping `vpns`, each with the slots of it that `vpns` covers.
+    fn leaf_span(vpns: &std::ops::Range<u64>) -> Option<std::ops::RangeInclusive<u64>> {
+        (vpns.start < vpns.end).then(|| Self::split(vpns.start).0..=Self::split(vpns.end - 1).0)
+    }
+
+    fn slots_of(leaf: u64, vpns: &std::ops::Range<u64>) -> std::ops::Range<usize> {
+        let base = leaf * LEAF_PAGES as u64;
+        let lo = vpns.start.max(base) - base;
+        let hi = vpns.end.min(base + LEAF_PAGES as u64) - base;
+        lo as usize..hi as usize
+    }
+
+    /// Erases every entry in `vpns`.
+    fn remove_range(&mut self, vpns: std::ops::Range<u64>) {
+        let Some(span) = Self::leaf_span(&vpns) else {
+            return;
+        };
+        // Inline: a CPU fault empties at most one leaf.
+        let mut emptied: smallvec::SmallVec<[u64; 2]> = smallvec::SmallVec::new();
+        for (&k, leaf) in self.leaves.range_mut(span) {
+            for slot in &mut leaf.slots[Self::slots_of(k, &vpns)] {
+                if slot.take().is_some() {
+                    leaf.used -= 1;
+                    self.len -= 1;
+                }
+            }
+            if leaf.used == 0 {
+                emptied.push(k);
+            }
+        }
+        for k in emptied {
+            self.leaves.remove(&k);
+        }
+    }
+
+    /// Does any entry in `vpns` satisfy `f`?
+    fn any_in(&self, vpns: std::ops::Range<u64>, f: impl Fn(&Pte) -> bool) -> bool {
+        let Some(span) = Self::leaf_span(&vpns) else {
+            return false;
+        };
+        self.leaves.range(span).any(|(&k, leaf)| {
+            leaf.slots[Self::slots_of(k, &vpns)]
+                .iter()
+                .flatten()
+                .any(&f)
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.leaves.clear();
+        self.len = 0;
+    }
+}
+
 /// One device instance (`/dev/hmm_dmirrorN`).
 pub struct DmirrorDevice {
     mem: Arc<DeviceMemory>,
-    mirrors: Mutex<Vec<Weak<MirrorInner>>>,
+    /// The page tables of the open mirrors (a mirror removes its own when dropped). Lock order:
+    /// this list, then a page table.
+    mirrors: Mutex<Vec<Arc<Mutex<PageTable>>>>,
     fail_alloc_once: std::sync::atomic::AtomicBool,
 }
 
@@ -213,46 +322,32 @@ impl DmirrorDevice {
         let mm = AddressSpace::current()?;
         let inner = Arc::new_cyclic(|weak: &Weak<MirrorInner>| {
             let ops: Weak<dyn IntervalNotifierOps> = weak.clone();
-            let sub = mm
-                .notifiers()
-                .insert(VirtAddr(0), VirtAddr(!(PAGE_SIZE - 1)), ops);
+            // Its callback skips this device's own migrations (test_hmm.c): they do not call it.
+            let sub = mm.notifiers().insert_skipping_own(
+                VirtAddr(0),
+                VirtAddr(!(PAGE_SIZE - 1)),
+                ops,
+                self.owner(),
+            );
             MirrorInner {
                 dev: Arc::clone(self),
-                pt: Mutex::new(BTreeMap::new()),
+                pt: Arc::new(Mutex::new(PageTable::default())),
                 sub,
                 flags: Mutex::new(MirrorFlags::empty()),
             }
         });
-        self.mirrors.lock().push(Arc::downgrade(&inner));
+        self.mirrors.lock().push(Arc::clone(&inner.pt));
         Ok(Mirror { inner, mm })
     }
 
     /// Erases this device's page-table entries for `range` in every open mirror (the driver
     /// tearing down its own mappings during its own migration, whose invalidation it skips).
     fn erase_own(&self, range: PageRange) {
-        // Collected first: a mirror dropped meanwhile may be released here, by the last
-        // reference, and its drop must not run under `mirrors`. Inline: one or two are open.
-        let mirrors: smallvec::SmallVec<[Arc<MirrorInner>; 2]> = self
-            .mirrors
-            .lock()
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
+        // The tables are reached under the list's lock, without a reference taken to each: the
+        // list holds them, and nothing but a table is dropped with it.
         let vpns = range.start().vpn()..range.end().vpn();
-        for m in mirrors {
-            let mut pt = m.pt.lock();
-            if range.npages() <= 16 {
-                // A few pages (a CPU fault erases one): removed by key, with no list of keys to
-                // allocate.
-                for k in vpns.clone() {
-                    pt.remove(&k);
-                }
-            } else {
-                let keys: Vec<u64> = pt.range(vpns.clone()).map(|(k, _)| *k).collect();
-                for k in keys {
-                    pt.remove(&k);
-                }
-            }
+        for pt in self.mirrors.lock().iter() {
+            pt.lock().remove_range(vpns.clone());
         }
     }
 }
@@ -262,7 +357,12 @@ impl Device for DmirrorDevice {
         &self.mem
     }
 
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError> {
         // The one-shot FAIL_ALLOC of a mirror makes the large system allocation fail: fall back
         // to the faulting base page only.
         // Read before it is taken: the flag is almost always clear, and a plain load keeps the
@@ -273,14 +373,21 @@ impl Device for DmirrorDevice {
             && self
                 .fail_alloc_once
                 .swap(false, std::sync::atomic::Ordering::AcqRel);
-        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, split, &ToSystemDriver { dev: self })
+        hetmem::fault::migrate_to_ram(
+            mm,
+            region,
+            &self.mem,
+            addr,
+            split,
+            &ToSystemDriver { dev: self },
+        )
     }
 }
 
 /// Per-open state (`struct dmirror`).
 struct MirrorInner {
     dev: Arc<DmirrorDevice>,
-    pt: Mutex<BTreeMap<u64, Pte>>,
+    pt: Arc<Mutex<PageTable>>,
     sub: Arc<IntervalNotifier>,
     flags: Mutex<MirrorFlags>,
 }
@@ -300,13 +407,7 @@ impl IntervalNotifierOps for MirrorInner {
             }
         };
         sub.set_seq(cur_seq);
-        let keys: Vec<u64> = pt
-            .range(range.start.vpn()..range.end.0.div_ceil(PAGE_SIZE))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in keys {
-            pt.remove(&k);
-        }
+        pt.remove_range(range.start.vpn()..range.end.0.div_ceil(PAGE_SIZE));
         true
     }
 }
@@ -426,7 +527,7 @@ impl Mirror {
             let a = range.page(i);
             let off = (i * PAGE_SIZE) as usize;
             let page = off..off + PAGE_SIZE as usize;
-            let Some(pte) = pt.get(&a.vpn()) else { break };
+            let Some(pte) = pt.get(a.vpn()) else { break };
             match (write, *pte) {
                 (None, Pte::System { .. }) => {
                     hetmem_sys::dma::read_user(a.as_usize(), &mut buf[page])
@@ -641,7 +742,7 @@ impl Mirror {
                         coherent,
                     } = r.states.get(r.index(a)).location
                     {
-                        if dev == self.inner.dev.id() && !pt.contains_key(&a.vpn()) {
+                        if dev == self.inner.dev.id() && !pt.contains_key(a.vpn()) {
                             let write = r.states.get(r.index(a)).write;
                             pt.insert(
                                 a.vpn(),
@@ -802,10 +903,9 @@ impl Mirror {
     pub fn check_exclusive(&self, addr: u64, npages: u64) -> Result<CmdResult, MirrorError> {
         let range = check(addr, npages)?;
         let pt = self.inner.pt.lock();
-        if pt
-            .range(range.start().vpn()..range.end().vpn())
-            .any(|(_, p)| matches!(p, Pte::Atomic { .. }))
-        {
+        if pt.any_in(range.start().vpn()..range.end().vpn(), |p| {
+            matches!(p, Pte::Atomic { .. })
+        }) {
             return Err(MirrorError::Perm);
         }
         Ok(CmdResult::default())
@@ -867,6 +967,11 @@ impl Drop for Mirror {
         // The v7.0 driver evicts the whole device on close.
         let _ = self.mm.evict_device(self.inner.dev.id());
         self.inner.pt.lock().clear();
+        self.inner
+            .dev
+            .mirrors
+            .lock()
+            .retain(|pt| !Arc::ptr_eq(pt, &self.inner.pt));
     }
 }
 
@@ -907,4 +1012,62 @@ fn prot_byte(p: HmmPfn, me: DeviceId) -> u8 {
         _ => {}
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Insert(u64, bool),
+        Remove(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        // Virtual pages over four leaves, so that ranges cross leaf boundaries.
+        let vpn = 0..4 * LEAF_PAGES as u64;
+        prop_oneof![
+            (vpn.clone(), any::<bool>()).prop_map(|(v, w)| Op::Insert(v, w)),
+            (vpn, 0..700u64).prop_map(|(v, n)| Op::Remove(v, v + n)),
+        ]
+    }
+
+    proptest! {
+        /// The two-level table answers every query as a map of every page would.
+        #[test]
+        fn page_table_matches_a_plain_map(ops in proptest::collection::vec(op(), 1..200)) {
+            let mut pt = PageTable::default();
+            let mut model = BTreeMap::new();
+            for op in ops {
+                match op {
+                    Op::Insert(v, write) => {
+                        pt.insert(v, Pte::System { write });
+                        model.insert(v, Pte::System { write });
+                    }
+                    Op::Remove(a, b) => {
+                        pt.remove_range(a..b);
+                        model.retain(|k, _| !(a..b).contains(k));
+                    }
+                }
+                prop_assert_eq!(pt.len(), model.len());
+                // No empty leaf is kept, and each counts its entries.
+                for leaf in pt.leaves.values() {
+                    prop_assert!(leaf.used > 0);
+                    prop_assert_eq!(leaf.used, leaf.slots.iter().flatten().count());
+                }
+                for v in 0..4 * LEAF_PAGES as u64 {
+                    prop_assert_eq!(pt.get(v), model.get(&v));
+                }
+                prop_assert_eq!(
+                    pt.any_in(100..900, |p| matches!(p, Pte::System { write: true })),
+                    model.range(100..900).any(|(_, p)| matches!(p, Pte::System { write: true }))
+                );
+            }
+            pt.clear();
+            prop_assert_eq!(pt.len(), 0);
+            prop_assert!(!pt.contains_key(0));
+        }
+    }
 }

@@ -5,7 +5,10 @@
 //! faults then find it by [`DeviceId`]. Its frames are bytes of a host [`Arena`] (for the simulated
 //! devices; a real backend would hand out DMA addresses instead), frame `f` at offset `f * 4096`.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicU64, Ordering},
+    Arc,
+};
 
 use hetmem_core::{
     copy_engine::Fence,
@@ -17,7 +20,7 @@ use hetmem_core::{
 use hetmem_sys::arena::Arena;
 use parking_lot::Mutex;
 
-use crate::{error::MigrateError, AddressSpace};
+use crate::{error::MigrateError, region::Region, AddressSpace};
 
 /// Device memory: a pool of frames, the bytes behind them, and an owner cookie.
 #[derive(Debug)]
@@ -28,8 +31,18 @@ pub struct DeviceMemory {
     pool: Mutex<DevicePool>,
     arena: Arena,
     /// Pages migrated into and out of this memory, by trigger (counted at each migration's
-    /// commit).
-    migrations: Mutex<TriggerCounts>,
+    /// commit), in [`Trigger::ALL`]'s order: one relaxed add per direction that moved pages (a
+    /// CPU fault's migration makes one), no lock.
+    migrations: [MigrationCounters; Trigger::ALL.len()],
+}
+
+/// [`MigrationCounts`] as counters.
+#[derive(Debug, Default)]
+struct MigrationCounters {
+    from_system: AtomicU64,
+    from_peer: AtomicU64,
+    to_system: AtomicU64,
+    to_peer: AtomicU64,
 }
 
 impl DeviceMemory {
@@ -52,7 +65,7 @@ impl DeviceMemory {
             kind,
             pool: Mutex::new(pool),
             arena,
-            migrations: Mutex::new(TriggerCounts::default()),
+            migrations: Default::default(),
         })
     }
 
@@ -73,17 +86,36 @@ impl DeviceMemory {
         &self.pool
     }
     /// Pages migrated into and out of this memory so far, by trigger.
+    /// (Each counter is read on its own: a migration committing meanwhile may be counted in
+    /// one direction and not yet in the other.)
     pub fn migrations(&self) -> TriggerCounts {
-        *self.migrations.lock()
+        let mut out = TriggerCounts::default();
+        for (&t, c) in Trigger::ALL.iter().zip(&self.migrations) {
+            *out.get_mut(t) = MigrationCounts {
+                from_system: c.from_system.load(Ordering::Relaxed),
+                from_peer: c.from_peer.load(Ordering::Relaxed),
+                to_system: c.to_system.load(Ordering::Relaxed),
+                to_peer: c.to_peer.load(Ordering::Relaxed),
+            };
+        }
+        out
     }
 
     pub(crate) fn count_migrations(&self, trigger: Trigger, pages: &MigrationCounts) {
-        let mut m = self.migrations.lock();
-        let c = m.get_mut(trigger);
-        c.from_system += pages.from_system;
-        c.from_peer += pages.from_peer;
-        c.to_system += pages.to_system;
-        c.to_peer += pages.to_peer;
+        let Some(i) = Trigger::ALL.iter().position(|&t| t == trigger) else {
+            return;
+        };
+        let c = &self.migrations[i];
+        for (counter, n) in [
+            (&c.from_system, pages.from_system),
+            (&c.from_peer, pages.from_peer),
+            (&c.to_system, pages.to_system),
+            (&c.to_peer, pages.to_peer),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 
     /// The bytes behind the frames.
@@ -223,7 +255,26 @@ pub trait Device: Send + Sync {
 
     /// Brings the page at `addr` (and, when it moved as a 2 MiB block, its block) back to system
     /// memory because the CPU touched it. Must not fail for lack of device memory.
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError>;
+    ///
+    /// Looks the page's region up (after [`AddressSpace::sync_events`], as `migrate_vma_setup`
+    /// would) and hands it to [`Device::migrate_to_ram_in`].
+    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
+        mm.sync_events();
+        let region = mm
+            .region_of(addr)
+            .ok_or(MigrateError::NotManaged { addr })?;
+        self.migrate_to_ram_in(mm, &region, addr)
+    }
+
+    /// [`Device::migrate_to_ram`] of a page of `region`, which the caller looked up with no
+    /// userfaultfd event pending (the CPU fault handler has it already: the one lookup of the
+    /// fault serves the migration too).
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError>;
 
     /// Device-wide eviction: every page this device holds goes back to system memory.
     fn evict_all(&self, mm: &AddressSpace) -> Result<u64, MigrateError> {

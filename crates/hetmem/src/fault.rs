@@ -189,6 +189,9 @@ impl AddressSpace {
         let _trigger = crate::migrate::TriggerScope::cpu_fault(write == Some(true));
         let mut synced = false;
         loop {
+            // Read before the lookup: a migration uses the region only if no event batch began
+            // or ended since (`sync_events_since`).
+            let seen = self.events_seen();
             let Some(region) = self.region_of(page) else {
                 // An mremap's REMAP event may be read but not yet handled: wait for it once.
                 if !synced && self.uffd.is_some() {
@@ -219,11 +222,17 @@ impl AddressSpace {
                     coherent: false,
                     ..
                 } => {
+                    // The region goes on to the migration, which must not use one looked up
+                    // while a discard or unmap was pending (see `Device::migrate_to_ram`): it
+                    // is looked up again when an event batch ran meanwhile.
+                    if self.sync_events_since(seen) {
+                        continue;
+                    }
                     let Some(d) = self.device(dev) else {
                         return false;
                     };
                     self.stats.add(&self.stats.cpu_fault_migrations, 1);
-                    if let Err(e) = d.migrate_to_ram(self, page) {
+                    if let Err(e) = d.migrate_to_ram_in(self, &region, page) {
                         if std::env::var_os("HETMEM_DEBUG_FAULTS").is_some() {
                             eprintln!("hetmem: migrate_to_ram at {page} failed: {e}");
                         }
@@ -491,19 +500,21 @@ pub(crate) fn restore_exclusive(
 /// The common `migrate_to_ram`: brings back the page at `addr` (its whole 2 MiB block when it
 /// moved as one, unless `split`) from device `mem`, with `driver` tearing down the device's own
 /// mappings.
+///
+/// `region` holds `addr` and was looked up with no userfaultfd event pending (as
+/// `MigrateVma::setup` would look it up: a discard the program made just before must not land on
+/// the page); see [`crate::Device::migrate_to_ram_in`].
 pub fn migrate_to_ram(
     mm: &AddressSpace,
+    region: &Region,
     mem: &DeviceMemory,
     addr: VirtAddr,
     split: bool,
     driver: &dyn crate::device::MigrateDriver,
 ) -> Result<(), MigrateError> {
-    // As `MigrateVma::setup` would, before the one lookup that the migration then uses: a
-    // discard the program made just before must not land on the page.
-    mm.sync_events();
-    let region = mm
-        .region_of(addr)
-        .ok_or(MigrateError::NotManaged { addr })?;
+    if !region.range().contains(addr) {
+        return Err(MigrateError::NotManaged { addr });
+    }
     let st = region.states.get(region.index(addr));
     let block = if st.huge && !split {
         let b = addr.huge_down();
@@ -524,7 +535,8 @@ pub fn migrate_to_ram(
     } | hetmem_core::migrate::SelectFlags::COMPOUND;
     crate::migrate::migrate_in(
         mm,
-        &region,
+        region,
+        mem,
         crate::migrate::MigrateArgs {
             range,
             select,

@@ -85,7 +85,7 @@ pub struct MigrateArgs {
 #[derive(Debug)]
 pub struct MigrateVma<'a> {
     mm: &'a AddressSpace,
-    region: Arc<Region>,
+    region: RegionRef<'a>,
     args: MigrateArgs,
     entries: PerPage<MigrateEntry, INLINE_ENTRIES>,
     compound: PerPage<bool, INLINE_FLAGS>,
@@ -98,9 +98,33 @@ pub struct MigrateVma<'a> {
     /// The memories of the devices this migration looked up (`device_mem`), for the steps after
     /// the commit (`device_mem_seen`).
     mems: SmallVec<[(DeviceId, Arc<DeviceMemory>); 2]>,
+    /// The memory of the device that runs this migration as its caller passed it (a CPU fault's
+    /// `migrate_to_ram`), kept only when setup found it to be the device table's entry for its id
+    /// with the pages locked: the commit of its pages to system memory, the counting and the
+    /// frees use it without looking the device up again (see [`MigrateVma::setup_in`]).
+    home: Option<&'a DeviceMemory>,
     guard: Option<InvalidateGuard<'a>>,
     /// Held for reading until the migration ends: `fork()` waits for it (see `fork`).
     _fork_gate: Option<parking_lot::RwLockReadGuard<'a, ()>>,
+}
+
+/// The region a migration works in: looked up by the migration itself, or borrowed from a caller
+/// that looked it up already (the CPU-fault path), which saves a reference count taken and
+/// dropped per fault (two locked instructions).
+#[derive(Debug)]
+enum RegionRef<'a> {
+    Owned(Arc<Region>),
+    Borrowed(&'a Region),
+}
+
+impl std::ops::Deref for RegionRef<'_> {
+    type Target = Region;
+    fn deref(&self) -> &Region {
+        match self {
+            RegionRef::Owned(r) => r,
+            RegionRef::Borrowed(r) => r,
+        }
+    }
 }
 
 /// A committed migration (after `migrate_vma_pages`).
@@ -126,19 +150,28 @@ impl<'a> MigrateVma<'a> {
     /// memory is an error.
     pub fn setup(mm: &'a AddressSpace, args: MigrateArgs) -> Result<Self, MigrateError> {
         let tag = (args.owner != EVICT_ANY).then_some(args.owner);
-        Self::setup_tagged(mm, args, tag, None)
+        Self::setup_tagged(mm, args, tag, None, None)
     }
 
     /// [`MigrateVma::setup`] in `region`, which the caller looked up after
     /// [`AddressSpace::sync_events`] (the CPU-fault path, which has it already): neither the
     /// wait nor the lookup is repeated.
+    ///
+    /// `home` is the memory of the device that migrates (its owner is `args.owner`). When the
+    /// device table names it for its id at setup, after the pages are locked, the pages that
+    /// leave it for system memory are committed and freed through it, without a second lookup:
+    /// it stays the table's entry while any of its pages is locked here, since a device leaves
+    /// the table only after all its pages were evicted (`detach_device`) and eviction cannot take
+    /// a locked page. (Pages going *to* a device are looked up at their commit, as always: they
+    /// are system pages until then, which no eviction waits for.)
     pub(crate) fn setup_in(
         mm: &'a AddressSpace,
-        region: &Arc<Region>,
+        region: &'a Region,
         args: MigrateArgs,
+        home: Option<&'a DeviceMemory>,
     ) -> Result<Self, MigrateError> {
         let tag = (args.owner != EVICT_ANY).then_some(args.owner);
-        Self::setup_tagged(mm, args, tag, Some(region))
+        Self::setup_tagged(mm, args, tag, Some(region), home)
     }
 
     /// [`MigrateVma::setup`] for a migration from the devices of `args.owner` to another
@@ -155,26 +188,27 @@ impl<'a> MigrateVma<'a> {
         args: MigrateArgs,
         to: Owner,
     ) -> Result<Self, MigrateError> {
-        Self::setup_tagged(mm, args, Some(to), None)
+        Self::setup_tagged(mm, args, Some(to), None, None)
     }
 
     fn setup_tagged(
         mm: &'a AddressSpace,
         args: MigrateArgs,
         tag: Option<Owner>,
-        region: Option<&Arc<Region>>,
+        region: Option<&'a Region>,
+        home: Option<&'a DeviceMemory>,
     ) -> Result<Self, MigrateError> {
         if mm.forked() {
             return Err(MigrateError::ForkedChild);
         }
         let fork_gate = (!crate::fork::forking_thread()).then(|| mm.fork_gate.read_recursive());
         let region = match region {
-            Some(r) => Some(Arc::clone(r)),
+            Some(r) => Some(RegionRef::Borrowed(r)),
             None => {
                 // A discard the program made just before must not land on the pages collected
                 // here.
                 mm.sync_events();
-                mm.region_of(args.range.start())
+                mm.region_of(args.range.start()).map(RegionRef::Owned)
             }
         };
         let region = region
@@ -231,7 +265,7 @@ impl<'a> MigrateVma<'a> {
         };
         // The kernel selects a device-private page when its pgmap owner is the caller's: several
         // devices may share one owner (one driver), so every device with it qualifies.
-        let owned = owned_devices(mm, args.owner);
+        let (owned, home) = owned_devices(mm, args.owner, home);
         for k in 0..n {
             let i = first + k;
             if !locked[k] {
@@ -367,6 +401,7 @@ impl<'a> MigrateVma<'a> {
             committed: false,
             peer: None,
             mems: SmallVec::new(),
+            home,
             guard,
             _fork_gate: fork_gate,
         })
@@ -471,8 +506,14 @@ impl<'a> MigrateVma<'a> {
 
     /// `migrate_vma_pages`: moves the data of every entry that still migrates.
     pub fn pages(mut self) -> Committed<'a> {
+        self.commit();
+        Committed(self)
+    }
+
+    /// The work of [`MigrateVma::pages`], in place: [`run_migration`] calls it without moving
+    /// the migration (some hundred bytes) into a [`Committed`] and out again.
+    fn commit(&mut self) {
         let range = self.args.range;
-        let mm = self.mm;
         // Device → system first (frames leave), then system → device.
         let to_sys = runs(&self.entries, |e| {
             e.migrates()
@@ -499,10 +540,25 @@ impl<'a> MigrateVma<'a> {
                 self.entries[k].skip(SkipReason::InstallFailed);
             }
         }
-        let _ = mm;
         self.committed = true;
         self.count_migrations();
-        Committed(self)
+    }
+
+    /// The per-page report of the entries as they stand (final once committed).
+    fn summary(&self) -> MigrateSummary {
+        let e = &self.entries;
+        MigrateSummary {
+            npages: e.len() as u64,
+            collected: e
+                .iter()
+                .filter(|x| x.skipped.is_none() || x.migrates())
+                .count() as u64,
+            migrated: e.iter().filter(|x| x.migrates()).count() as u64,
+            migrated_valid: e
+                .iter()
+                .filter(|x| x.migrates() && x.flags.contains(MigrateFlags::VALID))
+                .count() as u64,
+        }
     }
 
     /// Counts the committed pages in each device's statistics under the trigger in scope, and
@@ -654,11 +710,28 @@ impl<'a> MigrateVma<'a> {
         dev: DeviceId,
         f: impl FnOnce(&DeviceMemory) -> R,
     ) -> Option<R> {
+        if let Some(home) = self.home.filter(|h| h.id() == dev) {
+            return Some(f(home));
+        }
         if !self.mems.iter().any(|(d, _)| *d == dev) {
             self.device_mem(dev)?;
         }
         let (_, mem) = self.mems.iter().find(|(d, _)| *d == dev)?;
         Some(f(mem))
+    }
+
+    /// Runs `f` on the memory of device `dev`, which pages of this migration leave: the home
+    /// memory when it is that device's, else the device table's entry now
+    /// ([`MigrateVma::device_mem`]). `None` when the device is gone.
+    fn with_source_mem<R>(
+        &mut self,
+        dev: DeviceId,
+        f: impl FnOnce(&DeviceMemory) -> R,
+    ) -> Option<R> {
+        match self.home.filter(|h| h.id() == dev) {
+            Some(home) => Some(f(home)),
+            None => self.device_mem(dev).map(|m| f(&m)),
+        }
     }
 
     fn commit_to_device(&mut self, range: PageRange, run: std::ops::Range<usize>) {
@@ -746,19 +819,22 @@ impl<'a> MigrateVma<'a> {
                 k += 1;
                 continue;
             };
-            let Some(mem) = self.device_mem(dev) else {
+            let end = frame_run_end(&self.entries, k, run.end, |e| Some(e.src));
+            let va = range.page(k as u64).as_usize();
+            let prot = prot_from_bits(self.region.states.prot(first + k));
+            // The source device: the home memory when it is the one (see `setup_in`), looked
+            // up otherwise.
+            let moved = self.with_source_mem(dev, |mem| {
+                if mem.kind() == MemoryKind::DeviceCoherent {
+                    (end - k, 0)
+                } else {
+                    move_in(mm, mem, va, frame, end - k, prot)
+                }
+            });
+            let Some((moved, vacated)) = moved else {
                 self.entries[k].skip(SkipReason::InstallFailed);
                 k += 1;
                 continue;
-            };
-            let end = frame_run_end(&self.entries, k, run.end, |e| Some(e.src));
-            let va = range.page(k as u64).as_usize();
-            let coherent = mem.kind() == MemoryKind::DeviceCoherent;
-            let prot = prot_from_bits(self.region.states.prot(first + k));
-            let (moved, vacated) = if coherent {
-                (end - k, 0)
-            } else {
-                move_in(mm, &mem, va, frame, end - k, prot)
             };
             for j in k..end {
                 self.vacated[j] = j - k < vacated;
@@ -877,19 +953,7 @@ impl<'a> Committed<'a> {
     /// `migrate_vma_finalize`: unlocks the pages, frees frames left behind, ends the
     /// invalidation.
     pub fn finalize(self) -> MigrateSummary {
-        let e = &self.0.entries;
-        let summary = MigrateSummary {
-            npages: e.len() as u64,
-            collected: e
-                .iter()
-                .filter(|x| x.skipped.is_none() || x.migrates())
-                .count() as u64,
-            migrated: e.iter().filter(|x| x.migrates()).count() as u64,
-            migrated_valid: e
-                .iter()
-                .filter(|x| x.migrates() && x.flags.contains(MigrateFlags::VALID))
-                .count() as u64,
-        };
+        let summary = self.0.summary();
         drop(self);
         summary
     }
@@ -952,14 +1016,28 @@ pub fn copy_peer_runs(mm: &AddressSpace, runs: &[PeerRun]) -> Vec<u64> {
 /// Owner cookie meaning "any device" (device-wide eviction).
 pub const EVICT_ANY: Owner = Owner(u64::MAX);
 
-fn owned_devices(mm: &AddressSpace, owner: Owner) -> SmallVec<[DeviceId; 4]> {
-    mm.devices
-        .read()
+/// The devices whose owner is `owner`, and `home` if it is the memory the device table holds for
+/// its id (same object) and has that owner: one reading of the table for both.
+fn owned_devices<'m>(
+    mm: &AddressSpace,
+    owner: Owner,
+    home: Option<&'m DeviceMemory>,
+) -> (SmallVec<[DeviceId; 4]>, Option<&'m DeviceMemory>) {
+    let devices = mm.devices.read();
+    let owned = devices
         .iter()
         .flatten()
         .filter(|d| d.memory().owner() == owner)
         .map(|d| d.memory().id())
-        .collect()
+        .collect();
+    let home = home.filter(|h| {
+        h.owner() == owner
+            && devices
+                .get(h.id().0 as usize)
+                .and_then(Option::as_ref)
+                .is_some_and(|d| std::ptr::eq(&**d.memory(), *h))
+    });
+    (owned, home)
 }
 
 /// Is `a` in a writable mapping of `vmas`?
@@ -1339,14 +1417,19 @@ pub(crate) fn migrate_with<T>(
 
 /// [`migrate_with`] in `region`, looked up by the caller after [`AddressSpace::sync_events`]
 /// ([`MigrateVma::setup_in`]).
-pub(crate) fn migrate_in<T>(
-    mm: &AddressSpace,
-    region: &Arc<Region>,
+pub(crate) fn migrate_in<'a, T>(
+    mm: &'a AddressSpace,
+    region: &'a Region,
+    home: &'a DeviceMemory,
     args: MigrateArgs,
     driver: &dyn MigrateDriver,
     keep: impl FnOnce(&[MigrateEntry]) -> T,
 ) -> Result<(MigrateSummary, T), MigrateError> {
-    run_migration(MigrateVma::setup_in(mm, region, args)?, driver, keep)
+    run_migration(
+        MigrateVma::setup_in(mm, region, args, Some(home))?,
+        driver,
+        keep,
+    )
 }
 
 fn run_migration<T>(
@@ -1354,16 +1437,19 @@ fn run_migration<T>(
     driver: &dyn MigrateDriver,
     keep: impl FnOnce(&[MigrateEntry]) -> T,
 ) -> Result<(MigrateSummary, T), MigrateError> {
+    // `pages()` and `finalize()` in place (`commit`, `summary`, then the drop), the migration
+    // never moved.
     let args = m.args;
     if m.cpages() == 0 {
         let kept = keep(m.entries());
-        return Ok((m.pages().finalize(), kept));
+        m.commit();
+        return Ok((m.summary(), kept));
     }
     m.alloc_and_copy(driver);
-    let c = m.pages();
-    driver.finalize(args.range, c.entries());
-    let kept = keep(c.entries());
-    Ok((c.finalize(), kept))
+    m.commit();
+    driver.finalize(args.range, m.entries());
+    let kept = keep(m.entries());
+    Ok((m.summary(), kept))
 }
 
 /// Brings back every page of `region` held by `dev` (any device when `None`). Exclusive

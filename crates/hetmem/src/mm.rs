@@ -318,6 +318,25 @@ impl AddressSpace {
         }
     }
 
+    /// The event thread's batch sequence now. A lookup made after reading it is as fresh as one
+    /// made after [`AddressSpace::sync_events`] when [`AddressSpace::sync_events_since`] then
+    /// says false.
+    pub(crate) fn events_seen(&self) -> u64 {
+        self.event_batch.load(Ordering::SeqCst)
+    }
+
+    /// [`AddressSpace::sync_events`], then whether an event batch began or ended since `seen`
+    /// ([`AddressSpace::events_seen`]) was read: a region looked up in between may be stale, and
+    /// is to be looked up again. False where `sync_events` waits for nothing (no userfaultfd, a
+    /// forked child, the event thread itself).
+    pub(crate) fn sync_events_since(&self, seen: u64) -> bool {
+        if self.uffd.is_none() || self.forked() || crate::events::on_event_thread() {
+            return false;
+        }
+        self.sync_events();
+        self.event_batch.load(Ordering::SeqCst) != seen
+    }
+
     fn insert_region(&self, region: Region) -> Result<Arc<Region>, MmError> {
         self.sync_events();
         let range = region.range();

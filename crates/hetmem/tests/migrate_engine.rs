@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use hetmem::{
     migrate::{MigrateArgs, MigrateVma, ToSystem},
+    region::Region,
     AddressSpace, Device, DeviceMemory, MigrateDriver, MigrateError, PeerCopy, Prot,
 };
 use hetmem_core::{
@@ -28,8 +29,13 @@ impl Device for TestDevice {
     fn memory(&self) -> &Arc<DeviceMemory> {
         &self.mem
     }
-    fn migrate_to_ram(&self, mm: &AddressSpace, addr: VirtAddr) -> Result<(), MigrateError> {
-        hetmem::fault::migrate_to_ram(mm, &self.mem, addr, false, &ToSystem)
+    fn migrate_to_ram_in(
+        &self,
+        mm: &AddressSpace,
+        region: &Arc<Region>,
+        addr: VirtAddr,
+    ) -> Result<(), MigrateError> {
+        hetmem::fault::migrate_to_ram(mm, region, &self.mem, addr, false, &ToSystem)
     }
 }
 
