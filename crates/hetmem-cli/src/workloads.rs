@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use hetmem_core::link::LinkPreset;
+use hetmem_core::{fault_ring::ReplayPolicy, link::LinkPreset};
 use hetmem_workloads::{
     exec::Step, run::RunConfig, workload::Size, Advise, Mode, Preset, WorkloadKind, WorkloadSpec,
 };
@@ -84,6 +84,10 @@ pub struct RunArgs {
     /// Tuning: override the preset's batch size.
     #[arg(long)]
     pub batch: Option<usize>,
+    /// Tuning: override when replays are issued (UVM's `uvm_perf_fault_replay_policy`):
+    /// block, batch, batch-flush or once.
+    #[arg(long)]
+    pub replay: Option<String>,
 }
 
 impl RunArgs {
@@ -145,6 +149,9 @@ impl RunArgs {
         }
         if let Some(b) = self.batch {
             t.batch_size = b;
+        }
+        if let Some(r) = &self.replay {
+            t.replay = r.parse::<ReplayPolicy>().context("--replay")?;
         }
         Ok(RunConfig {
             tuning: (t != preset.config()).then_some(t),

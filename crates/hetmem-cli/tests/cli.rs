@@ -67,6 +67,37 @@ fn unknown_names_are_refused_with_the_known_ones() {
         e.contains("unknown preset \"bogus\"") && e.contains("uvm-default"),
         "{e}"
     );
+    let e = refused(&["run", "stream", "--replay", "eager"]);
+    assert!(
+        e.contains("--replay") && e.contains("\"eager\"") && e.contains("batch-flush"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_tuning_flag_changes_the_preset_and_the_report_says_so() {
+    let o = hetmem(&small(
+        "run",
+        "random",
+        &[
+            "--preset",
+            "hetmem",
+            "--replay",
+            "block",
+            "--json",
+            "--no-baseline",
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("the report is JSON");
+    assert_eq!(v["preset_config"]["replay"], "block");
+    let o = hetmem(&small(
+        "run",
+        "random",
+        &["--preset", "hetmem", "--json", "--no-baseline"],
+    ));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("the report is JSON");
+    assert_eq!(v["preset_config"]["replay"], "batch-flush");
 }
 
 #[test]

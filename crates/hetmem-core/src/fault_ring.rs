@@ -819,6 +819,49 @@ pub enum ReplayPolicy {
     Once,
 }
 
+impl ReplayPolicy {
+    /// Every policy.
+    pub const ALL: [ReplayPolicy; 4] = [
+        ReplayPolicy::Block,
+        ReplayPolicy::Batch,
+        ReplayPolicy::BatchFlush,
+        ReplayPolicy::Once,
+    ];
+
+    /// The policy's name: `block`, `batch`, `batch-flush` or `once`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplayPolicy::Block => "block",
+            ReplayPolicy::Batch => "batch",
+            ReplayPolicy::BatchFlush => "batch-flush",
+            ReplayPolicy::Once => "once",
+        }
+    }
+}
+
+impl std::fmt::Display for ReplayPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A replay policy name that is none of [`ReplayPolicy::ALL`]'s.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown replay policy {0:?} (known: block, batch, batch-flush, once)")]
+pub struct UnknownReplayPolicy(pub String);
+
+impl std::str::FromStr for ReplayPolicy {
+    type Err = UnknownReplayPolicy;
+
+    /// A policy by its [`ReplayPolicy::name`] (ASCII case ignored).
+    fn from_str(s: &str) -> Result<Self, UnknownReplayPolicy> {
+        ReplayPolicy::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownReplayPolicy(s.to_owned()))
+    }
+}
+
 /// What the service thread should do now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReplayDecision {
@@ -957,6 +1000,18 @@ mod tests {
 
     fn client(cu: u16, warp: u32) -> FaultClient {
         FaultClient { cu, warp }
+    }
+
+    #[test]
+    fn replay_policies_round_trip_by_name_and_unknown_names_are_refused() {
+        for p in ReplayPolicy::ALL {
+            assert_eq!(p.name().parse::<ReplayPolicy>(), Ok(p));
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!("Batch-Flush".parse(), Ok(ReplayPolicy::BatchFlush));
+        let e = "eager".parse::<ReplayPolicy>().unwrap_err();
+        assert_eq!(e, UnknownReplayPolicy("eager".into()));
+        assert!(e.to_string().contains("batch-flush"), "{e}");
     }
 
     fn fault(addr: u64, access: FaultAccess, c: FaultClient) -> FaultEntry {

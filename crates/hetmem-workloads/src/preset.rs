@@ -78,8 +78,13 @@ pub struct PresetConfig {
     /// Faults per batch.
     pub batch_size: usize,
     /// Replay policy.
-    #[serde(skip)]
+    #[serde(serialize_with = "by_name")]
     pub replay: ReplayPolicy,
+}
+
+/// A replay policy as its name.
+fn by_name<S: serde::Serializer>(r: &ReplayPolicy, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(r.name())
 }
 
 impl Preset {
