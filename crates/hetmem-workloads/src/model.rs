@@ -3,6 +3,9 @@
 //! host threads and charges its clock only for the memory system (faults, migrations, remote
 //! accesses); a kernel's compute time is what the explicit-copy baseline adds to its copies, so
 //! it must be in both sides of every ratio (UVMBench's timings include kernel time).
+//! [`crate::exec::Exec::launch`] places each launch's on the device clock's timeline
+//! (`hetmem_core::link::DeviceClock::launch_computed`): after what held the launch's warps up,
+//! beside the background work that did not.
 //!
 //! The default device is a GTX 1080 Ti, the GPU the PCIe 3 link model was measured on
 //! (hetmem-core's `link.rs`, perf-anchors.md §2.1): 484 GB/s of GDDR5X, 11.3 Tops/s (its FP32
