@@ -184,7 +184,8 @@ pub fn svg(r: &RunReport, samples: &[Sample]) -> String {
     line(&mut s, &|p| y(mib(p.pages_in)), "#2a9d3a", "none");
     line(&mut s, &|p| y(mib(p.pages_out)), "#d62728", "none");
     line(&mut s, &|p| yf(p.faults as f64), "#d08c00", "3 3");
-    // Legend.
+    // Legend, between the title and the plot: inside it, it covered the capacity line and the
+    // curves near the top.
     let items = [
         ("#4a90d9", "resident in device memory", "none"),
         ("#2a9d3a", "migrated to device (cumulative)", "none"),
@@ -195,7 +196,7 @@ pub fn svg(r: &RunReport, samples: &[Sample]) -> String {
     for (i, (c, label, dash)) in items.iter().enumerate() {
         let (lx, ly) = (
             L + 10.0 + (i % 3) as f64 * 260.0,
-            T + 14.0 + (i / 3) as f64 * 16.0,
+            T - 38.0 + (i / 3) as f64 * 16.0,
         );
         let _ = writeln!(
             s,
