@@ -1168,6 +1168,15 @@ pub struct DeviceClock {
     overlap: AtomicU64,
 }
 
+/// Adds `t` to `a`, saturating at `u64::MAX`; returns the value before.
+fn add_saturating(a: &AtomicU64, t: u64) -> u64 {
+    // The closure always returns Some, so fetch_update cannot fail.
+    a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
+        Some(ns.saturating_add(t))
+    })
+    .unwrap_or(0)
+}
+
 /// Where a launch began on a [`DeviceClock`]'s timelines ([`DeviceClock::launch_mark`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LaunchMark {
@@ -1187,14 +1196,7 @@ impl DeviceClock {
     /// [`AsyncTransfers`]; any other cause runs on the host timeline.
     pub fn charge(&self, cause: Cause, t: ModelTime) {
         let i = cause.index();
-        let add = |a: &AtomicU64, t: u64| {
-            // The closure always returns Some, so fetch_update cannot fail.
-            a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
-                Some(ns.saturating_add(t))
-            })
-            .unwrap_or(0)
-        };
-        add(&self.nanos[i], t.as_nanos());
+        add_saturating(&self.nanos[i], t.as_nanos());
         let engine = match cause {
             Cause::MigrateToDevice => Some(0),
             Cause::MigrateToHost => Some(1),
@@ -1203,9 +1205,9 @@ impl DeviceClock {
         let mode = TRANSFER_MODE.with(std::cell::Cell::get);
         match engine.map(|e| (e, mode)) {
             None => {
-                add(&self.now, t.as_nanos());
+                add_saturating(&self.now, t.as_nanos());
                 if mode != TransferMode::Ahead {
-                    add(&self.demand, t.as_nanos());
+                    add_saturating(&self.demand, t.as_nanos());
                 }
             }
             Some((e, TransferMode::Sync)) => {
@@ -1214,8 +1216,8 @@ impl DeviceClock {
                 let busy = self.engines[e].load(Ordering::Relaxed);
                 self.now.fetch_max(busy, Ordering::Relaxed);
                 self.demand.fetch_max(busy, Ordering::Relaxed);
-                add(&self.demand, t.as_nanos());
-                let start = add(&self.now, t.as_nanos());
+                add_saturating(&self.demand, t.as_nanos());
+                let start = add_saturating(&self.now, t.as_nanos());
                 self.engines[e].fetch_max(start.saturating_add(t.as_nanos()), Ordering::Relaxed);
                 self.displace_readahead(e, start, t);
             }
@@ -1318,14 +1320,8 @@ impl DeviceClock {
         self.demand.fetch_max(now, Ordering::Relaxed);
         // One after the other, the launch would have ended at `before + compute`.
         let overlap = before.saturating_add(compute).saturating_sub(now);
-        let add = |a: &AtomicU64, t: u64| {
-            // The closure always returns Some, so fetch_update cannot fail.
-            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |ns| {
-                Some(ns.saturating_add(t))
-            });
-        };
-        add(&self.compute, compute);
-        add(&self.overlap, overlap);
+        add_saturating(&self.compute, compute);
+        add_saturating(&self.overlap, overlap);
     }
 
     /// The end of the timeline: the host's work and every queued transfer done.

@@ -250,7 +250,8 @@ impl Trigger {
         }
     }
 
-    fn index(self) -> usize {
+    /// This trigger's place in [`Trigger::ALL`] (and in [`TriggerCounts`]).
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -190,6 +190,7 @@ impl<'a, 'o> Exec<'a, 'o> {
         threads: u64,
         work: Work,
     ) -> Result<(), WorkloadError> {
+        let acc = self.ctx.device(self.dev)?;
         {
             let _span = tracing::debug_span!(
                 target: "hetmem_workloads::exec",
@@ -199,7 +200,6 @@ impl<'a, 'o> Exec<'a, 'o> {
                 index = self.launches
             )
             .entered();
-            let acc = self.ctx.device(self.dev)?;
             let mark = acc.launch_mark();
             self.ctx.launch(self.dev, kernel, threads)?.wait()?;
             // The kernel's compute goes on the device's timeline: after what held its warps
@@ -207,7 +207,7 @@ impl<'a, 'o> Exec<'a, 'o> {
             acc.launch_computed(mark, self.model.time(work));
         }
         self.launches += 1;
-        self.clock_at_last_launch = Some(self.ctx.device(self.dev)?.clock().elapsed);
+        self.clock_at_last_launch = Some(acc.clock().elapsed);
         self.work += work;
         self.compute = self.compute.saturating_add(self.model.time(work));
         if let Some(obs) = self.observer.as_mut() {

@@ -102,10 +102,7 @@ impl DeviceMemory {
     }
 
     pub(crate) fn count_migrations(&self, trigger: Trigger, pages: &MigrationCounts) {
-        let Some(i) = Trigger::ALL.iter().position(|&t| t == trigger) else {
-            return;
-        };
-        let c = &self.migrations[i];
+        let c = &self.migrations[trigger.index()];
         for (counter, n) in [
             (&c.from_system, pages.from_system),
             (&c.from_peer, pages.from_peer),
